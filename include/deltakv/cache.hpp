@@ -1,0 +1,742 @@
+#pragma once
+// The compressed KV cache an engine calls per layer: append (prefill chunk or decode token, for a
+// batch of sequences), reconstruct positions, attend. Storage and workspace are caller-provided
+// device memory sized by CompressedCache::layout(); after construction nothing is allocated.
+//
+// Per layer and sequence, a compressed layer holds:
+//   sinks   [S, kv_dim]          exact, positions 0..S-1
+//   ring    [R + B, kv_dim]      exact, positions not yet compressed (slot = (pos - S) % (R + B))
+//   refs    [max_refs, kv_dim]   exact reference tokens, in position order
+//   latents [max_lat, payload]   z = f_c(x) - f_c(mean of k refs), raw or int8/int4 + scale/min
+//   ids     [max_lat, k]         the k reference indices of each latent (-1 where fewer existed)
+// An exact layer (policy) holds rows [max_tokens, kv_dim]. Everything is pre-RoPE; RoPE is
+// applied to the K half when rows are read for attention.
+//
+// Which positions are sinks, references or latents depends on position only, so one host table
+// (built at construction) serves all layers and sequences.
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "deltakv/config.hpp"
+#include "deltakv/device.hpp"
+#include "deltakv/error.hpp"
+#include "deltakv/latent_decoder.hpp"
+#include "deltakv/memory.hpp"
+#include "deltakv/reference_selector.hpp"
+#include "deltakv/residual_encoder.hpp"
+#include "deltakv/sparse_policy.hpp"
+#include "deltakv/tensor.hpp"
+
+namespace deltakv {
+
+// Host decisions of one append() call; valid until the cache changes (generation).
+struct AppendPlan {
+  struct Item {
+    std::int32_t seq;
+    std::int64_t row_begin;  // first row of this sequence in the batch
+    std::int64_t count;      // rows
+    std::int64_t start_pos;  // position of the first row
+  };
+  int layer = 0;
+  int n_items = 0;
+  const Item* items = nullptr;  // cache-owned, n_items entries
+  std::uint64_t generation = 0;
+};
+
+template <class T, class Dev, ReferenceSelector Sel, class Enc, class Dec, SparsePolicy Pol>
+  requires Device<Dev, T> && ResidualEncoder<Enc, T> && LatentDecoder<Dec, T>
+class CompressedCache {
+ public:
+  static constexpr int kTile = 128;  // rows reconstructed at once for attention and reconstruct
+
+  struct Layout {
+    std::size_t storage_bytes = 0;    // resident cache
+    std::size_t workspace_bytes = 0;  // scratch for one call at a time
+  };
+
+  // Bytes the caller must provide. `max_encoder_scratch` is the largest Enc::scratch_elems(block).
+  static Layout layout(const Config& cfg, const Sel& sel, const Pol& pol, std::int64_t max_encoder_scratch) {
+    Geometry g = geometry(cfg, sel, pol);
+    Layout l;
+    l.storage_bytes = g.storage_bytes;
+    l.workspace_bytes = workspace_plan(cfg, g, max_encoder_scratch).total;
+    return l;
+  }
+
+  // encoders/decoders: one per layer (entries of exact layers are not used; they may be empty maps).
+  CompressedCache(Dev& dev, Config cfg, Sel sel, std::span<const Enc> encoders, std::span<const Dec> decoders,
+                  Pol pol, std::span<std::byte> storage, std::span<std::byte> workspace)
+      : dev_(dev), cfg_(std::move(cfg)), sel_(std::move(sel)), pol_(std::move(pol)) {
+    validate(cfg_);
+    const int L = cfg_.model.n_layers;
+    if (static_cast<int>(encoders.size()) != L || static_cast<int>(decoders.size()) != L)
+      throw ConfigError("need one encoder and one decoder per layer (" + std::to_string(L) + ")");
+    g_ = geometry(cfg_, sel_, pol_);
+    std::int64_t scratch = 0;
+    for (int l = 0; l < L; ++l) {
+      if (g_.plans[l].exact) continue;
+      const auto& e = encoders[l];
+      const auto& d = decoders[l];
+      if (e.input_dim() != cfg_.model.kv_dim() || e.latent_dim() != cfg_.latent_dim() ||
+          d.latent_dim() != cfg_.latent_dim() || d.output_dim() != cfg_.model.kv_dim())
+        throw ShapeError("layer " + std::to_string(l) + ": codec maps " + std::to_string(e.input_dim()) + "->" +
+                         std::to_string(e.latent_dim()) + "->" + std::to_string(d.output_dim()) +
+                         ", config needs " + std::to_string(cfg_.model.kv_dim()) + "->" +
+                         std::to_string(cfg_.latent_dim()) + "->" + std::to_string(cfg_.model.kv_dim()));
+      scratch = std::max(scratch, e.scratch_elems(cfg_.block()));
+    }
+    enc_.assign(encoders.begin(), encoders.end());
+    dec_.assign(decoders.begin(), decoders.end());
+    ws_ = workspace_plan(cfg_, g_, scratch);
+    if (storage.size() < g_.storage_bytes)
+      throw CapacityError("storage buffer has " + std::to_string(storage.size()) + " bytes, layout needs " +
+                          std::to_string(g_.storage_bytes));
+    if (workspace.size() < ws_.total)
+      throw CapacityError("workspace has " + std::to_string(workspace.size()) + " bytes, layout needs " +
+                          std::to_string(ws_.total));
+    store_ = storage.data();
+    work_ = workspace.data();
+    st_.assign(static_cast<std::size_t>(L) * cfg_.cap.max_seqs, LayerSeq{});
+    selection_.assign(static_cast<std::size_t>(cfg_.cap.max_seqs) * g_.max_select, 0);
+    sel_count_.assign(cfg_.cap.max_seqs, -1);
+    items_.resize(cfg_.cap.max_seqs);
+    h_pos_.resize(kTile);
+    h_rows_.resize(kTile);
+    h_rows2_.resize(kTile);
+    h_i32_.resize(cfg_.block());
+    h_blk2_.resize(cfg_.block());
+    h_list_.resize(cfg_.cap.max_tokens);
+    h_topk_.resize(cfg_.cap.max_tokens);
+  }
+
+  const Config& config() const { return cfg_; }
+  const LayerPlan& layer_plan(int layer) const { return g_.plans.at(layer); }
+  std::int64_t length(int layer, int seq) const { return at(layer, seq).n; }
+  std::int64_t max_references() const { return g_.max_refs; }
+  // Position class of the shared table: 0 sink, 1 reference, 2 latent (once compressed).
+  int position_class(std::int64_t pos) const { return g_.cls.at(pos); }
+
+  // Forget a sequence in every layer (its slot can take a new sequence).
+  void reset(int seq) {
+    check_seq(seq);
+    for (int l = 0; l < cfg_.model.n_layers; ++l) at(l, seq) = LayerSeq{};
+    sel_count_[seq] = -1;
+    ++generation_;
+  }
+
+  // ---- append ------------------------------------------------------------------------------
+  // x: rows [n, kv_dim] of pre-RoPE K (all kv heads) then V (all kv heads); positions must continue
+  // each sequence exactly. Everything is checked before anything changes.
+  AppendPlan plan_append(int layer, const RaggedBatch<const T>& x) {
+    check_layer(layer);
+    check_batch(x, cfg_.model.kv_dim(), "append x");
+    if (!dev_.all_finite(FiniteCheckParams<T>{x.rows.data, x.rows.ld, x.rows.rows, static_cast<int>(x.rows.cols)}))
+      throw NonFiniteError("append x (layer " + std::to_string(layer) + ") contains NaN or Inf");
+    const int B = static_cast<int>(x.seq_ids.size());
+    for (int b = 0; b < B; ++b) {
+      const int seq = x.seq_ids[b];
+      const std::int64_t r0 = x.indptr[b], r1 = x.indptr[b + 1];
+      const LayerSeq& s = at(layer, seq);
+      for (std::int64_t r = r0; r < r1; ++r)
+        if (x.positions[r] != s.n + (r - r0))
+          throw OrderError("layer " + std::to_string(layer) + " seq " + std::to_string(seq) + ": row " +
+                           std::to_string(r) + " has position " + std::to_string(x.positions[r]) +
+                           ", expected " + std::to_string(s.n + (r - r0)) + " (positions must continue the sequence)");
+      if (s.n + (r1 - r0) > cfg_.cap.max_tokens)
+        throw CapacityError("seq " + std::to_string(seq) + " would hold " + std::to_string(s.n + (r1 - r0)) +
+                            " tokens, capacity is " + std::to_string(cfg_.cap.max_tokens));
+      items_[b] = AppendPlan::Item{seq, r0, r1 - r0, s.n};
+    }
+    return AppendPlan{layer, B, items_.data(), generation_};
+  }
+
+  void run_append(const AppendPlan& p, const RaggedBatch<const T>& x) {
+    if (p.generation != generation_) throw OrderError("stale append plan: the cache changed since plan_append");
+    const LayerPlan& lp = g_.plans[p.layer];
+    for (int i = 0; i < p.n_items; ++i) {
+      const auto& it = p.items[i];
+      LayerSeq& s = at(p.layer, it.seq);
+      const T* src = x.rows.row(it.row_begin);
+      if (lp.attend == Attend::pages) update_pages(p.layer, it.seq, src, x.rows.ld, it.count, it.start_pos);
+      if (lp.exact) {
+        copy_contiguous(src, x.rows.ld, region(p.layer, it.seq, Region::rows) + it.start_pos * kv(), it.count);
+        s.n += it.count;
+        continue;
+      }
+      std::int64_t done = 0;
+      const int S = cfg_.comp.sinks;
+      if (s.n < S) {  // sinks first
+        const std::int64_t take = std::min<std::int64_t>(S - s.n, it.count);
+        copy_contiguous(src, x.rows.ld, region(p.layer, it.seq, Region::sinks) + s.n * kv(), take);
+        s.n += take;
+        done += take;
+        s.c = s.n;
+      }
+      const std::int64_t ring = g_.ring;
+      while (done < it.count) {
+        const std::int64_t take = std::min(it.count - done, ring - (s.n - s.c));
+        // The ring may wrap inside one chunk: copy in at most two contiguous pieces.
+        std::int64_t k = 0;
+        while (k < take) {
+          const std::int64_t slot = (s.n + k - S) % ring;
+          const std::int64_t piece = std::min(take - k, ring - slot);
+          copy_contiguous(src + (done + k) * x.rows.ld, x.rows.ld, region(p.layer, it.seq, Region::ring) + slot * kv(), piece);
+          k += piece;
+        }
+        s.n += take;
+        done += take;
+        while (s.n - s.c >= ring) compress_block(p.layer, it.seq);
+      }
+    }
+    ++generation_;
+  }
+
+  void append(int layer, const RaggedBatch<const T>& x) { run_append(plan_append(layer, x), x); }
+
+  // ---- reconstruct -------------------------------------------------------------------------
+  // out[i] = x̂ at positions[i] (device memory, [n, kv_dim]); with rope, K is rotated to its position.
+  void reconstruct(int layer, int seq, std::span<const std::int64_t> positions, MatrixView<T> out, bool rope) {
+    check_layer(layer);
+    check_seq(seq);
+    check_matrix(out, static_cast<std::int64_t>(positions.size()), kv(), "reconstruct out");
+    const LayerSeq& s = at(layer, seq);
+    for (auto p : positions)
+      if (p < 0 || p >= s.n)
+        throw OrderError("reconstruct: position " + std::to_string(p) + " not in [0, " + std::to_string(s.n) + ")");
+    for (std::size_t i = 0; i < positions.size(); i += kTile) {
+      const int n = static_cast<int>(std::min<std::size_t>(kTile, positions.size() - i));
+      gather_tile(layer, seq, positions.data() + i, n, out.row(static_cast<std::int64_t>(i)), out.ld, rope);
+    }
+  }
+
+  // ---- attention ---------------------------------------------------------------------------
+  // q: rows [n, n_q_heads*head_dim], post-RoPE, positions < the sequence's length in this layer.
+  // out: [n, n_q_heads*head_dim]. Follows the policy; attend_dense ignores it (all tokens).
+  void attend(int layer, const RaggedBatch<const T>& q, MatrixView<T> out) { attend_impl(layer, q, out, false); }
+  void attend_dense(int layer, const RaggedBatch<const T>& q, MatrixView<T> out) { attend_impl(layer, q, out, true); }
+
+  // Positions the last filter layer chose for `seq` (sorted), empty if none yet.
+  std::span<const std::int64_t> selection(int seq) const {
+    const auto c = sel_count_.at(seq);
+    return c < 0 ? std::span<const std::int64_t>{}
+                 : std::span<const std::int64_t>(selection_.data() + std::size_t(seq) * g_.max_select, std::size_t(c));
+  }
+
+  // ---- accounting --------------------------------------------------------------------------
+  TokenCounts counts() const {
+    TokenCounts c;
+    for (int l = 0; l < cfg_.model.n_layers; ++l)
+      for (int b = 0; b < cfg_.cap.max_seqs; ++b) {
+        const LayerSeq& s = at(l, b);
+        c.tokens += s.n;
+        if (g_.plans[l].exact) {
+          c.exact_layer += s.n;
+        } else {
+          c.sinks += std::min<std::int64_t>(s.n, cfg_.comp.sinks);
+          c.recent += s.n - s.c;
+          c.references += s.n_refs;
+          c.latents += s.n_lat;
+        }
+        if (g_.plans[l].attend == Attend::pages && s.n > 0) c.pages += (s.n + g_.page - 1) / g_.page;
+      }
+    return c;
+  }
+  ByteModel byte_model(int value_bytes = sizeof(T)) const {
+    ByteModel m;
+    m.kv_dim = kv();
+    m.k_dim = cfg_.model.k_dim();
+    m.value_bytes = value_bytes;
+    m.latent_dim = cfg_.latent_dim();
+    m.latent_bits = cfg_.comp.latent_bits;
+    m.k_neighbors = cfg_.comp.k_neighbors;
+    m.id_bytes = sizeof(std::int32_t);
+    m.scale_bytes = 2 * sizeof(float);
+    m.index_bytes = 0;  // the position table is shared by all layers and sequences
+    return m;
+  }
+  // value_bytes: price exact rows (and raw latents) at this element size (2 projects to bf16).
+  MemoryReport memory(int value_bytes = sizeof(T)) const { return price(counts(), byte_model(value_bytes)); }
+
+ private:
+  enum class Region { rows, sinks, ring, refs, lat, scale, ids, pmin, pmax, count_ };
+
+  struct LayerSeq {
+    std::int64_t n = 0;      // tokens appended
+    std::int64_t c = 0;      // compressed frontier: [S, c) compressed or references, [c, n) in the ring
+    std::int64_t n_refs = 0;
+    std::int64_t n_lat = 0;
+  };
+
+  struct Geometry {
+    std::vector<LayerPlan> plans;
+    std::vector<std::uint8_t> cls;          // [max_tokens] 0 sink, 1 reference, 2 latent
+    std::vector<std::int32_t> row_of;       // [max_tokens] index within its class store
+    std::vector<std::int32_t> refs_upto;    // [max_tokens] references at positions <= p
+    std::int64_t max_refs = 0, max_lat = 0, ring = 0, page = 0, max_pages = 0, max_select = 0;
+    std::int64_t lat_ld = 0;                // bytes per stored latent
+    std::vector<std::size_t> layer_off;     // [L] byte offset of layer's first sequence
+    std::vector<std::size_t> seq_bytes;     // [L] bytes per sequence in that layer
+    std::vector<std::array<std::size_t, static_cast<int>(Region::count_)>> reg;  // [L] region offsets in a sequence
+    std::size_t storage_bytes = 0;
+  };
+
+  struct Workspace {
+    std::size_t tile_a, tile_b, tile_z, tile_pos, tile_rows, tile_rows2;
+    std::size_t blk_x, blk_r, blk_zx, blk_zr, blk_enc, blk_vis, blk_rows, blk_rows2;
+    std::size_t att_rows, att_m, att_l, att_acc, att_qpos, scores, topk;
+    std::size_t total;
+  };
+
+  static constexpr std::size_t align(std::size_t x) { return (x + 255) & ~std::size_t{255}; }
+
+  static Geometry geometry(const Config& cfg, const Sel& sel, const Pol& pol) {
+    validate(cfg);
+    Geometry g;
+    const int L = cfg.model.n_layers;
+    const std::int64_t N = cfg.cap.max_tokens;
+    const int S = cfg.comp.sinks;
+    g.plans.resize(L);
+    bool any_pages = false;
+    for (int l = 0; l < L; ++l) {
+      g.plans[l] = pol.plan_layer(l, L);
+      const auto& p = g.plans[l];
+      if (p.budget < 0 || p.sinks < 0 || p.window < 0) throw ConfigError("policy: negative budget, sinks or window");
+      if (p.select_after && p.attend != Attend::all) throw ConfigError("policy: a filter layer must attend to all tokens");
+      if (p.attend == Attend::pages) any_pages = true;
+      if (p.select_after) g.max_select = std::max<std::int64_t>(g.max_select, p.budget);
+    }
+    for (int l = 0; l < L; ++l)
+      if (g.plans[l].attend == Attend::selected) {
+        bool fed = false;
+        for (int j = 0; j < l; ++j) fed = fed || g.plans[j].select_after;
+        if (!fed) throw ConfigError("policy: layer " + std::to_string(l) + " attends a selection but no earlier layer selects");
+      }
+    g.page = any_pages ? pol.page_size() : 0;
+    if (any_pages && g.page <= 0) throw ConfigError("policy uses pages but page_size() <= 0");
+    g.max_pages = any_pages ? (N + g.page - 1) / g.page : 0;
+    g.max_select = std::min<std::int64_t>(g.max_select, N);
+
+    g.cls.assign(N, 2);
+    g.row_of.assign(N, 0);
+    g.refs_upto.assign(N, 0);
+    std::int64_t next = sel.next_reference(-1, S), refs = 0;
+    for (std::int64_t p = 0; p < N; ++p) {
+      if (p < S) {
+        g.cls[p] = 0;
+        g.row_of[p] = static_cast<std::int32_t>(p);
+      } else if (p == next) {
+        g.cls[p] = 1;
+        g.row_of[p] = static_cast<std::int32_t>(refs++);
+        const std::int64_t nx = sel.next_reference(p, S);
+        if (nx <= p) throw ConfigError("reference selector must return increasing positions");
+        next = nx;
+      } else {
+        if (next < p) throw ConfigError("reference selector skipped backwards");
+        g.row_of[p] = static_cast<std::int32_t>(p - S - refs);
+      }
+      g.refs_upto[p] = static_cast<std::int32_t>(refs);
+    }
+    g.max_refs = refs;
+    g.max_lat = std::max<std::int64_t>(0, N - S - refs);
+    g.ring = cfg.comp.recent + cfg.block();
+    const int bits = cfg.comp.latent_bits;
+    g.lat_ld = bits == 0 ? std::int64_t(cfg.latent_dim()) * sizeof(T) : (std::int64_t(cfg.latent_dim()) * bits + 7) / 8;
+
+    const std::size_t row = std::size_t(cfg.model.kv_dim()) * sizeof(T);
+    g.layer_off.resize(L);
+    g.seq_bytes.resize(L);
+    g.reg.resize(L);
+    std::size_t off = 0;
+    for (int l = 0; l < L; ++l) {
+      auto& r = g.reg[l];
+      r.fill(0);
+      std::size_t o = 0;
+      auto put = [&](Region which, std::size_t bytes) {
+        r[static_cast<int>(which)] = o;
+        o += align(bytes);
+      };
+      if (g.plans[l].exact) {
+        put(Region::rows, N * row);
+      } else {
+        put(Region::sinks, std::size_t(std::min<std::int64_t>(S, N)) * row);
+        put(Region::ring, std::size_t(g.ring) * row);
+        put(Region::refs, std::size_t(g.max_refs) * row);
+        put(Region::lat, std::size_t(g.max_lat) * g.lat_ld);
+        put(Region::scale, bits == 0 ? 0 : std::size_t(g.max_lat) * 2 * sizeof(float));
+        put(Region::ids, std::size_t(g.max_lat) * cfg.comp.k_neighbors * sizeof(std::int32_t));
+      }
+      if (g.plans[l].attend == Attend::pages) {
+        put(Region::pmin, std::size_t(g.max_pages) * cfg.model.k_dim() * sizeof(T));
+        put(Region::pmax, std::size_t(g.max_pages) * cfg.model.k_dim() * sizeof(T));
+      }
+      g.layer_off[l] = off;
+      g.seq_bytes[l] = o;
+      off += o * cfg.cap.max_seqs;
+    }
+    g.storage_bytes = off;
+    return g;
+  }
+
+  static Workspace workspace_plan(const Config& cfg, const Geometry& g, std::int64_t enc_scratch) {
+    Workspace w{};
+    std::size_t o = 0;
+    auto put = [&](std::size_t& at, std::size_t bytes) {
+      at = o;
+      o += align(bytes);
+    };
+    const std::size_t D = cfg.model.kv_dim(), dc = cfg.latent_dim(), B = cfg.block();
+    const std::size_t hq = std::size_t(cfg.model.n_q_heads), hd = cfg.model.head_dim, mq = cfg.cap.max_query_rows;
+    put(w.tile_a, kTile * D * sizeof(T));
+    put(w.tile_b, kTile * D * sizeof(T));
+    put(w.tile_z, kTile * dc * sizeof(T));
+    put(w.tile_pos, kTile * sizeof(std::int64_t));
+    put(w.tile_rows, kTile * sizeof(std::int64_t));
+    put(w.tile_rows2, kTile * sizeof(std::int64_t));
+    put(w.blk_x, B * D * sizeof(T));
+    put(w.blk_r, B * D * sizeof(T));
+    put(w.blk_zx, B * dc * sizeof(T));
+    put(w.blk_zr, B * dc * sizeof(T));
+    put(w.blk_enc, std::size_t(enc_scratch) * sizeof(T));
+    put(w.blk_vis, B * sizeof(std::int32_t));
+    put(w.blk_rows, B * sizeof(std::int64_t));
+    put(w.blk_rows2, B * sizeof(std::int64_t));
+    put(w.att_rows, kTile * D * sizeof(T));
+    put(w.att_m, mq * hq * sizeof(accum_t<T>));
+    put(w.att_l, mq * hq * sizeof(accum_t<T>));
+    put(w.att_acc, mq * hq * hd * sizeof(accum_t<T>));
+    put(w.att_qpos, mq * sizeof(std::int64_t));
+    put(w.scores, std::size_t(std::max<std::int64_t>(cfg.cap.max_tokens, g.max_pages)) * sizeof(float));
+    put(w.topk, std::size_t(cfg.cap.max_tokens) * sizeof(std::int32_t));
+    w.total = o;
+    return w;
+  }
+
+  int kv() const { return cfg_.model.kv_dim(); }
+  LayerSeq& at(int l, int s) { return st_[std::size_t(l) * cfg_.cap.max_seqs + s]; }
+  const LayerSeq& at(int l, int s) const { return st_[std::size_t(l) * cfg_.cap.max_seqs + s]; }
+
+  std::byte* region_bytes(int l, int s, Region r) const {
+    return store_ + g_.layer_off[l] + g_.seq_bytes[l] * std::size_t(s) + g_.reg[l][static_cast<int>(r)];
+  }
+  T* region(int l, int s, Region r) const { return reinterpret_cast<T*>(region_bytes(l, s, r)); }
+  template <class U>
+  U* ws(std::size_t off) const { return reinterpret_cast<U*>(work_ + off); }
+
+  void check_layer(int layer) const {
+    if (layer < 0 || layer >= cfg_.model.n_layers)
+      throw ShapeError("layer " + std::to_string(layer) + " not in [0, " + std::to_string(cfg_.model.n_layers) + ")");
+  }
+  void check_seq(int seq) const {
+    if (seq < 0 || seq >= cfg_.cap.max_seqs)
+      throw ShapeError("sequence " + std::to_string(seq) + " not in [0, " + std::to_string(cfg_.cap.max_seqs) + ")");
+  }
+  void check_batch(const RaggedBatch<const T>& x, std::int64_t cols, const char* what) const {
+    const std::size_t B = x.seq_ids.size();
+    if (x.indptr.size() != B + 1) throw ShapeError(std::string(what) + ": indptr must have seq_ids.size() + 1 entries");
+    if (x.indptr[0] != 0 || x.indptr[B] != x.rows.rows)
+      throw ShapeError(std::string(what) + ": indptr must start at 0 and end at the row count");
+    check_matrix(x.rows, x.rows.rows, cols, what);
+    if (x.rows.cols != cols) throw ShapeError(std::string(what) + ": wrong row width");
+    if (static_cast<std::int64_t>(x.positions.size()) != x.rows.rows)
+      throw ShapeError(std::string(what) + ": one position per row needed");
+    for (std::size_t b = 0; b < B; ++b) {
+      check_seq(x.seq_ids[b]);
+      if (x.indptr[b + 1] < x.indptr[b]) throw ShapeError(std::string(what) + ": indptr must not decrease");
+      for (std::size_t j = 0; j < b; ++j)
+        if (x.seq_ids[j] == x.seq_ids[b]) throw ShapeError(std::string(what) + ": a sequence appears twice in one batch");
+    }
+  }
+
+  void copy_contiguous(const T* src, std::int64_t lds, T* dst, std::int64_t n) {
+    if (n > 0) dev_.copy_rows(CopyRowsParams<T>{src, lds, nullptr, dst, kv(), nullptr, n, kv()});
+  }
+  template <class U>
+  void upload(std::size_t ws_off, const U* host, std::size_t n) {
+    if (n > 0) dev_.to_device(work_ + ws_off, host, n * sizeof(U));
+  }
+
+  // Oldest `block` tokens of the ring leave it: references are copied to the reference store,
+  // every other token is encoded against the mean of its k nearest earlier references.
+  void compress_block(int l, int seq) {
+    LayerSeq& s = at(l, seq);
+    const std::int64_t B = cfg_.block(), a = s.c, ring = g_.ring;
+    const int S = cfg_.comp.sinks, D = kv(), dc = cfg_.latent_dim(), k = cfg_.comp.k_neighbors;
+    T* ring_p = region(l, seq, Region::ring);
+    T* refs_p = region(l, seq, Region::refs);
+    // 1. references
+    std::int64_t nr = 0;
+    for (std::int64_t p = a; p < a + B; ++p)
+      if (g_.cls[p] == 1) {
+        h_list_[nr] = (p - S) % ring;
+        h_blk2_[nr] = g_.row_of[p];
+        ++nr;
+      }
+    if (nr > 0) {
+      upload(ws_.blk_rows, h_list_.data(), nr);
+      upload(ws_.blk_rows2, h_blk2_.data(), nr);
+      dev_.copy_rows(CopyRowsParams<T>{ring_p, D, ws<std::int64_t>(ws_.blk_rows), refs_p, D,
+                                       ws<std::int64_t>(ws_.blk_rows2), nr, D});
+    }
+    const std::int64_t m = s.n_refs + nr;
+    // 2. the others, in position order: their latent rows are s.n_lat, s.n_lat + 1, ...
+    std::int64_t u = 0;
+    std::vector<std::int64_t>& rows = h_list_;  // host staging (sized max_tokens >= block)
+    for (std::int64_t p = a; p < a + B; ++p)
+      if (g_.cls[p] == 2) {
+        rows[u] = (p - S) % ring;
+        h_i32_[u] = g_.refs_upto[p];
+        ++u;
+      }
+    if (u > 0) {
+      const std::int64_t lat0 = s.n_lat;
+      upload(ws_.blk_rows, rows.data(), u);
+      upload(ws_.blk_vis, h_i32_.data(), u);
+      T* X = ws<T>(ws_.blk_x);
+      T* R = ws<T>(ws_.blk_r);
+      T* Zx = ws<T>(ws_.blk_zx);
+      T* Zr = ws<T>(ws_.blk_zr);
+      auto* ids = reinterpret_cast<std::int32_t*>(region_bytes(l, seq, Region::ids)) + lat0 * k;
+      dev_.copy_rows(CopyRowsParams<T>{ring_p, D, ws<std::int64_t>(ws_.blk_rows), X, D, nullptr, u, D});
+      dev_.ref_search(RefSearchParams<T>{X, D, u, refs_p, D, m, ws<std::int32_t>(ws_.blk_vis), D, k,
+                                         cfg_.comp.metric, ids});
+      dev_.gather_mean(GatherMeanParams<T>{ids, k, u, nullptr, refs_p, D, D, R, D});
+      enc_[l].encode(dev_, MatrixView<const T>{X, u, D, D}, MatrixView<T>{Zx, u, dc, dc}, ws<T>(ws_.blk_enc));
+      enc_[l].encode(dev_, MatrixView<const T>{R, u, D, D}, MatrixView<T>{Zr, u, dc, dc}, ws<T>(ws_.blk_enc));
+      dev_.axpy_rows(AxpyRowsParams<T>{Zr, dc, Zx, dc, u, dc, T(-1)});
+      if (cfg_.comp.latent_bits == 0) {
+        dev_.copy_rows(CopyRowsParams<T>{Zx, dc, nullptr, region(l, seq, Region::lat) + lat0 * dc, dc, nullptr, u, dc});
+      } else {
+        auto* q = reinterpret_cast<std::uint8_t*>(region_bytes(l, seq, Region::lat)) + lat0 * g_.lat_ld;
+        auto* sm = reinterpret_cast<float*>(region_bytes(l, seq, Region::scale)) + lat0 * 2;
+        dev_.quantize(QuantizeParams<T>{Zx, dc, u, dc, cfg_.comp.latent_bits, q, g_.lat_ld, sm});
+      }
+    }
+    s.c = a + B;
+    s.n_refs = m;
+    s.n_lat += u;
+  }
+
+  // Rows for positions pos[0..n) (host list, n <= kTile) into out [n, kv_dim] (device).
+  void gather_tile(int l, int seq, const std::int64_t* pos, int n, T* out, std::int64_t ldo, bool rope) {
+    const LayerSeq& s = at(l, seq);
+    const int D = kv(), S = cfg_.comp.sinks;
+    if (g_.plans[l].exact) {
+      upload(ws_.tile_rows, pos, n);
+      dev_.copy_rows(CopyRowsParams<T>{region(l, seq, Region::rows), D, ws<std::int64_t>(ws_.tile_rows), out, ldo,
+                                       nullptr, n, D});
+    } else {
+      // One pass per storage class: source rows and destination rows.
+      auto pass = [&](auto pick, Region r) {
+        int c = 0;
+        for (int i = 0; i < n; ++i) {
+          const std::int64_t src = pick(pos[i]);
+          if (src < 0) continue;
+          h_rows_[c] = src;
+          h_rows2_[c] = i;
+          ++c;
+        }
+        if (c == 0) return 0;
+        upload(ws_.tile_rows, h_rows_.data(), c);
+        upload(ws_.tile_rows2, h_rows2_.data(), c);
+        if (r != Region::lat)
+          dev_.copy_rows(CopyRowsParams<T>{region(l, seq, r), D, ws<std::int64_t>(ws_.tile_rows), out, ldo,
+                                           ws<std::int64_t>(ws_.tile_rows2), c, D});
+        return c;
+      };
+      pass([&](std::int64_t p) -> std::int64_t { return p < S ? p : -1; }, Region::sinks);
+      pass([&](std::int64_t p) -> std::int64_t { return p >= s.c && p >= S ? (p - S) % g_.ring : -1; }, Region::ring);
+      pass([&](std::int64_t p) -> std::int64_t { return p >= S && p < s.c && g_.cls[p] == 1 ? g_.row_of[p] : -1; },
+           Region::refs);
+      const int c = pass([&](std::int64_t p) -> std::int64_t { return p >= S && p < s.c && g_.cls[p] == 2 ? g_.row_of[p] : -1; },
+                         Region::lat);
+      if (c > 0) decode_latents(l, seq, c, out, ldo);
+    }
+    if (rope && cfg_.rope.style != RopeStyle::none) {
+      upload(ws_.tile_pos, pos, n);
+      dev_.rope(RopeParams<T>{out, ldo, n, ws<std::int64_t>(ws_.tile_pos), cfg_.model.n_kv_heads, cfg_.model.head_dim,
+                              cfg_.rot_dim(), cfg_.rope.style, cfg_.rope.theta});
+    }
+  }
+
+  // Latent rows listed in tile_rows (c of them) -> x̂ = f_d(z) + mean(refs) into out rows tile_rows2.
+  void decode_latents(int l, int seq, int c, T* out, std::int64_t ldo) {
+    const int D = kv(), dc = cfg_.latent_dim(), k = cfg_.comp.k_neighbors;
+    T* Z = ws<T>(ws_.tile_z);
+    T* A = ws<T>(ws_.tile_a);
+    T* Bm = ws<T>(ws_.tile_b);
+    const auto* lat_rows = ws<std::int64_t>(ws_.tile_rows);
+    if (cfg_.comp.latent_bits == 0) {
+      dev_.copy_rows(CopyRowsParams<T>{region(l, seq, Region::lat), dc, lat_rows, Z, dc, nullptr, c, dc});
+    } else {
+      dev_.dequantize(DequantizeParams<T>{reinterpret_cast<const std::uint8_t*>(region_bytes(l, seq, Region::lat)),
+                                          g_.lat_ld, reinterpret_cast<const float*>(region_bytes(l, seq, Region::scale)),
+                                          dc, cfg_.comp.latent_bits, lat_rows, c, Z, dc});
+    }
+    dec_[l].decode(dev_, MatrixView<const T>{Z, c, dc, dc}, MatrixView<T>{A, c, D, D});
+    dev_.gather_mean(GatherMeanParams<T>{reinterpret_cast<const std::int32_t*>(region_bytes(l, seq, Region::ids)), k, c,
+                                         lat_rows, region(l, seq, Region::refs), D, D, Bm, D});
+    dev_.axpy_rows(AxpyRowsParams<T>{Bm, D, A, D, c, D, T(1)});
+    dev_.copy_rows(CopyRowsParams<T>{A, D, nullptr, out, ldo, ws<std::int64_t>(ws_.tile_rows2), c, D});
+  }
+
+  // Quest metadata: fold the post-RoPE keys of newly appended rows into their pages.
+  void update_pages(int l, int seq, const T* src, std::int64_t lds, std::int64_t count, std::int64_t start) {
+    const int D = kv();
+    for (std::int64_t i = 0; i < count; i += kTile) {
+      const int n = static_cast<int>(std::min<std::int64_t>(kTile, count - i));
+      for (int j = 0; j < n; ++j) h_pos_[j] = start + i + j;
+      T* A = ws<T>(ws_.tile_a);
+      copy_contiguous(src + i * lds, lds, A, n);
+      upload(ws_.tile_pos, h_pos_.data(), n);
+      if (cfg_.rope.style != RopeStyle::none)
+        dev_.rope(RopeParams<T>{A, D, n, ws<std::int64_t>(ws_.tile_pos), cfg_.model.n_kv_heads, cfg_.model.head_dim,
+                                cfg_.rot_dim(), cfg_.rope.style, cfg_.rope.theta});
+      dev_.page_bounds(PageBoundsParams<T>{A, D, n, ws<std::int64_t>(ws_.tile_pos), static_cast<int>(g_.page),
+                                           cfg_.model.k_dim(), region(l, seq, Region::pmin), region(l, seq, Region::pmax)});
+    }
+  }
+
+  // The attended positions of one sequence for a non-dense plan, sorted, into h_list_.
+  std::int64_t attended_positions(int l, int seq, const LayerPlan& p, const RaggedBatch<const T>& q, std::int64_t r0,
+                                  std::int64_t nq, std::int64_t n) {
+    std::int64_t c = 0;
+    std::vector<std::int64_t>& list = h_list_;
+    const std::int64_t s_end = std::min<std::int64_t>(p.sinks, n), w_begin = std::max<std::int64_t>(s_end, n - p.window);
+    for (std::int64_t i = 0; i < s_end; ++i) list[c++] = i;
+    if (p.attend == Attend::selected) {
+      if (sel_count_[seq] < 0)
+        throw OrderError("layer " + std::to_string(l) + " attends a selection, but no filter layer has run for seq " +
+                         std::to_string(seq));
+      for (auto pos : selection(seq))
+        if (pos >= s_end && pos < w_begin) list[c++] = pos;
+    } else if (p.attend == Attend::pages) {
+      const std::int64_t n_pages = (n + g_.page - 1) / g_.page;
+      dev_.page_score(PageScoreParams<T>{q.rows.row(r0), q.rows.ld, static_cast<int>(nq), region(l, seq, Region::pmin),
+                                         region(l, seq, Region::pmax), n_pages, cfg_.model.n_q_heads,
+                                         cfg_.model.n_kv_heads, cfg_.model.head_dim, ws<float>(ws_.scores)});
+      const int kp = static_cast<int>(std::min<std::int64_t>(n_pages, std::max<std::int64_t>(1, p.budget / g_.page)));
+      dev_.topk(TopKParams{ws<float>(ws_.scores), n_pages, kp, ws<std::int32_t>(ws_.topk)});
+      dev_.to_host(h_topk_.data(), ws<std::int32_t>(ws_.topk), kp * sizeof(std::int32_t));
+      std::sort(h_topk_.begin(), h_topk_.begin() + kp);
+      for (int i = 0; i < kp; ++i)
+        for (std::int64_t pos = std::int64_t(h_topk_[i]) * g_.page; pos < std::min<std::int64_t>(n, (h_topk_[i] + 1) * g_.page); ++pos)
+          if (pos >= s_end && pos < w_begin) list[c++] = pos;
+    }
+    for (std::int64_t i = w_begin; i < n; ++i) list[c++] = i;
+    return c;
+  }
+
+  void attend_impl(int l, const RaggedBatch<const T>& q, MatrixView<T> out, bool force_dense) {
+    check_layer(l);
+    const int hq = cfg_.model.n_q_heads, hd = cfg_.model.head_dim, qd = hq * hd;
+    check_batch(q, qd, "attend q");
+    check_matrix(out, q.rows.rows, qd, "attend out");
+    if (!dev_.all_finite(FiniteCheckParams<T>{q.rows.data, q.rows.ld, q.rows.rows, qd}))
+      throw NonFiniteError("attend q (layer " + std::to_string(l) + ") contains NaN or Inf");
+    for (std::size_t b = 0; b < q.seq_ids.size(); ++b) {
+      const std::int64_t nq = q.indptr[b + 1] - q.indptr[b];
+      if (nq > cfg_.cap.max_query_rows)
+        throw CapacityError("attend: " + std::to_string(nq) + " query rows for one sequence, max_query_rows is " +
+                            std::to_string(cfg_.cap.max_query_rows));
+      const std::int64_t n = at(l, q.seq_ids[b]).n;
+      for (std::int64_t r = q.indptr[b]; r < q.indptr[b + 1]; ++r)
+        if (q.positions[r] < 0 || q.positions[r] >= n)
+          throw OrderError("attend: query position " + std::to_string(q.positions[r]) + " of seq " +
+                           std::to_string(q.seq_ids[b]) + " is not cached in layer " + std::to_string(l) +
+                           " (append its K/V first)");
+    }
+    const LayerPlan& p = g_.plans[l];
+    const double scale = 1.0 / std::sqrt(double(hd));
+    const int D = kv(), kd = cfg_.model.k_dim();
+    using A = accum_t<T>;
+    for (std::size_t b = 0; b < q.seq_ids.size(); ++b) {
+      const int seq = q.seq_ids[b];
+      const std::int64_t r0 = q.indptr[b], nq = q.indptr[b + 1] - r0;
+      if (nq == 0) continue;
+      const std::int64_t n = at(l, seq).n;
+      std::int64_t qmax = 0;
+      for (std::int64_t r = r0; r < r0 + nq; ++r) qmax = std::max(qmax, q.positions[r]);
+      const bool dense = force_dense || p.attend == Attend::all;
+      const std::int64_t n_att = dense ? qmax + 1 : attended_positions(l, seq, p, q, r0, nq, qmax + 1);
+      upload(ws_.att_qpos, q.positions.data() + r0, nq);
+      dev_.fill_zero(ws<A>(ws_.att_m), nq * hq * sizeof(A));
+      dev_.fill_zero(ws<A>(ws_.att_l), nq * hq * sizeof(A));
+      dev_.fill_zero(ws<A>(ws_.att_acc), nq * hq * hd * sizeof(A));
+      for (std::int64_t t = 0; t < n_att; t += kTile) {
+        const int nt = static_cast<int>(std::min<std::int64_t>(kTile, n_att - t));
+        for (int j = 0; j < nt; ++j) h_pos_[j] = dense ? t + j : h_list_[t + j];
+        T* rows = attn_rows();
+        gather_tile(l, seq, h_pos_.data(), nt, rows, D, true);
+        upload(ws_.tile_pos, h_pos_.data(), nt);  // gather_tile uploads them only when RoPE runs
+        dev_.attn_tile(AttnTileParams<T>{q.rows.row(r0), q.rows.ld, static_cast<int>(nq), ws<std::int64_t>(ws_.att_qpos),
+                                         rows, rows + kd, D, nt, ws<std::int64_t>(ws_.tile_pos), hq,
+                                         cfg_.model.n_kv_heads, hd, scale, ws<A>(ws_.att_m), ws<A>(ws_.att_l),
+                                         ws<A>(ws_.att_acc)});
+      }
+      dev_.attn_finish(AttnFinishParams<T>{ws<A>(ws_.att_l), ws<A>(ws_.att_acc), static_cast<int>(nq), hq, hd,
+                                           out.row(r0), out.ld});
+      if (p.select_after && !force_dense) select_top(l, seq, p, q, r0, nq, n);
+    }
+  }
+
+  T* attn_rows() { return ws<T>(ws_.att_rows); }
+
+  // OmniKV filter: score the middle tokens (not sinks, not window) by the softmax probability the
+  // queries give them (max over heads and rows) and keep the top budget.
+  void select_top(int l, int seq, const LayerPlan& p, const RaggedBatch<const T>& q, std::int64_t r0, std::int64_t nq,
+                  std::int64_t n) {
+    const int hq = cfg_.model.n_q_heads, hd = cfg_.model.head_dim, D = kv();
+    const std::int64_t s_end = std::min<std::int64_t>(p.sinks, n), w_begin = std::max<std::int64_t>(s_end, n - p.window);
+    const std::int64_t n_cand = w_begin - s_end;
+    std::int64_t* dst = selection_.data() + std::size_t(seq) * g_.max_select;
+    const int kk = static_cast<int>(std::min<std::int64_t>(p.budget, n_cand));
+    if (kk <= 0) {
+      sel_count_[seq] = 0;
+      return;
+    }
+    using A = accum_t<T>;
+    float* scores = ws<float>(ws_.scores);
+    for (std::int64_t t = 0; t < n_cand; t += kTile) {
+      const int nt = static_cast<int>(std::min<std::int64_t>(kTile, n_cand - t));
+      for (int j = 0; j < nt; ++j) h_pos_[j] = s_end + t + j;
+      T* rows = attn_rows();
+      gather_tile(l, seq, h_pos_.data(), nt, rows, D, true);
+      upload(ws_.tile_pos, h_pos_.data(), nt);
+      dev_.score_tile(ScoreTileParams<T>{q.rows.row(r0), q.rows.ld, static_cast<int>(nq), ws<std::int64_t>(ws_.att_qpos),
+                                         rows, D, nt, ws<std::int64_t>(ws_.tile_pos), hq, cfg_.model.n_kv_heads, hd,
+                                         1.0 / std::sqrt(double(hd)), ws<A>(ws_.att_m), ws<A>(ws_.att_l), scores + t});
+    }
+    dev_.topk(TopKParams{scores, n_cand, kk, ws<std::int32_t>(ws_.topk)});
+    dev_.to_host(h_topk_.data(), ws<std::int32_t>(ws_.topk), kk * sizeof(std::int32_t));
+    for (int i = 0; i < kk; ++i) dst[i] = s_end + h_topk_[i];
+    std::sort(dst, dst + kk);
+    sel_count_[seq] = kk;
+  }
+
+  Dev& dev_;
+  Config cfg_;
+  Sel sel_;
+  Pol pol_;
+  std::vector<Enc> enc_;
+  std::vector<Dec> dec_;
+  Geometry g_;
+  Workspace ws_{};
+  std::byte* store_ = nullptr;
+  std::byte* work_ = nullptr;
+  std::vector<LayerSeq> st_;
+  std::vector<std::int64_t> selection_;  // [max_seqs, max_select]
+  std::vector<std::int64_t> sel_count_;  // [max_seqs], -1: none yet
+  std::vector<AppendPlan::Item> items_;
+  // host staging, sized at construction
+  std::vector<std::int64_t> h_pos_, h_rows_, h_rows2_, h_list_, h_blk2_;
+  std::vector<std::int32_t> h_i32_, h_topk_;
+  std::uint64_t generation_ = 1;
+};
+
+}  // namespace deltakv

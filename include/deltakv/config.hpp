@@ -1,0 +1,79 @@
+#pragma once
+// Model geometry and DeltaKV knobs, with the paper's defaults. Plain data; validate() is the one
+// place that decides whether a combination is usable.
+#include <cstdint>
+#include <string>
+
+#include "deltakv/error.hpp"
+
+namespace deltakv {
+
+struct ModelShape {
+  int n_layers = 0;
+  int n_q_heads = 0;
+  int n_kv_heads = 0;
+  int head_dim = 0;
+  // One token of one layer is x = [K (all kv heads, pre-RoPE) | V (all kv heads)].
+  constexpr int kv_dim() const { return 2 * n_kv_heads * head_dim; }
+  constexpr int k_dim() const { return n_kv_heads * head_dim; }
+};
+
+// half: HF / NeoX rotate_half (pairs i, i+rot/2); interleaved: GPT-J / GGUF pairs (2i, 2i+1).
+enum class RopeStyle { none, half, interleaved };
+
+struct RopeConfig {
+  RopeStyle style = RopeStyle::half;
+  double theta = 10000.0;
+  int rot_dim = 0;  // 0: the whole head
+};
+
+enum class Metric { l2, dot, cosine };
+
+struct CompressionConfig {
+  int sinks = 8;         // first tokens kept exact
+  int recent = 128;      // last tokens kept exact (at least this many)
+  int block = 0;         // tokens compressed at once when they leave the window; 0: = recent
+  int k_neighbors = 4;   // references averaged per token
+  int latent_dim = 0;    // d_c; 0: kv_dim / 4
+  int latent_bits = 0;   // 0 (store latents in the cache's element type), 8 or 4: token-wise min/scale
+  Metric metric = Metric::l2;
+};
+
+struct Capacity {
+  int max_seqs = 1;
+  std::int64_t max_tokens = 0;    // per sequence
+  int max_query_rows = 1;         // query tokens of one sequence in one attend() call
+};
+
+struct Config {
+  ModelShape model;
+  RopeConfig rope;
+  CompressionConfig comp;
+  Capacity cap;
+
+  int latent_dim() const { return comp.latent_dim > 0 ? comp.latent_dim : model.kv_dim() / 4; }
+  int block() const { return comp.block > 0 ? comp.block : (comp.recent > 0 ? comp.recent : 1); }
+  int rot_dim() const { return rope.rot_dim > 0 ? rope.rot_dim : model.head_dim; }
+};
+
+inline void validate(const Config& c) {
+  auto bad = [](const std::string& m) { throw ConfigError(m); };
+  const auto& m = c.model;
+  if (m.n_layers <= 0 || m.n_q_heads <= 0 || m.n_kv_heads <= 0 || m.head_dim <= 0)
+    bad("model shape needs positive n_layers, n_q_heads, n_kv_heads, head_dim");
+  if (m.n_q_heads % m.n_kv_heads != 0) bad("n_q_heads must be a multiple of n_kv_heads (GQA)");
+  if (c.comp.sinks < 0 || c.comp.recent < 0) bad("sinks and recent must be >= 0");
+  if (c.comp.k_neighbors <= 0) bad("k_neighbors must be >= 1");
+  if (c.latent_dim() <= 0) bad("latent_dim must be >= 1");
+  if (c.comp.latent_bits != 0 && c.comp.latent_bits != 8 && c.comp.latent_bits != 4)
+    bad("latent_bits must be 0, 8 or 4");
+  if (c.comp.latent_bits == 4 && c.latent_dim() % 2 != 0) bad("int4 latents need an even latent_dim");
+  if (c.rope.style != RopeStyle::none && (c.rot_dim() % 2 != 0 || c.rot_dim() > m.head_dim))
+    bad("rot_dim must be even and <= head_dim");
+  if (c.rope.theta <= 0) bad("rope theta must be > 0");
+  if (c.cap.max_seqs <= 0 || c.cap.max_tokens <= 0 || c.cap.max_query_rows <= 0)
+    bad("capacity needs max_seqs, max_tokens, max_query_rows > 0");
+  if (c.cap.max_tokens > (std::int64_t{1} << 31) - 1) bad("max_tokens must fit in int32 ids");
+}
+
+}  // namespace deltakv

@@ -1,0 +1,182 @@
+#pragma once
+// The abstract device interface: the few ops the cache needs, each taking one plain-data parameter
+// struct (pointers, strides, sizes; shapes in the comments). A backend is any type that provides
+// them (checked by the Device concept). All pointers are device pointers of that backend; the
+// cache never dereferences them on the host except through these ops and copy_to_host.
+//
+// Conventions: row-major, ld = elements between rows; T is the storage type, accum_t<T> the type
+// of running sums (f32 for f32/bf16/f16, f64 for the f64 test path).
+#include <concepts>
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#include "deltakv/config.hpp"
+
+namespace deltakv {
+
+template <class T>
+using accum_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <class T>
+struct LinearParams {  // y[n, out] = x[n, in] · W^T + b
+  const T* x; std::int64_t ldx;
+  T* y; std::int64_t ldy;
+  std::int64_t n;
+  const T* w;  // [out, in] row-major (torch nn.Linear layout)
+  const T* b;  // [out] or nullptr
+  int in; int out;
+};
+
+template <class T>
+struct SwiGLUParams {  // h[:, :hidden] = silu(h[:, :hidden]) * h[:, hidden:2*hidden]
+  T* h; std::int64_t ldh; std::int64_t n; int hidden;
+};
+
+template <class T>
+struct AxpyRowsParams {  // y[n, dim] = alpha * x[n, dim] + y
+  const T* x; std::int64_t ldx; T* y; std::int64_t ldy; std::int64_t n; int dim; T alpha;
+};
+
+template <class T>
+struct RefSearchParams {  // ids[i, :k]: the k best of refs[0 .. visible[i]) for x[i], best first
+  const T* x; std::int64_t ldx; std::int64_t n;          // x [n, dim]
+  const T* refs; std::int64_t ldr; std::int64_t m;       // refs [m, dim], in position order
+  const std::int32_t* visible;                           // [n], <= m: causal prefix of refs
+  int dim; int k; Metric metric;
+  std::int32_t* ids;                                     // [n, k], -1 where fewer than k visible
+};
+
+template <class T>
+struct GatherMeanParams {  // out[i] = mean_j refs[ids[r_i, j]] over ids >= 0 (zeros if none)
+  const std::int32_t* ids; int k; std::int64_t n;        // ids [rows, k]
+  const std::int64_t* id_rows;                           // [n]: r_i; nullptr: r_i = i
+  const T* refs; std::int64_t ldr; int dim;              // refs [m, dim]
+  T* out; std::int64_t ldo;                              // out [n, dim]
+};
+
+template <class T>
+struct QuantizeParams {  // token-wise asymmetric: q = round((z - min) / scale), 2^bits levels
+  const T* z; std::int64_t ldz; std::int64_t n; int dim; int bits;  // z [n, dim]; bits 8 or 4
+  std::uint8_t* q; std::int64_t ldq;                                 // [n, ldq bytes]; int4 packs 2/byte, low nibble first
+  float* scale_min;                                                  // [n, 2]: scale, min
+};
+
+template <class T>
+struct DequantizeParams {  // z[i] = q[i] * scale + min, for rows rows[i] of the packed store
+  const std::uint8_t* q; std::int64_t ldq; const float* scale_min; int dim; int bits;
+  const std::int64_t* rows; std::int64_t n;   // which stored rows; nullptr: 0..n-1
+  T* z; std::int64_t ldz;                     // out [n, dim]
+};
+
+template <class T>
+struct RopeParams {  // rotate the first rot_dim dims of each head of x[n, n_heads*head_dim] in place
+  T* x; std::int64_t ldx; std::int64_t n;
+  const std::int64_t* pos;                    // [n]
+  int n_heads; int head_dim; int rot_dim; RopeStyle style; double theta;
+};
+
+template <class T>
+struct AttnTileParams {  // online-softmax update of queries against one tile of keys/values
+  const T* q; std::int64_t ldq; int nq;       // q [nq, n_q_heads*head_dim], post-RoPE
+  const std::int64_t* q_pos;                  // [nq]: key j is visible iff kv_pos[j] <= q_pos[i]
+  const T* k; const T* v; std::int64_t ldkv; int ntile;  // k, v [ntile, n_kv_heads*head_dim]
+  const std::int64_t* kv_pos;                 // [ntile]
+  int n_q_heads; int n_kv_heads; int head_dim; double scale;
+  accum_t<T>* m; accum_t<T>* l; accum_t<T>* acc;  // running max, sum [nq, Hq]; acc [nq, Hq, d]
+};
+
+template <class T>
+struct AttnFinishParams {  // out = acc / l (rows with l == 0, i.e. nothing visible, give 0)
+  const accum_t<T>* l; const accum_t<T>* acc; int nq; int n_q_heads; int head_dim;
+  T* out; std::int64_t ldo;
+};
+
+template <class T>
+struct ScoreTileParams {  // scores[j] = max over query rows and heads of softmax probability of key j
+  const T* q; std::int64_t ldq; int nq; const std::int64_t* q_pos;
+  const T* k; std::int64_t ldk; int ntile; const std::int64_t* kv_pos;
+  int n_q_heads; int n_kv_heads; int head_dim; double scale;
+  const accum_t<T>* m; const accum_t<T>* l;   // final softmax statistics of the attention pass
+  float* scores;                              // [ntile]
+};
+
+template <class T>
+struct PageBoundsParams {  // fold keys k[n, Hkv*d] (post-RoPE) into per-page min/max
+  const T* k; std::int64_t ldk; std::int64_t n; const std::int64_t* pos;
+  int page_size; int dim;                     // dim = Hkv*d
+  T* kmin; T* kmax;                           // [pages, dim]; page p covers positions [p*P, (p+1)*P)
+};
+
+template <class T>
+struct PageScoreParams {  // scores[p] = max over rows/heads of sum_d max(q_d*min_d, q_d*max_d)
+  const T* q; std::int64_t ldq; int nq;
+  const T* kmin; const T* kmax; std::int64_t n_pages;
+  int n_q_heads; int n_kv_heads; int head_dim;
+  float* scores;                              // [n_pages]
+};
+
+struct TopKParams {  // idx[0..k): indices of the k largest scores[0..n), descending, ties to lower index
+  const float* scores; std::int64_t n; int k; std::int32_t* idx;
+};
+
+template <class T>
+struct CopyRowsParams {  // dst[dst_rows[i]] = src[src_rows[i]] (nullptr row lists: identity)
+  const T* src; std::int64_t lds; const std::int64_t* src_rows;
+  T* dst; std::int64_t ldd; const std::int64_t* dst_rows;
+  std::int64_t n; int dim;
+};
+
+template <class T>
+struct FiniteCheckParams { const T* x; std::int64_t ldx; std::int64_t n; int dim; };
+
+// A backend D for element type T.
+template <class D, class T>
+concept Device = requires(D& d, std::size_t bytes, void* p, const void* cp) {
+  { d.linear(LinearParams<T>{}) };
+  { d.swiglu(SwiGLUParams<T>{}) };
+  { d.axpy_rows(AxpyRowsParams<T>{}) };
+  { d.ref_search(RefSearchParams<T>{}) };
+  { d.gather_mean(GatherMeanParams<T>{}) };
+  { d.quantize(QuantizeParams<T>{}) };
+  { d.dequantize(DequantizeParams<T>{}) };
+  { d.rope(RopeParams<T>{}) };
+  { d.attn_tile(AttnTileParams<T>{}) };
+  { d.attn_finish(AttnFinishParams<T>{}) };
+  { d.score_tile(ScoreTileParams<T>{}) };
+  { d.page_bounds(PageBoundsParams<T>{}) };
+  { d.page_score(PageScoreParams<T>{}) };
+  { d.topk(TopKParams{}) };
+  { d.copy_rows(CopyRowsParams<T>{}) };
+  { d.all_finite(FiniteCheckParams<T>{}) } -> std::convertible_to<bool>;
+  { d.to_host(p, cp, bytes) };     // device -> host
+  { d.to_device(p, cp, bytes) };   // host -> device
+  { d.fill_zero(p, bytes) };
+};
+
+// A device that only declares the ops: lets component concepts be checked without a backend.
+template <class T>
+struct DeviceArchetype {
+  void linear(const LinearParams<T>&);
+  void swiglu(const SwiGLUParams<T>&);
+  void axpy_rows(const AxpyRowsParams<T>&);
+  void ref_search(const RefSearchParams<T>&);
+  void gather_mean(const GatherMeanParams<T>&);
+  void quantize(const QuantizeParams<T>&);
+  void dequantize(const DequantizeParams<T>&);
+  void rope(const RopeParams<T>&);
+  void attn_tile(const AttnTileParams<T>&);
+  void attn_finish(const AttnFinishParams<T>&);
+  void score_tile(const ScoreTileParams<T>&);
+  void page_bounds(const PageBoundsParams<T>&);
+  void page_score(const PageScoreParams<T>&);
+  void topk(const TopKParams&);
+  void copy_rows(const CopyRowsParams<T>&);
+  bool all_finite(const FiniteCheckParams<T>&);
+  void to_host(void*, const void*, std::size_t);
+  void to_device(void*, const void*, std::size_t);
+  void fill_zero(void*, std::size_t);
+};
+static_assert(Device<DeviceArchetype<float>, float>);
+
+}  // namespace deltakv
