@@ -228,6 +228,26 @@ class CompressedCache {
                  : std::span<const std::int64_t>(selection_.data() + std::size_t(seq) * g_.max_select, std::size_t(c));
   }
 
+  // Positions of the references a compressed token was encoded against (best first); returns how
+  // many (0 for sinks, references, tokens still in the window, and exact layers). out: >= k entries.
+  int references_of(int layer, int seq, std::int64_t pos, std::span<std::int64_t> out) const {
+    check_layer(layer);
+    check_seq(seq);
+    const LayerSeq& s = at(layer, seq);
+    if (pos < 0 || pos >= s.n) throw OrderError("references_of: position " + std::to_string(pos) + " not cached");
+    const int k = cfg_.comp.k_neighbors;
+    if (static_cast<int>(out.size()) < k) throw ShapeError("references_of: out needs k_neighbors entries");
+    if (g_.plans[layer].exact || pos < cfg_.comp.sinks || pos >= s.c || g_.cls[pos] != 2) return 0;
+    std::int32_t ids[64];
+    if (k > 64) throw ConfigError("references_of supports k_neighbors <= 64");
+    dev_.to_host(ids, reinterpret_cast<const std::int32_t*>(region_bytes(layer, seq, Region::ids)) + std::int64_t(g_.row_of[pos]) * k,
+                 sizeof(std::int32_t) * k);
+    int c = 0;
+    for (int j = 0; j < k; ++j)
+      if (ids[j] >= 0) out[c++] = g_.ref_pos[ids[j]];
+    return c;
+  }
+
   // ---- accounting --------------------------------------------------------------------------
   TokenCounts counts() const {
     TokenCounts c;
@@ -278,6 +298,7 @@ class CompressedCache {
     std::vector<std::uint8_t> cls;          // [max_tokens] 0 sink, 1 reference, 2 latent
     std::vector<std::int32_t> row_of;       // [max_tokens] index within its class store
     std::vector<std::int32_t> refs_upto;    // [max_tokens] references at positions <= p
+    std::vector<std::int64_t> ref_pos;      // [max_refs] position of each reference
     std::int64_t max_refs = 0, max_lat = 0, ring = 0, page = 0, max_pages = 0, max_select = 0;
     std::int64_t lat_ld = 0;                // bytes per stored latent
     std::vector<std::size_t> layer_off;     // [L] byte offset of layer's first sequence
@@ -333,6 +354,7 @@ class CompressedCache {
       } else if (p == next) {
         g.cls[p] = 1;
         g.row_of[p] = static_cast<std::int32_t>(refs++);
+        g.ref_pos.push_back(p);
         const std::int64_t nx = sel.next_reference(p, S);
         if (nx <= p) throw ConfigError("reference selector must return increasing positions");
         next = nx;
@@ -719,7 +741,7 @@ class CompressedCache {
     sel_count_[seq] = kk;
   }
 
-  Dev& dev_;
+  Dev& dev_;  // not owned; const methods may still read device memory through it
   Config cfg_;
   Sel sel_;
   Pol pol_;
