@@ -10,5 +10,5 @@ if [[ ! -f examples/synthetic_demo.cpp ]]; then
 fi
 
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DDELTAKV_ENABLE_EXAMPLES=ON
-cmake --build build -j --target synthetic_demo
+cmake --build build -j --target example_synthetic_demo
 exec ./build/examples/synthetic_demo "$@"

@@ -147,20 +147,30 @@ class CpuDevice {
   }
 
   void rope(const RopeParams<T>& p) {
+    // Angles depend on (position, frequency) only: one sin/cos per pair, shared by all heads.
     const int half = p.rot_dim / 2;
-    for (std::int64_t i = 0; i < p.n; ++i)
+    grow(rope_, std::size_t(3 * half));
+    double* inv = rope_.data();
+    double* cs = inv + half;
+    double* sn = cs + half;
+    for (int f = 0; f < half; ++f) inv[f] = std::pow(p.theta, -2.0 * f / p.rot_dim);
+    for (std::int64_t i = 0; i < p.n; ++i) {
+      for (int f = 0; f < half; ++f) {
+        const double ang = double(p.pos[i]) * inv[f];
+        cs[f] = std::cos(ang);
+        sn[f] = std::sin(ang);
+      }
       for (int h = 0; h < p.n_heads; ++h) {
         T* x = p.x + i * p.ldx + std::int64_t(h) * p.head_dim;
         for (int f = 0; f < half; ++f) {
-          const double ang = double(p.pos[i]) * std::pow(p.theta, -2.0 * f / p.rot_dim);
-          const double c = std::cos(ang), s = std::sin(ang);
           const int a = p.style == RopeStyle::half ? f : 2 * f;
           const int b = p.style == RopeStyle::half ? f + half : 2 * f + 1;
           const double x1 = x[a], x2 = x[b];
-          x[a] = static_cast<T>(x1 * c - x2 * s);
-          x[b] = static_cast<T>(x2 * c + x1 * s);
+          x[a] = static_cast<T>(x1 * cs[f] - x2 * sn[f]);
+          x[b] = static_cast<T>(x2 * cs[f] + x1 * sn[f]);
         }
       }
+    }
   }
 
   void attn_tile(const AttnTileParams<T>& p) {
@@ -304,6 +314,7 @@ class CpuDevice {
   std::vector<T> scratch_;
   std::vector<std::pair<A, std::int32_t>> best_;
   std::vector<std::int32_t> idx_;
+  std::vector<double> rope_;
 };
 
 static_assert(Device<CpuDevice<float>, float> && Device<CpuDevice<double>, double>);
