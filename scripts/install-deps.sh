@@ -13,6 +13,7 @@ packages=(
   libbenchmark-dev
   nlohmann-json3-dev
   python3
+  python3-pip
 )
 
 missing=()

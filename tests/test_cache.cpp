@@ -347,6 +347,18 @@ TEST_CASE("memory accounting matches an independent count and the paper's KR for
   std::int64_t refs1 = 0, lat1 = 0;
   for (std::int64_t p = 4; p < 84; ++p) ((p - 4) % 10 == 0 ? refs1 : lat1)++;
   CHECK(c.tokens == n + 100);
+  // the projection from positions alone agrees with what appending did, for many lengths
+  for (std::int64_t len : {0, 3, 4, 19, 20, 36, 37, 52, 100, 199, 340}) {
+    Harness<float, FixedStride, LinearEncoder<float>, DensePolicy> p(cfg, FixedStride(10), codec, DensePolicy{});
+    p.append(0, 0, x, 0, len);
+    p.append(1, 0, x, 0, len);
+    const auto want = p.cache->counts(), got = p.cache->projected_counts(len);
+    CHECK(got.tokens == want.tokens);
+    CHECK(got.sinks == want.sinks);
+    CHECK(got.recent == want.recent);
+    CHECK(got.references == want.references);
+    CHECK(got.latents == want.latents);
+  }
   CHECK(c.sinks == 8);
   CHECK(c.recent == 16 + 16);
   CHECK(c.references == refs + refs1);

@@ -116,11 +116,22 @@ class CompressedCache {
   }
 
   const Config& config() const { return cfg_; }
-  const LayerPlan& layer_plan(int layer) const { return g_.plans.at(layer); }
-  std::int64_t length(int layer, int seq) const { return at(layer, seq).n; }
+  const LayerPlan& layer_plan(int layer) const {
+    check_layer(layer);
+    return g_.plans[layer];
+  }
+  std::int64_t length(int layer, int seq) const {
+    check_layer(layer);
+    check_seq(seq);
+    return at(layer, seq).n;
+  }
   std::int64_t max_references() const { return g_.max_refs; }
   // Position class of the shared table: 0 sink, 1 reference, 2 latent (once compressed).
-  int position_class(std::int64_t pos) const { return g_.cls.at(pos); }
+  int position_class(std::int64_t pos) const {
+    if (pos < 0 || pos >= cfg_.cap.max_tokens)
+      throw OrderError("position_class: position " + std::to_string(pos) + " not in [0, max_tokens)");
+    return g_.cls[pos];
+  }
 
   // Forget a sequence in every layer (its slot can take a new sequence).
   void reset(int seq) {
@@ -223,7 +234,8 @@ class CompressedCache {
 
   // Positions the last filter layer chose for `seq` (sorted), empty if none yet.
   std::span<const std::int64_t> selection(int seq) const {
-    const auto c = sel_count_.at(seq);
+    check_seq(seq);
+    const auto c = sel_count_[seq];
     return c < 0 ? std::span<const std::int64_t>{}
                  : std::span<const std::int64_t>(selection_.data() + std::size_t(seq) * g_.max_select, std::size_t(c));
   }
@@ -267,6 +279,29 @@ class CompressedCache {
       }
     return c;
   }
+  // What one sequence of n tokens appended from empty would hold in every layer (the classification
+  // depends on positions only): for capacity planning and for memory at a given context.
+  TokenCounts projected_counts(std::int64_t n) const {
+    if (n < 0 || n > cfg_.cap.max_tokens) throw CapacityError("projected_counts: n exceeds max_tokens");
+    TokenCounts c;
+    const std::int64_t S = cfg_.comp.sinks, B = cfg_.block(), R = cfg_.comp.recent;
+    const std::int64_t frontier = n <= S ? n : S + B * std::max<std::int64_t>(0, (n - S - R) / B);
+    const std::int64_t refs = frontier > S ? g_.refs_upto[frontier - 1] : 0;
+    for (int l = 0; l < cfg_.model.n_layers; ++l) {
+      c.tokens += n;
+      if (g_.plans[l].exact) {
+        c.exact_layer += n;
+      } else {
+        c.sinks += std::min(n, S);
+        c.recent += n - frontier;
+        c.references += refs;
+        c.latents += frontier - std::min(n, S) - refs;
+      }
+      if (g_.plans[l].attend == Attend::pages && n > 0) c.pages += (n + g_.page - 1) / g_.page;
+    }
+    return c;
+  }
+
   ByteModel byte_model(int value_bytes = sizeof(T)) const {
     ByteModel m;
     m.kv_dim = kv();

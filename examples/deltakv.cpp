@@ -1,0 +1,497 @@
+// The `deltakv` command-line tool: measure DeltaKV on a real model's real KV cache.
+//
+//   deltakv eval      --model M --text FILE [--context N] [--chunk C] [--configs a,b,...]
+//                     [--calib-text FILE] [--calib-tokens N]
+//   deltakv calibrate --model M --text FILE --out CKPT [--latent-dim D] [--tokens N]
+//   deltakv inspect   (--model M | --checkpoint CKPT) [--context N]
+//   deltakv analyze   --model M --text FILE [--tokens N]
+//
+// eval runs the text through the example llama engine once per KV configuration, all in lockstep
+// chunk by chunk (so the full-precision distribution of every position is at hand without storing
+// it), and prints one table: bytes per token (% of bf16, everything counted), perplexity, its change,
+// mean KL divergence of the next-token distribution against full, top-1 agreement, time.
+#include <fmt/core.h>
+
+#include <Eigen/Dense>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <memory>
+#include <random>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "deltakv/calibration/pca.hpp"
+#include "deltakv/io/checkpoint.hpp"
+#include "deltakv/io/gguf.hpp"
+#include "llama/engine.hpp"
+#include "llama/kv_peers.hpp"
+#include "llama/model.hpp"
+#include "llama/tokenizer.hpp"
+
+using namespace deltakv;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct Args {
+  std::string cmd;
+  std::map<std::string, std::string> kv;
+  std::string get(const std::string& k, const std::string& def = "") const {
+    auto it = kv.find(k);
+    return it == kv.end() ? def : it->second;
+  }
+  long long num(const std::string& k, long long def) const {
+    auto it = kv.find(k);
+    return it == kv.end() ? def : std::stoll(it->second);
+  }
+};
+
+const char* kUsage =
+    "usage:\n"
+    "  deltakv eval      --model M --text FILE [--context N] [--chunk C] [--configs a,b,...]\n"
+    "                    [--calib-text FILE] [--calib-tokens N] [--threads T]\n"
+    "  deltakv calibrate --model M --text FILE --out CKPT [--latent-dim D] [--tokens N]\n"
+    "  deltakv inspect   (--model M | --checkpoint CKPT) [--context N]\n"
+    "  deltakv analyze   --model M --text FILE [--tokens N]\n"
+    "configs: full, q8_0, q4_0, streaming, omnikv, deltakv-4, deltakv-8, deltakv-4-int4, deltakv-8-int4,\n"
+    "         deltakv-4-int4+omnikv (default: all)\n";
+
+std::string read_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw IoError("cannot read " + path);
+  std::stringstream s;
+  s << f.rdbuf();
+  return s.str();
+}
+
+llama::Tokenizer load_tokenizer(const io::GgufFile& f) {
+  std::vector<std::int32_t> types;
+  if (f.has("tokenizer.ggml.token_type"))
+    for (auto t : f.get_int_array("tokenizer.ggml.token_type")) types.push_back(std::int32_t(t));
+  return llama::Tokenizer(f.get_string_array("tokenizer.ggml.tokens"), f.get_string_array("tokenizer.ggml.merges"),
+                          std::move(types));
+}
+
+std::vector<std::int32_t> tokens_of(const llama::Tokenizer& tok, const std::string& path, std::int64_t max_tokens) {
+  auto ids = tok.encode_ordinary(read_file(path));
+  if (std::int64_t(ids.size()) > max_tokens) ids.resize(std::size_t(max_tokens));
+  return ids;
+}
+
+// ---- one KV configuration behind a common face ------------------------------------------------
+struct Runner {
+  std::string name;
+  double seconds = 0;
+  virtual ~Runner() = default;
+  virtual void forward(std::span<const std::int32_t> chunk, MatrixView<float> logits) = 0;
+  virtual double kv_percent() const = 0;  // of bf16, at the current length
+};
+
+template <class C>
+struct CacheRunner : Runner {
+  std::unique_ptr<C> owned;
+  llama::Bf16Kv<C> kv;
+  llama::LlamaEngine<llama::Bf16Kv<C>> engine;
+  std::function<double(const C&)> percent;
+  CacheRunner(std::string n, std::unique_ptr<C> c, const llama::LlamaWeights& w, int chunk, std::function<double(const C&)> pct)
+      : owned(std::move(c)), kv(*owned), engine(w, kv, chunk), percent(std::move(pct)) {
+    name = std::move(n);
+  }
+  void forward(std::span<const std::int32_t> chunk, MatrixView<float> logits) override {
+    const auto t0 = Clock::now();
+    engine.forward(0, chunk, logits, llama::LogitRows::all);
+    seconds += std::chrono::duration<double>(Clock::now() - t0).count();
+  }
+  double kv_percent() const override { return percent(*owned); }
+};
+
+// A deltakv cache (CpuKvCache) with its own .config()/.length()/... forwarded.
+template <class Pol>
+struct DkvCache {
+  llama::CpuKvCache<FixedStride, LinearEncoder<float>, Pol> c;
+  DkvCache(const Config& cfg, Compressor<float> codec, Pol pol) : c(cfg, std::move(codec), FixedStride(10), std::move(pol)) {}
+  const Config& config() const { return c.cache().config(); }
+  std::int64_t length(int l, int s) const { return c.cache().length(l, s); }
+  void reset(int s) { c.cache().reset(s); }
+  void append(int l, const RaggedBatch<const float>& x) { c.cache().append(l, x); }
+  void attend(int l, const RaggedBatch<const float>& q, MatrixView<float> o) { c.cache().attend(l, q, o); }
+  double percent() const { return 100.0 * c.cache().memory(2).ratio(); }
+};
+
+struct Setup {
+  llama::LlamaHParams hp;
+  std::int64_t context = 0;
+  int chunk = 32;
+  std::vector<Compressor<float>> pca;  // [0]: d_c = kv/4, [1]: kv/8
+  std::vector<int> full_layers;
+  int top_k = 0;
+  double stream_percent = 0;
+};
+
+CompressionConfig deltakv_comp(int dc, int bits) {
+  CompressionConfig c;  // paper defaults: sinks 8, recent 128, stride 10, k 4
+  c.latent_dim = dc;
+  c.latent_bits = bits;
+  return c;
+}
+
+std::unique_ptr<Runner> make_runner(const std::string& name, const Setup& s, const llama::LlamaWeights& w) {
+  const Capacity cap{1, s.context, s.chunk};
+  const int D = 2 * s.hp.k_dim();
+  auto exact_cfg = llama::make_exact_config(s.hp, s.context, s.chunk);
+  auto identity = [&] { return Compressor<float>::identity(s.hp.n_layers, D); };
+  auto pct_exact = [](const auto&) { return 100.0; };
+  if (name == "full") {
+    using C = DkvCache<DensePolicy>;
+    return std::make_unique<CacheRunner<C>>(name, std::make_unique<C>(exact_cfg, identity(), DensePolicy{}), w, s.chunk, pct_exact);
+  }
+  if (name == "q8_0" || name == "q4_0") {
+    const int bits = name == "q8_0" ? 8 : 4;
+    auto c = std::make_unique<llama::BlockQuantKv>(exact_cfg, bits);
+    return std::make_unique<CacheRunner<llama::BlockQuantKv>>(name, std::move(c), w, s.chunk, [](const llama::BlockQuantKv& q) {
+      return 100.0 * q.bytes_per_value() / 2.0;
+    });
+  }
+  if (name == "streaming") {  // sinks + window holding the same bytes as deltakv-4-int4
+    using C = DkvCache<StreamingPolicy>;
+    const int sinks = 8;
+    const int window = std::max(1, int(s.stream_percent / 100.0 * double(s.context)) - sinks);
+    auto c = std::make_unique<C>(exact_cfg, identity(), StreamingPolicy{sinks, window});
+    const std::int64_t ctx = s.context;
+    return std::make_unique<CacheRunner<C>>(fmt::format("streaming (8 + {})", window), std::move(c), w, s.chunk,
+                                            [sinks, window, ctx](const C& c) {
+                                              const double n = double(std::max<std::int64_t>(1, c.length(0, 0)));
+                                              return 100.0 * std::min(n, double(sinks + window)) / n;
+                                              (void)ctx;
+                                            });
+  }
+  const OmniKVPolicy omni{s.full_layers, s.top_k, 8, 128};
+  if (name == "omnikv") {
+    using C = DkvCache<OmniKVPolicy>;
+    return std::make_unique<CacheRunner<C>>(fmt::format("omnikv (top-{})", s.top_k), std::make_unique<C>(exact_cfg, identity(), omni),
+                                            w, s.chunk, pct_exact);
+  }
+  struct V { const char* n; int which; int bits; bool omni; };
+  for (V v : {V{"deltakv-4", 0, 0, false}, V{"deltakv-8", 1, 0, false}, V{"deltakv-4-int4", 0, 4, false},
+              V{"deltakv-8-int4", 1, 4, false}, V{"deltakv-4-int4+omnikv", 0, 4, true}}) {
+    if (name != v.n) continue;
+    const int dc = v.which == 0 ? D / 4 : D / 8;
+    const auto cfg = llama::make_config(s.hp, deltakv_comp(dc, v.bits), cap);
+    if (v.omni) {
+      using C = DkvCache<OmniKVPolicy>;
+      return std::make_unique<CacheRunner<C>>(name, std::make_unique<C>(cfg, s.pca[v.which], omni), w, s.chunk,
+                                              [](const C& c) { return c.percent(); });
+    }
+    using C = DkvCache<DensePolicy>;
+    return std::make_unique<CacheRunner<C>>(name, std::make_unique<C>(cfg, s.pca[v.which], DensePolicy{}), w, s.chunk,
+                                            [](const C& c) { return c.percent(); });
+  }
+  throw ConfigError("unknown configuration '" + name + "'\n" + kUsage);
+}
+
+// Real KV of a text: run the exact engine and record the (bf16-rounded, pre-RoPE) rows per layer.
+std::vector<std::vector<float>> record_kv(const llama::LlamaWeights& w, const std::vector<std::int32_t>& toks, int chunk) {
+  const std::int64_t n = std::int64_t(toks.size());
+  auto exact = llama::make_exact_cache(w.hp, n, chunk);
+  struct Fwd {
+    decltype(exact)& c;
+    const Config& config() const { return c.cache().config(); }
+    std::int64_t length(int l, int s) const { return c.cache().length(l, s); }
+    void reset(int s) { c.cache().reset(s); }
+    void append(int l, const RaggedBatch<const float>& x) { c.cache().append(l, x); }
+    void attend(int l, const RaggedBatch<const float>& q, MatrixView<float> o) { c.cache().attend(l, q, o); }
+  } fwd{exact};
+  llama::Bf16Kv<Fwd> rec(fwd, true);
+  llama::LlamaEngine<llama::Bf16Kv<Fwd>> engine(w, rec, chunk);
+  engine.prefill(0, toks, chunk, nullptr, llama::LogitRows::none);
+  std::vector<std::vector<float>> out(w.hp.n_layers);
+  for (int l = 0; l < w.hp.n_layers; ++l) out[l] = rec.recorded(l);
+  return out;
+}
+
+Compressor<float> calibrate(const std::vector<std::vector<float>>& kv, int D, int dc, std::vector<calibration::PcaReport>* rep) {
+  std::vector<MatrixView<const float>> views;
+  for (const auto& v : kv) views.push_back({v.data(), std::int64_t(v.size() / D), D, D});
+  return calibration::calibrate_pca<float>(views, dc, 8, 10, 4, Metric::l2, {}, rep);
+}
+
+// log-softmax of one row into out (double for stable sums).
+void log_softmax(const float* x, int n, std::vector<double>& out) {
+  double mx = x[0];
+  for (int i = 1; i < n; ++i) mx = std::max(mx, double(x[i]));
+  double z = 0;
+  for (int i = 0; i < n; ++i) z += std::exp(double(x[i]) - mx);
+  const double lz = mx + std::log(z);
+  out.resize(n);
+  for (int i = 0; i < n; ++i) out[i] = double(x[i]) - lz;
+}
+
+int cmd_eval(const Args& a) {
+  const std::string model = a.get("--model", "models/SmolLM2-135M-Instruct.Q4_1.gguf");
+  const std::string text = a.get("--text", "/usr/share/common-licenses/GPL-3");
+  const std::string calib_text = a.get("--calib-text", "/usr/share/common-licenses/Apache-2.0");
+  Setup s;
+  s.chunk = int(a.num("--chunk", 32));
+  const auto t_load = Clock::now();
+  const auto gguf = io::GgufFile::open(model);
+  const auto w = llama::LlamaWeights::load(gguf);
+  const auto tok = load_tokenizer(gguf);
+  s.hp = w.hp;
+  const auto toks = tokens_of(tok, text, a.num("--context", 2048));
+  s.context = std::int64_t(toks.size());
+  if (s.context < 2) throw ConfigError("the text has fewer than 2 tokens");
+  const int D = 2 * s.hp.k_dim();
+  s.full_layers = {0, 1, 2, 8, 18};
+  s.top_k = int(std::max<std::int64_t>(64, s.context / 4));
+  fmt::print("model {}: {} layers, {} q / {} kv heads x {}, kv_dim {}; loaded in {:.1f} s\n", model, s.hp.n_layers,
+             s.hp.n_q_heads, s.hp.n_kv_heads, s.hp.head_dim, D,
+             std::chrono::duration<double>(Clock::now() - t_load).count());
+  fmt::print("eval text {}: {} tokens, chunks of {}; KV rounded to bf16 before every cache\n", text, s.context, s.chunk);
+
+  std::vector<std::string> names = {"full", "q8_0", "q4_0", "streaming", "omnikv", "deltakv-4", "deltakv-8",
+                                    "deltakv-4-int4", "deltakv-8-int4", "deltakv-4-int4+omnikv"};
+  if (a.kv.count("--configs")) {
+    names = {"full"};
+    std::stringstream ss(a.get("--configs"));
+    for (std::string n; std::getline(ss, n, ',');)
+      if (!n.empty() && n != "full") names.push_back(n);
+  }
+  bool need_pca = false;
+  for (auto& n : names) need_pca = need_pca || n.rfind("deltakv", 0) == 0 || n == "streaming";
+  if (need_pca) {
+    const auto t0 = Clock::now();
+    const auto ctoks = tokens_of(tok, calib_text, a.num("--calib-tokens", 2048));
+    const auto kv = record_kv(w, ctoks, s.chunk);
+    std::vector<calibration::PcaReport> r4, r8;
+    s.pca.push_back(calibrate(kv, D, D / 4, &r4));
+    s.pca.push_back(calibrate(kv, D, D / 8, &r8));
+    double e4 = 0, e8 = 0;
+    for (auto& r : r4) e4 += r.explained / r4.size();
+    for (auto& r : r8) e8 += r.explained / r8.size();
+    fmt::print("calibration text {}: {} tokens (a different text); PCA residual energy kept: {:.1f}% at d_c={}, "
+               "{:.1f}% at d_c={}; {:.1f} s\n",
+               calib_text, ctoks.size(), 100 * e4, D / 4, 100 * e8, D / 8, std::chrono::duration<double>(Clock::now() - t0).count());
+    // the StreamingLLM row gets the memory deltakv-4-int4 takes at this context (from positions alone)
+    const auto probe = llama::make_config(s.hp, deltakv_comp(D / 4, 4), Capacity{1, s.context, s.chunk});
+    DkvCache<DensePolicy> sizing(probe, s.pca[0], DensePolicy{});
+    s.stream_percent = 100.0 * price(sizing.c.cache().projected_counts(s.context), sizing.c.cache().byte_model(2)).ratio();
+  }
+  std::vector<std::unique_ptr<Runner>> runners;
+  for (auto& n : names) runners.push_back(make_runner(n, s, w));
+
+  const int V = s.hp.vocab;
+  const std::size_t R = runners.size();
+  std::vector<std::vector<float>> logits(R, std::vector<float>(std::size_t(s.chunk) * V));
+  std::vector<double> nll(R, 0), kl(R, 0), agree(R, 0);
+  std::int64_t counted = 0;
+  std::vector<double> lp_full, lp;
+  const unsigned threads = unsigned(std::max<long long>(1, a.num("--threads", std::max(1u, std::thread::hardware_concurrency()))));
+  const auto t_run = Clock::now();
+  for (std::int64_t i = 0; i < s.context; i += s.chunk) {
+    const auto c = std::min<std::int64_t>(s.chunk, s.context - i);
+    const auto part = std::span(toks).subspan(std::size_t(i), std::size_t(c));
+    // configurations are independent (own engine, cache, device; shared read-only weights)
+    std::vector<std::thread> pool;
+    for (unsigned t = 0; t < threads; ++t)
+      pool.emplace_back([&, t] {
+        for (std::size_t r = t; r < R; r += threads) runners[r]->forward(part, {logits[r].data(), c, V, V});
+      });
+    for (auto& th : pool) th.join();
+    for (std::int64_t j = 0; j < c; ++j) {
+      const std::int64_t p = i + j;  // logits of position p predict token p + 1
+      if (p + 1 >= s.context) break;
+      const std::int32_t next = toks[std::size_t(p + 1)];
+      log_softmax(logits[0].data() + j * V, V, lp_full);
+      const auto top_full = llama::argmax(std::span<const float>(logits[0].data() + j * V, std::size_t(V)));
+      for (std::size_t r = 0; r < R; ++r) {
+        const float* row = logits[r].data() + j * V;
+        log_softmax(row, V, lp);
+        nll[r] -= lp[std::size_t(next)];
+        double d = 0;
+        for (int v = 0; v < V; ++v) d += std::exp(lp_full[v]) * (lp_full[v] - lp[v]);
+        kl[r] += d;
+        agree[r] += llama::argmax(std::span<const float>(row, std::size_t(V))) == top_full;
+      }
+      ++counted;
+    }
+    const double el = std::chrono::duration<double>(Clock::now() - t_run).count();
+    fmt::print(stderr, "\r  {} / {} tokens, {} configurations, {:.0f} s", i + c, s.context, R, el);
+  }
+  fmt::print(stderr, "\n");
+  const double ppl_full = std::exp(nll[0] / double(counted));
+  fmt::print("\n{:<24} {:>10} {:>10} {:>9} {:>11} {:>8} {:>8}\n", "configuration", "KV % bf16", "perplexity", "Δppl %",
+             "KL vs full", "top-1 %", "time s");
+  for (std::size_t r = 0; r < R; ++r) {
+    const double ppl = std::exp(nll[r] / double(counted));
+    fmt::print("{:<24} {:>9.1f}% {:>10.3f} {:>+8.2f}% {:>11.5f} {:>7.1f}% {:>8.1f}\n", runners[r]->name,
+               runners[r]->kv_percent(), ppl, 100.0 * (ppl / ppl_full - 1.0), kl[r] / double(counted),
+               100.0 * agree[r] / double(counted), runners[r]->seconds);
+  }
+  fmt::print("\n{} predicted tokens. KV % of bf16 counts everything a configuration stores at {} tokens (deltakv: sinks,\n"
+             "window, references, latents, reference ids, quantization scales); q8_0/q4_0: 34/18 bytes per 32 values;\n"
+             "streaming: what an evicting StreamingLLM keeps. OmniKV: full layers 0,1,2,8,18, top-K chosen per chunk of {}.\n",
+             counted, s.context, s.chunk);
+  return 0;
+}
+
+int cmd_calibrate(const Args& a) {
+  const auto gguf = io::GgufFile::open(a.get("--model", "models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+  const auto w = llama::LlamaWeights::load(gguf);
+  const auto tok = load_tokenizer(gguf);
+  const std::string out = a.get("--out");
+  if (out.empty()) throw ConfigError(std::string("calibrate needs --out\n") + kUsage);
+  const auto toks = tokens_of(tok, a.get("--text", "/usr/share/common-licenses/Apache-2.0"), a.num("--tokens", 2048));
+  const int D = 2 * w.hp.k_dim();
+  const int dc = int(a.num("--latent-dim", D / 4));
+  std::vector<calibration::PcaReport> rep;
+  const auto codec = calibrate(record_kv(w, toks, 32), D, dc, &rep);
+  io::save_compressor(out, codec);
+  for (std::size_t l = 0; l < rep.size(); ++l)
+    fmt::print("layer {:>2}: residual energy kept {:.1f}% ({} residual rows)\n", l, 100 * rep[l].explained, rep[l].rows);
+  fmt::print("wrote {} (linear PCA codec, kv_dim {} -> d_c {}, {} layers, {} calibration tokens)\n", out, D, dc,
+             rep.size(), toks.size());
+  return 0;
+}
+
+int cmd_inspect(const Args& a) {
+  const std::int64_t n = a.num("--context", 32768);
+  if (a.kv.count("--checkpoint")) {
+    const auto c = io::load_compressor<float>(a.get("--checkpoint"));
+    int present = 0;
+    for (auto& l : c.layers) present += l.present();
+    fmt::print("checkpoint {}: {} codec, kv_dim {} -> d_c {}{}, {} layers ({} with a codec)\n", a.get("--checkpoint"),
+               c.kind == CodecKind::linear ? "linear" : "SwiGLU", c.kv_dim, c.latent_dim,
+               c.kind == CodecKind::swiglu ? fmt::format(" (hidden {})", c.hidden) : "", c.layers.size(), present);
+    return 0;
+  }
+  const auto gguf = io::GgufFile::open(a.get("--model", "models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+  const auto hp = llama::read_hparams(gguf);
+  const int D = 2 * hp.k_dim();
+  fmt::print("model: {} layers, {} q heads, {} kv heads x {}; kv_dim {} (K|V per token per layer)\n", hp.n_layers,
+             hp.n_q_heads, hp.n_kv_heads, hp.head_dim, D);
+  const double dense = double(n) * D * 2 * hp.n_layers;
+  fmt::print("bf16 KV at {} tokens: {:.1f} MiB\n\n{:<26} {:>10} {:>12}\n", n, dense / 1048576.0, "configuration",
+             "% of bf16", "MiB");
+  auto row = [&](const std::string& name, double pct) { fmt::print("{:<26} {:>9.1f}% {:>12.1f}\n", name, pct, pct / 100 * dense / 1048576.0); };
+  row("q8_0", 100.0 * 34 / 64);
+  row("q4_0", 100.0 * 18 / 64);
+  for (int div : {4, 8})
+    for (int bits : {0, 8, 4}) {
+      const int dc = D / div;
+      const double kr = kr_formula(n, 8, 128, 10, D, dc, bits, 2);
+      ByteModel m{D, hp.k_dim(), 2, dc, bits, 4, 4, 8, 0};
+      // ids and scales for the compressed tokens on top of the paper's KR
+      const double lat = double(n - 8 - 128) * 0.9;
+      const double extra = lat * (4.0 * 4 + (bits ? 8.0 : 0.0)) / (double(n) * D * 2);
+      (void)m;
+      row(fmt::format("deltakv d_c={} {}", dc, bits ? fmt::format("int{}", bits) : "bf16"), 100.0 * (kr + extra));
+    }
+  return 0;
+}
+
+int cmd_analyze(const Args& a) {
+  const auto gguf = io::GgufFile::open(a.get("--model", "models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+  const auto w = llama::LlamaWeights::load(gguf);
+  const auto tok = load_tokenizer(gguf);
+  const auto toks = tokens_of(tok, a.get("--text", "/usr/share/common-licenses/GPL-3"), a.num("--tokens", 1024));
+  const int D = 2 * w.hp.k_dim();
+  const auto kv = record_kv(w, toks, 32);
+  const std::int64_t n = std::int64_t(toks.size());
+  fmt::print("{} tokens of real KV (pre-RoPE K|V, kv_dim {}).\nfar: share of tokens whose most similar earlier token "
+             "(L2) lies > 16 positions back (paper Fig. 2);\nenergy in the top d_c={} / {} singular directions: raw "
+             "KV, residual to the best reference (stride 10), residual to a random earlier reference\n\n",
+             n, D, D / 8, D / 4);
+  fmt::print("{:>5} {:>7} | {:>9} {:>9} | {:>9} {:>9} | {:>9} {:>9}\n", "layer", "far %", "raw /8", "raw /4", "best /8",
+             "best /4", "rand /8", "rand /4");
+  std::mt19937 rng(1);
+  for (int l = 0; l < w.hp.n_layers; ++l) {
+    const float* x = kv[l].data();
+    auto dist = [&](std::int64_t i, std::int64_t j) {
+      double d = 0;
+      for (int e = 0; e < D; ++e) d += double(x[i * D + e] - x[j * D + e]) * double(x[i * D + e] - x[j * D + e]);
+      return d;
+    };
+    std::int64_t far = 0, cnt = 0;
+    for (std::int64_t i = 1; i < n; ++i) {
+      std::int64_t best = 0;
+      double bd = 1e300;
+      for (std::int64_t j = 0; j < i; ++j) {
+        const double d = dist(i, j);
+        if (d < bd) bd = d, best = j;
+      }
+      far += (i - best) > 16;
+      ++cnt;
+    }
+    // residuals: best of the strided references before i, and a random one
+    Eigen::MatrixXd raw(n, D), rb(n, D), rr(n, D);
+    std::int64_t m = 0;
+    for (std::int64_t i = 8; i < n; ++i) {
+      if ((i - 8) % 10 == 0) continue;
+      std::int64_t best = 8;
+      double bd = 1e300;
+      for (std::int64_t r = 8; r < i; r += 10) {
+        const double d = dist(i, r);
+        if (d < bd) bd = d, best = r;
+      }
+      const std::int64_t nref = (i - 8 + 9) / 10;
+      const std::int64_t rnd = 8 + 10 * std::int64_t(rng() % std::uint64_t(nref));
+      for (int e = 0; e < D; ++e) {
+        raw(m, e) = x[i * D + e];
+        rb(m, e) = x[i * D + e] - x[best * D + e];
+        rr(m, e) = x[i * D + e] - x[rnd * D + e];
+      }
+      ++m;
+    }
+    auto energy = [&](const Eigen::MatrixXd& M, int k) {
+      Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> es(M.topRows(m).transpose() * M.topRows(m));
+      const auto ev = es.eigenvalues();  // ascending
+      double top = 0, all = 0;
+      for (int i = 0; i < D; ++i) {
+        all += ev(i);
+        if (i >= D - k) top += ev(i);
+      }
+      return 100.0 * top / all;
+    };
+    fmt::print("{:>5} {:>6.1f}% | {:>8.1f}% {:>8.1f}% | {:>8.1f}% {:>8.1f}% | {:>8.1f}% {:>8.1f}%\n", l, 100.0 * far / cnt,
+               energy(raw, D / 8), energy(raw, D / 4), energy(rb, D / 8), energy(rb, D / 4), energy(rr, D / 8),
+               energy(rr, D / 4));
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    fmt::print(stderr, "{}", kUsage);
+    return 2;
+  }
+  Args a;
+  a.cmd = argv[1];
+  for (int i = 2; i < argc; ++i) {
+    std::string k = argv[i];
+    if (k.rfind("--", 0) != 0 || i + 1 >= argc) {
+      fmt::print(stderr, "bad argument '{}'\n{}", k, kUsage);
+      return 2;
+    }
+    a.kv[k] = argv[++i];
+  }
+  try {
+    if (a.cmd == "eval") return cmd_eval(a);
+    if (a.cmd == "calibrate") return cmd_calibrate(a);
+    if (a.cmd == "inspect") return cmd_inspect(a);
+    if (a.cmd == "analyze") return cmd_analyze(a);
+    fmt::print(stderr, "unknown command '{}'\n{}", a.cmd, kUsage);
+    return 2;
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "deltakv {}: {}\n", a.cmd, e.what());
+    return 1;
+  }
+}
