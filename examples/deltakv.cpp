@@ -56,12 +56,15 @@ struct Args {
 const char* kUsage =
     "usage:\n"
     "  deltakv eval      --model M --text FILE [--context N] [--chunk C] [--configs a,b,...]\n"
-    "                    [--calib-text FILE] [--calib-tokens N] [--threads T]\n"
+    "                    [--calib-text FILE] [--calib-tokens N] [--threads T] [--k N]\n"
+    "                    [--codec-weights mse|attention]\n"
     "  deltakv calibrate --model M --text FILE --out CKPT [--latent-dim D] [--tokens N]\n"
     "  deltakv inspect   (--model M | --checkpoint CKPT) [--context N]\n"
     "  deltakv analyze   --model M --text FILE [--tokens N]\n"
     "configs: full, q8_0, q4_0, streaming, omnikv, deltakv-4, deltakv-8, deltakv-4-int4, deltakv-8-int4,\n"
-    "         deltakv-4-int4+omnikv (default: all)\n";
+    "         deltakv-4-int4+omnikv (default: all). deltakv-*: PCA codec calibrated on --calib-text;\n"
+    "         --codec-weights attention weights each K|V dimension by its first-order effect on the\n"
+    "         attention output (default mse: plain PCA); --k N neighbours per token (default 4)\n";
 
 std::string read_file(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
@@ -133,6 +136,7 @@ struct Setup {
   std::vector<int> full_layers;
   int top_k = 0;
   double stream_percent = 0;
+  int k = 4;  // references averaged per token
 };
 
 CompressionConfig deltakv_comp(int dc, int bits) {
@@ -182,8 +186,10 @@ std::unique_ptr<Runner> make_runner(const std::string& name, const Setup& s, con
   for (V v : {V{"deltakv-4", 0, 0, false}, V{"deltakv-8", 1, 0, false}, V{"deltakv-4-int4", 0, 4, false},
               V{"deltakv-8-int4", 1, 4, false}, V{"deltakv-4-int4+omnikv", 0, 4, true}}) {
     if (name != v.n) continue;
-    const int dc = v.which == 0 ? D / 4 : D / 8;
-    const auto cfg = llama::make_config(s.hp, deltakv_comp(dc, v.bits), cap);
+    const int dc = v.which == 1 ? D / 8 : D / 4;
+    auto comp = deltakv_comp(dc, v.bits);
+    comp.k_neighbors = s.k;
+    const auto cfg = llama::make_config(s.hp, comp, cap);
     if (v.omni) {
       using C = DkvCache<OmniKVPolicy>;
       return std::make_unique<CacheRunner<C>>(name, std::make_unique<C>(cfg, s.pca[v.which], omni), w, s.chunk,
@@ -196,8 +202,62 @@ std::unique_ptr<Runner> make_runner(const std::string& name, const Setup& s, con
   throw ConfigError("unknown configuration '" + name + "'\n" + kUsage);
 }
 
+// Per-dimension weights for a layer's codec: how much an error in each K|V dimension moves the
+// attention output after W_o, to first order. An error δv in V dim j of kv head g moves the output
+// of every q head h in g by W_o[:, h·d + j]·δv (attention weights sum to 1): weight sum_h |W_o col|².
+// An error δk in K moves the logit by q·δk/√d, which moves the output by δs·W_o(v - o): weight
+// E[q_pair²]/d (per RoPE pair: rotation keeps its energy) times E|W_o(v - v̄)|² of that group.
+std::vector<double> attention_weights(const llama::LlamaWeights& w, int layer, const std::vector<float>& kv,
+                                      const std::vector<double>& q_energy) {
+  const auto& hp = w.hp;
+  const int d = hp.head_dim, G = hp.n_kv_heads, grp = hp.n_q_heads / G, kd = hp.k_dim(), D = 2 * kd, qd = hp.q_dim();
+  const auto& wo = w.layers[layer].wo;  // [hidden, q_dim]
+  const std::int64_t n = std::int64_t(kv.size() / D);
+  std::vector<double> wt(D, 0.0);
+  for (int g = 0; g < G; ++g) {
+    // Gram of W_o's columns for the group's heads: G_h = W_h^T W_h, summed over the group
+    Eigen::MatrixXd gram = Eigen::MatrixXd::Zero(d, d);
+    for (int h = g * grp; h < (g + 1) * grp; ++h) {
+      Eigen::MatrixXd Wh(hp.hidden, d);
+      for (int r = 0; r < hp.hidden; ++r)
+        for (int j = 0; j < d; ++j) Wh(r, j) = wo[std::size_t(r) * qd + h * d + j];
+      gram += Wh.transpose() * Wh;
+    }
+    // V covariance of the group
+    Eigen::VectorXd mean = Eigen::VectorXd::Zero(d);
+    for (std::int64_t t = 0; t < n; ++t)
+      for (int j = 0; j < d; ++j) mean(j) += kv[std::size_t(t) * D + kd + g * d + j];
+    mean /= double(std::max<std::int64_t>(1, n));
+    Eigen::MatrixXd cov = Eigen::MatrixXd::Zero(d, d);
+    Eigen::VectorXd u(d);
+    for (std::int64_t t = 0; t < n; ++t) {
+      for (int j = 0; j < d; ++j) u(j) = kv[std::size_t(t) * D + kd + g * d + j] - mean(j);
+      cov.noalias() += u * u.transpose();
+    }
+    cov /= double(std::max<std::int64_t>(1, n));
+    const double v_spread = (gram * cov).trace() / grp;  // per q head
+    for (int j = 0; j < d; ++j) {
+      double qe = 0;  // pair energy of the group's queries at this dimension's RoPE pair (interleaved)
+      const int a = j & ~1;
+      for (int h = g * grp; h < (g + 1) * grp; ++h) qe += (q_energy[h * d + a] + q_energy[h * d + a + 1]) / 2;
+      wt[g * d + j] = std::max(1e-12, qe / d * v_spread);
+      wt[kd + g * d + j] = std::max(1e-12, gram(j, j));
+    }
+  }
+  return wt;
+}
+
+struct RecordedKv {
+  std::vector<std::vector<float>> kv;        // [layer] rows [tokens, kv_dim]
+  std::vector<std::vector<double>> weights;  // [layer] attention_weights
+};
+
 // Real KV of a text: run the exact engine and record the (bf16-rounded, pre-RoPE) rows per layer.
+RecordedKv record_kv_and_weights(const llama::LlamaWeights& w, const std::vector<std::int32_t>& toks, int chunk);
 std::vector<std::vector<float>> record_kv(const llama::LlamaWeights& w, const std::vector<std::int32_t>& toks, int chunk) {
+  return record_kv_and_weights(w, toks, chunk).kv;
+}
+RecordedKv record_kv_and_weights(const llama::LlamaWeights& w, const std::vector<std::int32_t>& toks, int chunk) {
   const std::int64_t n = std::int64_t(toks.size());
   auto exact = llama::make_exact_cache(w.hp, n, chunk);
   struct Fwd {
@@ -211,15 +271,21 @@ std::vector<std::vector<float>> record_kv(const llama::LlamaWeights& w, const st
   llama::Bf16Kv<Fwd> rec(fwd, true);
   llama::LlamaEngine<llama::Bf16Kv<Fwd>> engine(w, rec, chunk);
   engine.prefill(0, toks, chunk, nullptr, llama::LogitRows::none);
-  std::vector<std::vector<float>> out(w.hp.n_layers);
-  for (int l = 0; l < w.hp.n_layers; ++l) out[l] = rec.recorded(l);
+  RecordedKv out;
+  out.kv.resize(w.hp.n_layers);
+  for (int l = 0; l < w.hp.n_layers; ++l) {
+    out.kv[l] = rec.recorded(l);
+    out.weights.push_back(attention_weights(w, l, out.kv[l], rec.query_energy(l)));
+  }
   return out;
 }
 
-Compressor<float> calibrate(const std::vector<std::vector<float>>& kv, int D, int dc, std::vector<calibration::PcaReport>* rep) {
+// weights: nullptr for plain PCA (MSE of K|V), or attention_weights per layer.
+Compressor<float> calibrate(const std::vector<std::vector<float>>& kv, int D, int dc, std::vector<calibration::PcaReport>* rep,
+                            const std::vector<std::vector<double>>* weights = nullptr, int k = 4) {
   std::vector<MatrixView<const float>> views;
   for (const auto& v : kv) views.push_back({v.data(), std::int64_t(v.size() / D), D, D});
-  return calibration::calibrate_pca<float>(views, dc, 8, 10, 4, Metric::l2, {}, rep);
+  return calibration::calibrate_pca<float>(views, dc, 8, 10, k, Metric::l2, {}, rep, weights);
 }
 
 // log-softmax of one row into out (double for stable sums).
@@ -239,6 +305,7 @@ int cmd_eval(const Args& a) {
   const std::string calib_text = a.get("--calib-text", "/usr/share/common-licenses/Apache-2.0");
   Setup s;
   s.chunk = int(a.num("--chunk", 32));
+  s.k = int(a.num("--k", 4));
   const auto t_load = Clock::now();
   const auto gguf = io::GgufFile::open(model);
   const auto w = llama::LlamaWeights::load(gguf);
@@ -268,18 +335,40 @@ int cmd_eval(const Args& a) {
   if (need_pca) {
     const auto t0 = Clock::now();
     const auto ctoks = tokens_of(tok, calib_text, a.num("--calib-tokens", 2048));
-    const auto kv = record_kv(w, ctoks, s.chunk);
-    std::vector<calibration::PcaReport> r4, r8;
-    s.pca.push_back(calibrate(kv, D, D / 4, &r4));
-    s.pca.push_back(calibrate(kv, D, D / 8, &r8));
-    double e4 = 0, e8 = 0;
-    for (auto& r : r4) e4 += r.explained / r4.size();
-    for (auto& r : r8) e8 += r.explained / r8.size();
-    fmt::print("calibration text {}: {} tokens (a different text); PCA residual energy kept: {:.1f}% at d_c={}, "
-               "{:.1f}% at d_c={}; {:.1f} s\n",
-               calib_text, ctoks.size(), 100 * e4, D / 4, 100 * e8, D / 8, std::chrono::duration<double>(Clock::now() - t0).count());
+    const auto rec = record_kv_and_weights(w, ctoks, s.chunk);
+    fmt::print(stderr, "calibration KV recorded in {:.1f} s\n", std::chrono::duration<double>(Clock::now() - t0).count());
+    const bool weighted = a.get("--codec-weights", "mse") == "attention";
+    // residuals once per layer, then one fit per latent size
+    std::vector<calibration::PcaReport> r4(s.hp.n_layers), r8(s.hp.n_layers);
+    for (int div : {4, 8}) {
+      Compressor<float> c;
+      c.kv_dim = D;
+      c.latent_dim = D / div;
+      c.layers.resize(s.hp.n_layers);
+      s.pca.push_back(std::move(c));
+    }
+    for (int l = 0; l < s.hp.n_layers; ++l) {
+      const auto& kv = rec.kv[l];
+      const auto r = calibration::residuals_to_references<float>({kv.data(), std::int64_t(kv.size() / D), D, D}, 8, 10,
+                                                                 s.k, Metric::l2);
+      const MatrixView<const float> rv{r.data(), std::int64_t(r.size() / D), D, D};
+      const std::span<const double> wts = weighted ? std::span<const double>(rec.weights[l]) : std::span<const double>{};
+      s.pca[0].layers[l] = calibration::fit_pca_codec<float>(rv, D / 4, &r4[l], wts);
+      s.pca[1].layers[l] = calibration::fit_pca_codec<float>(rv, D / 8, &r8[l], wts);
+    }
+    auto mean_kept = [](const std::vector<calibration::PcaReport>& r) {
+      double e = 0;
+      for (auto& x : r) e += x.explained / double(r.size());
+      return 100 * e;
+    };
+    fmt::print("calibration text {}: {} tokens (a different text), {:.1f} s; PCA ({}) keeps {:.1f}% of the residual "
+               "energy at d_c={}, {:.1f}% at d_c={}\n",
+               calib_text, ctoks.size(), std::chrono::duration<double>(Clock::now() - t0).count(),
+               weighted ? "attention-weighted" : "plain MSE", mean_kept(r4), D / 4, mean_kept(r8), D / 8);
     // the StreamingLLM row gets the memory deltakv-4-int4 takes at this context (from positions alone)
-    const auto probe = llama::make_config(s.hp, deltakv_comp(D / 4, 4), Capacity{1, s.context, s.chunk});
+    auto probe_comp = deltakv_comp(D / 4, 4);
+    probe_comp.k_neighbors = s.k;
+    const auto probe = llama::make_config(s.hp, probe_comp, Capacity{1, s.context, s.chunk});
     DkvCache<DensePolicy> sizing(probe, s.pca[0], DensePolicy{});
     s.stream_percent = 100.0 * price(sizing.c.cache().projected_counts(s.context), sizing.c.cache().byte_model(2)).ratio();
   }

@@ -386,3 +386,37 @@ TEST_CASE("calibrate_pca: exact layers and errors") {
                                         Metric::l2),
                   ShapeError);
 }
+
+TEST_CASE("weighted PCA minimises the weighted error and stays exact at full rank") {
+  const int D = 12, n = 600;
+  std::mt19937 rng(5);
+  std::normal_distribution<double> nd;
+  std::vector<double> r(std::size_t(n) * D), w(D);
+  for (int j = 0; j < D; ++j) w[j] = j < 6 ? 0.05 : 20.0;  // the second half matters far more
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < D; ++j) r[std::size_t(i) * D + j] = nd(rng) * (j < 6 ? 3.0 : 1.0);  // but has less energy
+  const deltakv::MatrixView<const double> view{r.data(), n, D, D};
+  auto werr = [&](const deltakv::LayerCodec<double>& c, int dc) {
+    double e = 0;
+    for (int i = 0; i < n; ++i) {
+      std::vector<double> z(dc, 0.0);
+      for (int a = 0; a < dc; ++a)
+        for (int j = 0; j < D; ++j) z[a] += c.down.w[std::size_t(a) * D + j] * r[std::size_t(i) * D + j];
+      for (int j = 0; j < D; ++j) {
+        double y = 0;
+        for (int a = 0; a < dc; ++a) y += c.up.w[std::size_t(j) * dc + a] * z[a];
+        e += w[j] * (y - r[std::size_t(i) * D + j]) * (y - r[std::size_t(i) * D + j]);
+      }
+    }
+    return e / n;
+  };
+  const auto plain = deltakv::calibration::fit_pca_codec<double>(view, 6);
+  const auto weighted = deltakv::calibration::fit_pca_codec<double>(view, 6, nullptr, w);
+  CHECK(werr(weighted, 6) < 0.2 * werr(plain, 6));  // plain PCA spends its 6 directions on the loud half
+  CHECK(werr(deltakv::calibration::fit_pca_codec<double>(view, D, nullptr, w), D) < 1e-20 * n);
+  std::vector<double> bad(w);
+  bad[3] = 0.0;
+  CHECK_THROWS_AS(deltakv::calibration::fit_pca_codec<double>(view, 6, nullptr, bad), deltakv::NonFiniteError);
+  CHECK_THROWS_AS(deltakv::calibration::fit_pca_codec<double>(view, 6, nullptr, std::span<const double>(w).first(5)),
+                  deltakv::ShapeError);
+}

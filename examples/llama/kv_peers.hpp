@@ -209,7 +209,11 @@ class Bf16Kv {
   explicit Bf16Kv(C& inner, bool record = false) : c_(inner), record_(record) {
     const auto& cfg = c_.config();
     buf_.resize(std::size_t(cfg.cap.max_query_rows) * cfg.model.kv_dim());
-    if (record_) rec_.resize(cfg.model.n_layers);
+    if (record_) {
+      rec_.resize(cfg.model.n_layers);
+      q_sq_.assign(cfg.model.n_layers, std::vector<double>(std::size_t(cfg.model.n_q_heads) * cfg.model.head_dim, 0.0));
+      q_rows_.assign(cfg.model.n_layers, 0);
+    }
   }
   const deltakv::Config& config() const { return c_.config(); }
   std::int64_t length(int layer, int seq) const { return c_.length(layer, seq); }
@@ -222,15 +226,31 @@ class Bf16Kv {
     if (record_) rec_[layer].insert(rec_[layer].end(), buf_.begin(), buf_.begin() + x.rows.rows * D);
     c_.append(layer, deltakv::RaggedBatch<const float>{{buf_.data(), x.rows.rows, D, D}, x.seq_ids, x.indptr, x.positions});
   }
-  void attend(int layer, const deltakv::RaggedBatch<const float>& q, deltakv::MatrixView<float> out) { c_.attend(layer, q, out); }
+  void attend(int layer, const deltakv::RaggedBatch<const float>& q, deltakv::MatrixView<float> out) {
+    if (record_) {
+      auto& acc = q_sq_[layer];
+      for (std::int64_t r = 0; r < q.rows.rows; ++r)
+        for (std::size_t j = 0; j < acc.size(); ++j) acc[j] += double(q.rows(r, std::int64_t(j))) * q.rows(r, std::int64_t(j));
+      q_rows_[layer] += q.rows.rows;
+    }
+    c_.attend(layer, q, out);
+  }
   // Recorded pre-RoPE K|V rows of one layer, [tokens, kv_dim].
   const std::vector<float>& recorded(int layer) const { return rec_.at(layer); }
+  // Mean squared query value per dimension (post-RoPE: a rotation keeps each pair's energy).
+  std::vector<double> query_energy(int layer) const {
+    auto e = q_sq_.at(layer);
+    for (auto& v : e) v /= double(std::max<std::int64_t>(1, q_rows_[layer]));
+    return e;
+  }
 
  private:
   C& c_;
   bool record_;
   std::vector<float> buf_;
   std::vector<std::vector<float>> rec_;
+  std::vector<std::vector<double>> q_sq_;
+  std::vector<std::int64_t> q_rows_;
 };
 
 }  // namespace llama

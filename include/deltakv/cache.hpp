@@ -164,6 +164,9 @@ class CompressedCache {
                             " tokens, capacity is " + std::to_string(cfg_.cap.max_tokens));
       items_[b] = AppendPlan::Item{seq, r0, r1 - r0, s.n};
     }
+    // The items live in one cache-owned array: a newer plan overwrites them, so it makes older
+    // plans stale (a plan is run once, right after it is made).
+    ++generation_;
     return AppendPlan{layer, B, items_.data(), generation_};
   }
 

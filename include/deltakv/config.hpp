@@ -62,6 +62,9 @@ inline void validate(const Config& c) {
   if (m.n_layers <= 0 || m.n_q_heads <= 0 || m.n_kv_heads <= 0 || m.head_dim <= 0)
     bad("model shape needs positive n_layers, n_q_heads, n_kv_heads, head_dim");
   if (m.n_q_heads % m.n_kv_heads != 0) bad("n_q_heads must be a multiple of n_kv_heads (GQA)");
+  constexpr std::int64_t kIntMax = 2147483647;
+  if (2 * std::int64_t(m.n_kv_heads) * m.head_dim > kIntMax || std::int64_t(m.n_q_heads) * m.head_dim > kIntMax)
+    bad("model shape too large: kv_dim and n_q_heads * head_dim must fit in int");
   if (c.comp.sinks < 0 || c.comp.recent < 0) bad("sinks and recent must be >= 0");
   if (c.comp.k_neighbors <= 0) bad("k_neighbors must be >= 1");
   if (c.latent_dim() <= 0) bad("latent_dim must be >= 1");

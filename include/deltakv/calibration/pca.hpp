@@ -57,8 +57,12 @@ void check_rows(MatrixView<const T> x, const char* what) {
 // residuals: [n, kv_dim] rows r = x - ref. Returns a linear codec (down = U^T [d_c, kv_dim],
 // up = U [kv_dim, d_c], no biases). Eigenvector signs are fixed (largest-magnitude entry > 0) so
 // the result is deterministic. `report` (optional) receives the captured energy share.
+// weights (optional, kv_dim values > 0): minimise sum_j w_j (r_j - r̂_j)^2 instead of the plain
+// squared error, e.g. weights from how much an error in each dimension moves attention outputs:
+// PCA of r ⊙ sqrt(w), then W_c = U^T diag(sqrt w), W_d = diag(1/sqrt w) U.
 template <class T>
-LayerCodec<T> fit_pca_codec(MatrixView<const T> residuals, int latent_dim, PcaReport* report = nullptr) {
+LayerCodec<T> fit_pca_codec(MatrixView<const T> residuals, int latent_dim, PcaReport* report = nullptr,
+                            std::span<const double> weights = {}) {
   detail_pca::check_rows(residuals, "fit_pca_codec residuals");
   const std::int64_t n = residuals.rows;
   const int D = static_cast<int>(residuals.cols);
@@ -67,6 +71,14 @@ LayerCodec<T> fit_pca_codec(MatrixView<const T> residuals, int latent_dim, PcaRe
     throw ShapeError("fit_pca_codec: latent_dim must be in [1, kv_dim = " + std::to_string(D) + "], got " +
                      std::to_string(latent_dim));
 
+  if (!weights.empty() && static_cast<int>(weights.size()) != D)
+    throw ShapeError("fit_pca_codec: " + std::to_string(weights.size()) + " weights for kv_dim " + std::to_string(D));
+  std::vector<double> sw(static_cast<std::size_t>(D), 1.0);
+  for (std::size_t j = 0; j < weights.size(); ++j) {
+    if (!(weights[j] > 0) || !std::isfinite(weights[j]))
+      throw NonFiniteError("fit_pca_codec: weight " + std::to_string(j) + " must be finite and > 0");
+    sw[j] = std::sqrt(weights[j]);
+  }
   // M = (1/n) sum_i r_i r_i^T, accumulated in double, a chunk of rows per GEMM.
   Eigen::MatrixXd M = Eigen::MatrixXd::Zero(D, D);
   constexpr std::int64_t kChunk = 1024;
@@ -75,7 +87,7 @@ LayerCodec<T> fit_pca_codec(MatrixView<const T> residuals, int latent_dim, PcaRe
     const std::int64_t m = std::min(kChunk, n - r0);
     X.resize(m, D);
     for (std::int64_t i = 0; i < m; ++i)
-      for (int j = 0; j < D; ++j) X(i, j) = static_cast<double>(residuals(r0 + i, j));
+      for (int j = 0; j < D; ++j) X(i, j) = static_cast<double>(residuals(r0 + i, j)) * sw[std::size_t(j)];
     M.noalias() += X.transpose() * X;
   }
   M /= static_cast<double>(n);
@@ -100,8 +112,8 @@ LayerCodec<T> fit_pca_codec(MatrixView<const T> residuals, int latent_dim, PcaRe
     u.cwiseAbs().maxCoeff(&arg);
     if (u(arg) < 0) u = -u;
     for (int j = 0; j < D; ++j) {
-      c.down.w[std::size_t(i) * D + j] = static_cast<T>(u(j));          // W_c = U^T
-      c.up.w[std::size_t(j) * latent_dim + i] = static_cast<T>(u(j));   // W_d = U
+      c.down.w[std::size_t(i) * D + j] = static_cast<T>(u(j) * sw[std::size_t(j)]);          // W_c = U^T diag(sqrt w)
+      c.up.w[std::size_t(j) * latent_dim + i] = static_cast<T>(u(j) / sw[std::size_t(j)]);   // W_d = diag(1/sqrt w) U
     }
   }
   if (report) {
@@ -183,8 +195,12 @@ std::vector<T> residuals_to_references(MatrixView<const T> x, int sinks, int str
 template <class T>
 Compressor<T> calibrate_pca(std::span<const MatrixView<const T>> per_layer_kv, int latent_dim, int sinks, int stride,
                             int k, Metric metric, std::span<const bool> exact_layers = {},
-                            std::vector<PcaReport>* reports = nullptr) {
+                            std::vector<PcaReport>* reports = nullptr,
+                            const std::vector<std::vector<double>>* weights = nullptr) {
   const std::size_t L = per_layer_kv.size();
+  if (weights && weights->size() != L)
+    throw ShapeError("calibrate_pca: " + std::to_string(weights->size()) + " weight vectors for " + std::to_string(L) +
+                     " layers");
   if (L == 0) throw ShapeError("calibrate_pca: no layers given");
   if (!exact_layers.empty() && exact_layers.size() != L)
     throw ShapeError("calibrate_pca: exact_layers has " + std::to_string(exact_layers.size()) + " flags for " +
@@ -215,7 +231,8 @@ Compressor<T> calibrate_pca(std::span<const MatrixView<const T>> per_layer_kv, i
       throw ShapeError("calibrate_pca: layer " + std::to_string(l) + " has " + std::to_string(per_layer_kv[l].rows) +
                        " tokens, which leaves no non-sink non-reference token to fit on");
     comp.layers[l] = fit_pca_codec<T>(MatrixView<const T>{r.data(), rows, D, D}, latent_dim,
-                                      reports ? &(*reports)[l] : nullptr);
+                                      reports ? &(*reports)[l] : nullptr,
+                                      weights ? std::span<const double>((*weights)[l]) : std::span<const double>{});
   }
   return comp;
 }

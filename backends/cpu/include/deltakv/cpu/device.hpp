@@ -12,6 +12,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "deltakv/device.hpp"
@@ -173,46 +174,66 @@ class CpuDevice {
     }
   }
 
+  // Per kv head: scores of all its query rows against the tile in one GEMM, the online-softmax
+  // update row by row, then probabilities x V in a second GEMM.
   void attn_tile(const AttnTileParams<T>& p) {
-    const int group = p.n_q_heads / p.n_kv_heads;
-    A s[256];
-    for (int i = 0; i < p.nq; ++i)
-      for (int h = 0; h < p.n_q_heads; ++h) {
-        const T* q = p.q + std::int64_t(i) * p.ldq + std::int64_t(h) * p.head_dim;
-        const std::int64_t koff = std::int64_t(h / group) * p.head_dim;
-        const std::int64_t st = std::int64_t(i) * p.n_q_heads + h;
-        for (int t0 = 0; t0 < p.ntile; t0 += 256) {
-          const int nt = std::min(256, p.ntile - t0);
-          A mt = -std::numeric_limits<A>::infinity();
-          for (int j = 0; j < nt; ++j) {
-            if (p.kv_pos[t0 + j] > p.q_pos[i]) {
-              s[j] = -std::numeric_limits<A>::infinity();
-              continue;
-            }
-            const T* k = p.k + std::int64_t(t0 + j) * p.ldkv + koff;
-            A d = 0;
-            for (int e = 0; e < p.head_dim; ++e) d += A(q[e]) * A(k[e]);
-            s[j] = d * A(p.scale);
-            mt = std::max(mt, s[j]);
-          }
-          if (mt == -std::numeric_limits<A>::infinity()) continue;
-          A& m = p.m[st];
-          A& l = p.l[st];
-          A* acc = p.acc + st * p.head_dim;
-          const A m_new = l == A(0) ? mt : std::max(m, mt);
-          const A corr = l == A(0) ? A(0) : std::exp(m - m_new);
-          l *= corr;
-          for (int e = 0; e < p.head_dim; ++e) acc[e] *= corr;
-          for (int j = 0; j < nt; ++j) {
-            if (s[j] == -std::numeric_limits<A>::infinity()) continue;
-            const A w = std::exp(s[j] - m_new);
-            l += w;
-            const T* v = p.v + std::int64_t(t0 + j) * p.ldkv + koff;
-            for (int e = 0; e < p.head_dim; ++e) acc[e] += w * A(v[e]);
-          }
-          m = m_new;
+    static_assert(std::is_same_v<A, T>, "the CPU backend computes in its storage type");
+    if (p.nq == 0 || p.ntile == 0) return;
+    const int group = p.n_q_heads / p.n_kv_heads, d = p.head_dim, rows = p.nq * group;
+    grow(scratch_, std::size_t(rows) * (d + 2 * std::size_t(p.ntile) + d));
+    T* qg = scratch_.data();
+    T* sc = qg + std::size_t(rows) * d;
+    T* pv = sc + std::size_t(rows) * p.ntile;
+    constexpr A kNegInf = -std::numeric_limits<A>::infinity();
+    for (int g = 0; g < p.n_kv_heads; ++g) {
+      for (int i = 0; i < p.nq; ++i)
+        for (int hh = 0; hh < group; ++hh)
+          std::memcpy(qg + (std::size_t(i) * group + hh) * d, p.q + std::int64_t(i) * p.ldq + std::int64_t(g * group + hh) * d,
+                      sizeof(T) * d);
+      Eigen::Map<const RowMat> Q(qg, rows, d);
+      CMap K(p.k + std::int64_t(g) * d, p.ntile, d, Eigen::OuterStride<>(p.ldkv));
+      CMap V(p.v + std::int64_t(g) * d, p.ntile, d, Eigen::OuterStride<>(p.ldkv));
+      Eigen::Map<RowMat> S(sc, rows, p.ntile);
+      S.noalias() = (Q * K.transpose()) * T(p.scale);
+      bool any = false;
+      for (int r = 0; r < rows; ++r) {
+        const int i = r / group, h = g * group + r % group;
+        T* s = sc + std::size_t(r) * p.ntile;
+        A mt = kNegInf;
+        for (int j = 0; j < p.ntile; ++j) {
+          if (p.kv_pos[j] > p.q_pos[i]) s[j] = kNegInf;
+          else mt = std::max(mt, A(s[j]));
         }
+        const std::int64_t st = std::int64_t(i) * p.n_q_heads + h;
+        if (mt == kNegInf) {  // nothing visible in this tile: probabilities 0, state untouched
+          std::fill(s, s + p.ntile, T(0));
+          continue;
+        }
+        any = true;
+        A& m = p.m[st];
+        A& l = p.l[st];
+        const A m_new = l == A(0) ? mt : std::max(m, mt);
+        const A corr = l == A(0) ? A(0) : std::exp(m - m_new);
+        A sum = 0;
+        for (int j = 0; j < p.ntile; ++j) {
+          const A w = s[j] == kNegInf ? A(0) : std::exp(A(s[j]) - m_new);
+          s[j] = T(w);
+          sum += w;
+        }
+        l = l * corr + sum;
+        m = m_new;
+        A* acc = p.acc + st * d;
+        for (int e = 0; e < d; ++e) acc[e] *= corr;
       }
+      if (!any) continue;
+      Eigen::Map<RowMat> PV(pv, rows, d);
+      PV.noalias() = S * V;
+      for (int r = 0; r < rows; ++r) {
+        const int i = r / group, h = g * group + r % group;
+        A* acc = p.acc + (std::int64_t(i) * p.n_q_heads + h) * d;
+        for (int e = 0; e < d; ++e) acc[e] += pv[std::size_t(r) * d + e];
+      }
+    }
   }
 
   void attn_finish(const AttnFinishParams<T>& p) {
