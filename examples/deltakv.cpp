@@ -497,8 +497,8 @@ int cmd_analyze(const Args& a) {
              "(L2) lies > 16 positions back (paper Fig. 2);\nenergy in the top d_c={} / {} singular directions: raw "
              "KV, residual to the best reference (stride 10), residual to a random earlier reference\n\n",
              n, D, D / 8, D / 4);
-  fmt::print("{:>5} {:>7} | {:>9} {:>9} | {:>9} {:>9} | {:>9} {:>9}\n", "layer", "far %", "raw /8", "raw /4", "best /8",
-             "best /4", "rand /8", "rand /4");
+  fmt::print("{:>5} {:>7} | {:>9} {:>9} | {:>9} {:>9} | {:>9} {:>9} | {:>10} {:>10}\n", "layer", "far %", "raw /8", "raw /4",
+             "best /8", "best /4", "rand /8", "rand /4", "|best|²/|x|²", "|rand|²/|x|²");
   std::mt19937 rng(1);
   for (int l = 0; l < w.hp.n_layers; ++l) {
     const float* x = kv[l].data();
@@ -548,9 +548,11 @@ int cmd_analyze(const Args& a) {
       }
       return 100.0 * top / all;
     };
-    fmt::print("{:>5} {:>6.1f}% | {:>8.1f}% {:>8.1f}% | {:>8.1f}% {:>8.1f}% | {:>8.1f}% {:>8.1f}%\n", l, 100.0 * far / cnt,
-               energy(raw, D / 8), energy(raw, D / 4), energy(rb, D / 8), energy(rb, D / 4), energy(rr, D / 8),
-               energy(rr, D / 4));
+    const double ex = raw.topRows(m).squaredNorm();
+    fmt::print("{:>5} {:>6.1f}% | {:>8.1f}% {:>8.1f}% | {:>8.1f}% {:>8.1f}% | {:>8.1f}% {:>8.1f}% | {:>9.1f}% {:>9.1f}%\n", l,
+               100.0 * far / cnt, energy(raw, D / 8), energy(raw, D / 4), energy(rb, D / 8), energy(rb, D / 4),
+               energy(rr, D / 8), energy(rr, D / 4), 100.0 * rb.topRows(m).squaredNorm() / ex,
+               100.0 * rr.topRows(m).squaredNorm() / ex);
   }
   return 0;
 }

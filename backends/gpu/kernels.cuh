@@ -1,0 +1,868 @@
+#pragma once
+// deltakv GPU kernels, one source for CUDA and HIP (vendor names only through vendor.hpp).
+//
+// Every kernel implements one op of the Device concept (include/deltakv/device.hpp) with the
+// semantics of the CPU oracle (backends/cpu/include/deltakv/cpu/device.hpp), including its tie
+// rules. T is the storage type (float, bf16, f16); all arithmetic is f32. Kernels that use warp
+// shuffles take the warp size W as a template parameter and NT (threads per block) as another;
+// they assume blockDim.x == NT, NT % W == 0 and NT / W <= W.
+//
+// Where the CPU computes a value in a fixed order with separate roundings (gather_mean's sums,
+// dequantize, axpy_rows, quantize codes), the kernel does the same, so the results are
+// bit-identical in f32; reductions whose order differs (GEMM, dot products, softmax sums) agree to
+// rounding.
+#include <cstdint>
+#include <limits>
+
+#include "deltakv/device.hpp"
+#include "vendor.hpp"
+
+namespace deltakv::gpu {
+
+using vendor::from_float;
+using vendor::to_float;
+
+inline constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// ---- reductions ------------------------------------------------------------------------------
+template <int W>
+DELTAKV_GPU_D float warp_sum(float v) {
+#pragma unroll
+  for (int o = W / 2; o > 0; o >>= 1) v += vendor::shfl_xor<W>(v, o);
+  return v;
+}
+
+template <int W>
+DELTAKV_GPU_D float warp_max(float v) {
+#pragma unroll
+  for (int o = W / 2; o > 0; o >>= 1) v = fmaxf(v, vendor::shfl_xor<W>(v, o));
+  return v;
+}
+
+// Block-wide sum / max; every thread gets the result. red: >= NT / W floats of shared memory.
+// Starts with a barrier, so red may be reused by consecutive calls.
+template <int W, int NT>
+DELTAKV_GPU_D float block_sum(float v, float* red) {
+  constexpr int NW = NT / W;
+  const int lane = threadIdx.x % W, warp = threadIdx.x / W;
+  v = warp_sum<W>(v);
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  return warp_sum<W>(lane < NW ? red[lane] : 0.f);
+}
+
+template <int W, int NT>
+DELTAKV_GPU_D float block_max(float v, float* red) {
+  constexpr int NW = NT / W;
+  const int lane = threadIdx.x % W, warp = threadIdx.x / W;
+  v = warp_max<W>(v);
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  return warp_max<W>(lane < NW ? red[lane] : kNegInf);
+}
+
+template <int W, int NT>
+DELTAKV_GPU_D float block_min(float v, float* red) {
+  return -block_max<W, NT>(-v, red);
+}
+
+// Exclusive prefix sum over the block in thread order; `total` gets the block's sum.
+// red: >= NT / W ints of shared memory. Starts with a barrier.
+template <int W, int NT>
+DELTAKV_GPU_D int block_exclusive_scan(int v, int* red, int& total) {
+  constexpr int NW = NT / W;
+  const int lane = threadIdx.x % W, warp = threadIdx.x / W;
+  int x = v;
+#pragma unroll
+  for (int o = 1; o < W; o <<= 1) {
+    const int y = vendor::shfl_up<W>(x, static_cast<unsigned>(o));
+    if (lane >= o) x += y;
+  }
+  __syncthreads();
+  if (lane == W - 1) red[warp] = x;
+  __syncthreads();
+  int before = 0, all = 0;
+#pragma unroll
+  for (int w = 0; w < NW; ++w) {
+    const int t = red[w];
+    before += w < warp ? t : 0;
+    all += t;
+  }
+  total = all;
+  return before + x - v;
+}
+
+// std::min / std::max exactly: (b < a) ? b : a and (a < b) ? b : a (first argument on ties).
+DELTAKV_GPU_HD float std_min(float a, float b) { return b < a ? b : a; }
+DELTAKV_GPU_HD float std_max(float a, float b) { return a < b ? b : a; }
+
+// =============================================================================================
+// linear: y[n, out] = x[n, in] · W^T + b. Shared-memory tiled GEMM, BM x BN outputs per block,
+// TM x TN per thread (strided by the thread grid so shared reads and global writes coalesce).
+// Split-K when the output grid alone cannot fill the GPU: blockIdx.z takes `k_split` inputs and
+// writes f32 partial sums [splits, n, out]; linear_reduce_kernel adds them in split order (so the
+// result is deterministic) plus the bias.
+// =============================================================================================
+inline constexpr int kLinBM = 64, kLinBN = 64, kLinBK = 16, kLinTM = 4, kLinTN = 4;
+inline constexpr int kLinThreads = (kLinBM / kLinTM) * (kLinBN / kLinTN);
+
+template <class T>
+__global__ void DELTAKV_LAUNCH_BOUNDS(kLinThreads) linear_kernel(LinearParams<T> p, int k_split, float* partial) {
+  constexpr int BM = kLinBM, BN = kLinBN, BK = kLinBK, TM = kLinTM, TN = kLinTN;
+  constexpr int TX = BN / TN, TY = BM / TM, NT = kLinThreads;
+  __shared__ float xs[BK][BM + 1];
+  __shared__ float ws[BK][BN + 1];
+  const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
+  const int n0 = blockIdx.x * BN;
+  const int k_begin = blockIdx.z * k_split;
+  const int k_end = k_begin + k_split < p.in ? k_begin + k_split : p.in;
+  for (std::int64_t m0 = std::int64_t(blockIdx.y) * BM; m0 < p.n; m0 += std::int64_t(gridDim.y) * BM) {
+    float acc[TM][TN];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
+    for (int k0 = k_begin; k0 < k_end; k0 += BK) {
+      for (int idx = tid; idx < BM * BK; idx += NT) {
+        const int mm = idx / BK, kk = idx % BK;
+        const std::int64_t row = m0 + mm;
+        const int col = k0 + kk;
+        xs[kk][mm] = (row < p.n && col < k_end) ? to_float(p.x[row * p.ldx + col]) : 0.f;
+      }
+      for (int idx = tid; idx < BN * BK; idx += NT) {
+        const int nn = idx / BK, kk = idx % BK;
+        const int o = n0 + nn, col = k0 + kk;
+        ws[kk][nn] = (o < p.out && col < k_end) ? to_float(p.w[std::int64_t(o) * p.in + col]) : 0.f;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < BK; ++kk) {
+        float a[TM], b[TN];
+#pragma unroll
+        for (int i = 0; i < TM; ++i) a[i] = xs[kk][ty + i * TY];
+#pragma unroll
+        for (int j = 0; j < TN; ++j) b[j] = ws[kk][tx + j * TX];
+#pragma unroll
+        for (int i = 0; i < TM; ++i)
+#pragma unroll
+          for (int j = 0; j < TN; ++j) acc[i][j] += a[i] * b[j];
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
+      const std::int64_t row = m0 + ty + i * TY;
+      if (row >= p.n) continue;
+#pragma unroll
+      for (int j = 0; j < TN; ++j) {
+        const int o = n0 + tx + j * TX;
+        if (o >= p.out) continue;
+        if (partial) {
+          partial[(std::int64_t(blockIdx.z) * p.n + row) * p.out + o] = acc[i][j];
+        } else {
+          float v = acc[i][j];
+          if (p.b) v += to_float(p.b[o]);
+          p.y[row * p.ldy + o] = from_float<T>(v);
+        }
+      }
+    }
+  }
+}
+
+template <class T>
+__global__ void linear_reduce_kernel(LinearParams<T> p, int splits, const float* partial) {
+  const std::int64_t total = p.n * p.out, step = std::int64_t(gridDim.x) * blockDim.x;
+  for (std::int64_t t = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += step) {
+    const std::int64_t row = t / p.out;
+    const int o = static_cast<int>(t % p.out);
+    float v = 0.f;
+    for (int z = 0; z < splits; ++z) v += partial[std::int64_t(z) * total + t];
+    if (p.b) v += to_float(p.b[o]);
+    p.y[row * p.ldy + o] = from_float<T>(v);
+  }
+}
+
+// =============================================================================================
+// swiglu, axpy_rows: elementwise, grid-stride.
+// =============================================================================================
+template <class T>
+__global__ void swiglu_kernel(SwiGLUParams<T> p) {
+  const std::int64_t total = p.n * p.hidden;
+  for (std::int64_t t = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
+       t += std::int64_t(gridDim.x) * blockDim.x) {
+    const std::int64_t i = t / p.hidden;
+    const int j = static_cast<int>(t % p.hidden);
+    T* h = p.h + i * p.ldh;
+    const float a = to_float(h[j]);
+    h[j] = from_float<T>(a / (1.f + expf(-a)) * to_float(h[p.hidden + j]));
+  }
+}
+
+template <class T>
+__global__ void axpy_rows_kernel(AxpyRowsParams<T> p) {
+  const std::int64_t total = p.n * p.dim;
+  const float alpha = to_float(p.alpha);
+  for (std::int64_t t = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
+       t += std::int64_t(gridDim.x) * blockDim.x) {
+    const std::int64_t i = t / p.dim;
+    const int j = static_cast<int>(t % p.dim);
+    T& y = p.y[i * p.ldy + j];
+    // y + alpha * x in two roundings, like the CPU (no FMA).
+    y = from_float<T>(vendor::add_rn(to_float(y), vendor::mul_rn(alpha, to_float(p.x[i * p.ldx + j]))));
+  }
+}
+
+// =============================================================================================
+// ref_search: per block, `rows` (<= kRefRows) query tokens held in shared memory (f32) against a
+// contiguous range of references (blockIdx.y splits the reference range). Each warp scores
+// kRefPerWarp references at a time against all rows (lane-strided dot products, butterfly
+// sums); lane r keeps row r's k best of that warp in shared memory. The warp lists are then
+// merged per row into the block's list: either the final ids (one split) or a partial list in
+// scratch for ref_merge_kernel. Order everywhere: score descending, then reference index ascending (the CPU's
+// "ties keep the earlier reference").
+// =============================================================================================
+inline constexpr int kRefRows = 8;
+inline constexpr int kRefPerWarp = 4;  // references a warp scores at once
+inline constexpr int kRefMaxSplits = 32;
+
+DELTAKV_GPU_HD bool ranks_before(float s1, int i1, float s2, int i2) {
+  return s1 > s2 || (s1 == s2 && i1 < i2);
+}
+
+// Bytes of dynamic shared memory for ref_search_kernel.
+inline std::size_t ref_search_smem(int rows, int dim, int k, int n_warps) {
+  return sizeof(float) * (std::size_t(rows) * dim + kRefRows) + std::size_t(n_warps) * rows * k * (sizeof(float) + sizeof(int));
+}
+
+template <class T, int W, int NT>
+__global__ void DELTAKV_LAUNCH_BOUNDS(NT)
+    ref_search_kernel(RefSearchParams<T> p, int rows, std::int64_t refs_per_split, float* part_s, std::int32_t* part_i) {
+  constexpr int NW = NT / W;
+  static_assert(kRefRows <= W, "one lane per row");
+  const int lane = threadIdx.x % W, warp = threadIdx.x / W, tid = threadIdx.x;
+  const int dim = p.dim, k = p.k;
+  DELTAKV_DYNAMIC_SMEM(float, xs);          // [rows, dim]
+  float* xn = xs + std::size_t(rows) * dim;  // [kRefRows]
+  float* ls = xn + kRefRows;                 // [NW, rows, k]
+  int* li = reinterpret_cast<int*>(ls + NW * rows * k);  // [NW, rows, k]
+  __shared__ int s_vis[kRefRows];
+
+  const std::int64_t r0 = std::int64_t(blockIdx.x) * rows;
+  const int nr = static_cast<int>(p.n - r0 < rows ? p.n - r0 : rows);
+  for (int idx = tid; idx < nr * dim; idx += NT) {
+    const int rr = idx / dim, d = idx % dim;
+    xs[idx] = to_float(p.x[(r0 + rr) * p.ldx + d]);
+  }
+  for (int idx = tid; idx < NW * rows * k; idx += NT) {
+    ls[idx] = kNegInf;
+    li[idx] = -1;
+  }
+  if (tid < kRefRows) s_vis[tid] = tid < nr ? p.visible[r0 + tid] : 0;
+  __syncthreads();
+  if (p.metric == Metric::cosine) {
+    for (int rr = warp; rr < nr; rr += NW) {
+      float s = 0.f;
+      for (int d = lane; d < dim; d += W) s += xs[rr * dim + d] * xs[rr * dim + d];
+      s = warp_sum<W>(s);
+      if (lane == 0) xn[rr] = sqrtf(s);
+    }
+  }
+  int vis_max = 0;
+  for (int rr = 0; rr < nr; ++rr) vis_max = s_vis[rr] > vis_max ? s_vis[rr] : vis_max;
+  const std::int64_t j_begin = std::int64_t(blockIdx.y) * refs_per_split;
+  std::int64_t j_end = j_begin + refs_per_split;
+  if (j_end > vis_max) j_end = vis_max;
+  if (j_end > p.m) j_end = p.m;
+  __syncthreads();
+
+  // Each warp scores kRefPerWarp references at once against all rows: one shared-memory load
+  // of x feeds kRefPerWarp FMAs. Lane r then inserts row r's scores into the warp's list.
+  for (std::int64_t j0 = j_begin + std::int64_t(warp) * kRefPerWarp; j0 < j_end; j0 += std::int64_t(NW) * kRefPerWarp) {
+    const T* r[kRefPerWarp];
+#pragma unroll
+    for (int u = 0; u < kRefPerWarp; ++u) r[u] = p.refs + (j0 + u < j_end ? j0 + u : j0) * p.ldr;
+    float acc[kRefRows][kRefPerWarp];
+    float rn[kRefPerWarp];
+#pragma unroll
+    for (int u = 0; u < kRefPerWarp; ++u) {
+      rn[u] = 0.f;
+#pragma unroll
+      for (int rr = 0; rr < kRefRows; ++rr) acc[rr][u] = 0.f;
+    }
+    for (int d = lane; d < dim; d += W) {
+      float rv[kRefPerWarp];
+#pragma unroll
+      for (int u = 0; u < kRefPerWarp; ++u) {
+        rv[u] = to_float(r[u][d]);
+        rn[u] += rv[u] * rv[u];
+      }
+#pragma unroll
+      for (int rr = 0; rr < kRefRows; ++rr) {
+        if (rr < nr) {
+          const float xv = xs[rr * dim + d];
+#pragma unroll
+          for (int u = 0; u < kRefPerWarp; ++u) acc[rr][u] += xv * rv[u];
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kRefPerWarp; ++u) {
+      const std::int64_t j = j0 + u;
+      if (j >= j_end) break;  // uniform over the warp
+      const float rnu = warp_sum<W>(rn[u]);
+      float dot = 0.f;
+#pragma unroll
+      for (int rr = 0; rr < kRefRows; ++rr) {
+        if (rr < nr) {  // uniform over the warp
+          const float s = warp_sum<W>(acc[rr][u]);
+          if (lane == rr) dot = s;
+        }
+      }
+      if (lane < nr && j < s_vis[lane]) {
+        float sc = dot;
+        if (p.metric == Metric::l2) sc = 2.f * sc - rnu;
+        else if (p.metric == Metric::cosine) sc = sc / std_max(1e-30f, xn[lane] * sqrtf(rnu));
+        float* bs = ls + (warp * rows + lane) * k;
+        int* bi = li + (warp * rows + lane) * k;
+        const int jj = static_cast<int>(j);
+        if (ranks_before(sc, jj, bs[k - 1], bi[k - 1])) {
+          int q = k - 1;
+          while (q > 0 && ranks_before(sc, jj, bs[q - 1], bi[q - 1])) {
+            bs[q] = bs[q - 1];
+            bi[q] = bi[q - 1];
+            --q;
+          }
+          bs[q] = sc;
+          bi[q] = jj;
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  if (tid < nr) {  // merge the NW sorted warp lists of row `tid`
+    int head[NW];
+#pragma unroll
+    for (int w = 0; w < NW; ++w) head[w] = 0;
+    const std::int64_t row = r0 + tid;
+    for (int q = 0; q < k; ++q) {
+      int bw = -1;
+      float bs = kNegInf;
+      int bi = -1;
+#pragma unroll
+      for (int w = 0; w < NW; ++w) {
+        if (head[w] >= k) continue;
+        const int at = (w * rows + tid) * k + head[w];
+        if (bw < 0 || ranks_before(ls[at], li[at], bs, bi)) {
+          bw = w;
+          bs = ls[at];
+          bi = li[at];
+        }
+      }
+      ++head[bw];
+      if (part_s) {
+        const std::int64_t o = (std::int64_t(blockIdx.y) * p.n + row) * k + q;
+        part_s[o] = bs;
+        part_i[o] = bi;
+      } else {
+        p.ids[row * k + q] = bi;
+      }
+    }
+  }
+}
+
+// Merges `splits` (<= MaxSplits) partial lists [splits, n, k] per row into ids [n, k]. One thread
+// per row. (A template, like every kernel here, so that the header can be in many TUs.)
+template <int MaxSplits>
+__global__ void ref_merge_kernel(int splits, std::int64_t n, int k, const float* part_s, const std::int32_t* part_i,
+                                 std::int32_t* ids) {
+  const std::int64_t row = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= n) return;
+  int head[MaxSplits];
+  for (int s = 0; s < splits; ++s) head[s] = 0;
+  for (int q = 0; q < k; ++q) {
+    int b = -1;
+    float bs = kNegInf;
+    int bi = -1;
+    for (int s = 0; s < splits; ++s) {
+      if (head[s] >= k) continue;
+      const std::int64_t at = (std::int64_t(s) * n + row) * k + head[s];
+      if (b < 0 || ranks_before(part_s[at], part_i[at], bs, bi)) {
+        b = s;
+        bs = part_s[at];
+        bi = part_i[at];
+      }
+    }
+    ++head[b];
+    ids[row * k + q] = bi;
+  }
+}
+
+// =============================================================================================
+// gather_mean: one block per output row (grid-stride), threads over features. Sums in id order
+// then one division, like the CPU: bit-identical in f32.
+// =============================================================================================
+template <class T>
+__global__ void gather_mean_kernel(GatherMeanParams<T> p) {
+  for (std::int64_t i = blockIdx.x; i < p.n; i += gridDim.x) {
+    const std::int64_t r = p.id_rows ? p.id_rows[i] : i;
+    const std::int32_t* ids = p.ids + r * p.k;
+    int c = 0;
+    for (int j = 0; j < p.k; ++j) c += ids[j] >= 0;
+    for (int d = threadIdx.x; d < p.dim; d += blockDim.x) {
+      float acc = 0.f;
+      for (int j = 0; j < p.k; ++j)
+        if (ids[j] >= 0) acc += to_float(p.refs[std::int64_t(ids[j]) * p.ldr + d]);
+      p.out[i * p.ldo + d] = c ? from_float<T>(acc / float(c)) : from_float<T>(0.f);
+    }
+  }
+}
+
+// =============================================================================================
+// quantize: one block per row: min/max by block reductions, then codes (int4: one thread per
+// byte, low nibble first). Bit-identical to the CPU.
+// dequantize: one block per row, threads over features; c * scale + min in two roundings.
+// =============================================================================================
+template <class T, int W, int NT>
+__global__ void DELTAKV_LAUNCH_BOUNDS(NT) quantize_kernel(QuantizeParams<T> p) {
+  __shared__ float red[NT / W];
+  const int levels = (1 << p.bits) - 1;
+  for (std::int64_t i = blockIdx.x; i < p.n; i += gridDim.x) {
+    const T* z = p.z + i * p.ldz;
+    float lo = -kNegInf, hi = kNegInf;
+    for (int j = threadIdx.x; j < p.dim; j += NT) {
+      const float v = to_float(z[j]);
+      lo = fminf(lo, v);
+      hi = fmaxf(hi, v);
+    }
+    lo = block_min<W, NT>(lo, red);
+    hi = block_max<W, NT>(hi, red);
+    float scale = (hi - lo) / float(levels);
+    if (!(scale > 0.f)) scale = 1.0f;  // constant row: every code 0 decodes to lo exactly
+    if (threadIdx.x == 0) {
+      p.scale_min[2 * i] = scale;
+      p.scale_min[2 * i + 1] = lo;
+    }
+    std::uint8_t* q = p.q + i * p.ldq;
+    auto code = [&](int j) {
+      int c = static_cast<int>(lroundf((to_float(z[j]) - lo) / scale));
+      return c < 0 ? 0 : (c > levels ? levels : c);
+    };
+    if (p.bits == 8) {
+      for (int j = threadIdx.x; j < p.dim; j += NT) q[j] = static_cast<std::uint8_t>(code(j));
+    } else {
+      for (int b = threadIdx.x; b < (p.dim + 1) / 2; b += NT) {
+        const int c0 = code(2 * b), c1 = 2 * b + 1 < p.dim ? code(2 * b + 1) : 0;
+        q[b] = static_cast<std::uint8_t>(c0 | (c1 << 4));
+      }
+    }
+  }
+}
+
+template <class T>
+__global__ void dequantize_kernel(DequantizeParams<T> p) {
+  for (std::int64_t i = blockIdx.x; i < p.n; i += gridDim.x) {
+    const std::int64_t r = p.rows ? p.rows[i] : i;
+    const std::uint8_t* q = p.q + r * p.ldq;
+    const float scale = p.scale_min[2 * r], lo = p.scale_min[2 * r + 1];
+    for (int j = threadIdx.x; j < p.dim; j += blockDim.x) {
+      const int c = p.bits == 8 ? q[j] : (q[j / 2] >> (4 * (j & 1))) & 0xF;
+      p.z[i * p.ldz + j] = from_float<T>(vendor::add_rn(vendor::mul_rn(float(c), scale), lo));
+    }
+  }
+}
+
+// =============================================================================================
+// rope: one block per row; cos/sin per frequency once (f64, like the CPU), shared by all heads.
+// Dynamic shared memory: 2 * (rot_dim / 2) doubles.
+// =============================================================================================
+template <class T>
+__global__ void rope_kernel(RopeParams<T> p) {
+  DELTAKV_DYNAMIC_SMEM(double, cs);
+  const int half = p.rot_dim / 2;
+  double* sn = cs + half;
+  for (std::int64_t i = blockIdx.x; i < p.n; i += gridDim.x) {
+    const double pos = double(p.pos[i]);
+    for (int f = threadIdx.x; f < half; f += blockDim.x) {
+      const double inv = pow(p.theta, -2.0 * f / p.rot_dim);
+      double s, c;
+      sincos(pos * inv, &s, &c);
+      cs[f] = c;
+      sn[f] = s;
+    }
+    __syncthreads();
+    for (int t = threadIdx.x; t < p.n_heads * half; t += blockDim.x) {
+      const int h = t / half, f = t % half;
+      T* x = p.x + i * p.ldx + std::int64_t(h) * p.head_dim;
+      const int a = p.style == RopeStyle::half ? f : 2 * f;
+      const int b = p.style == RopeStyle::half ? f + half : 2 * f + 1;
+      const double x1 = to_float(x[a]), x2 = to_float(x[b]);
+      x[a] = from_float<T>(static_cast<float>(x1 * cs[f] - x2 * sn[f]));
+      x[b] = from_float<T>(static_cast<float>(x2 * cs[f] + x1 * sn[f]));
+    }
+    __syncthreads();
+  }
+}
+
+// =============================================================================================
+// attn_tile: one block per (query row, q head). Like the CPU, one online-softmax update of m, l,
+// acc per tile: scores by warps (kAttnKeysPerWarp keys per warp, lanes over head_dim), the tile
+// max, probabilities, then acc * corr + sum_j p_j v_j. Tiles longer than `chunk` (host:
+// min(ntile, kAttnMaxChunk)) are taken as consecutive chunks, one update each (the same softmax,
+// rounding apart). l == 0 means "nothing seen yet"; a chunk with no visible key changes nothing.
+// Dynamic shared memory: 2 * head_dim + chunk (+ up to 15 of slack) floats.
+// =============================================================================================
+inline constexpr int kAttnMaxChunk = 4096;
+inline constexpr int kAttnKeysPerWarp = 4;
+
+template <class T, int W, int NT>
+__global__ void DELTAKV_LAUNCH_BOUNDS(NT) attn_tile_kernel(AttnTileParams<T> p, int chunk) {
+  constexpr int NW = NT / W;
+  __shared__ float red[NW];
+  DELTAKV_DYNAMIC_SMEM(float, qs);  // [head_dim]
+  const int hd = p.head_dim;
+  float* accs = qs + hd;            // [head_dim]
+  float* s = accs + hd;             // [chunk]
+  const int lane = threadIdx.x % W, warp = threadIdx.x / W, tid = threadIdx.x;
+  const int h = blockIdx.x, i = blockIdx.y;
+  const int group = p.n_q_heads / p.n_kv_heads;
+  const std::int64_t koff = std::int64_t(h / group) * hd;
+  const std::int64_t st = std::int64_t(i) * p.n_q_heads + h;
+  const std::int64_t qpos = p.q_pos[i];
+  const float scale = static_cast<float>(p.scale);
+  for (int e = tid; e < hd; e += NT) {
+    qs[e] = to_float(p.q[std::int64_t(i) * p.ldq + std::int64_t(h) * hd + e]);
+    accs[e] = p.acc[st * hd + e];
+  }
+  float m = p.m[st], l = p.l[st];
+  __syncthreads();
+  for (int t0 = 0; t0 < p.ntile; t0 += chunk) {
+    const int nt = p.ntile - t0 < chunk ? p.ntile - t0 : chunk;
+    // scores: each warp takes kAttnKeysPerWarp consecutive keys at once (independent loads in
+    // flight); masked keys read a valid row and are dropped
+    for (int jj0 = warp * kAttnKeysPerWarp; jj0 < nt; jj0 += NW * kAttnKeysPerWarp) {
+      float d[kAttnKeysPerWarp];
+      bool vis[kAttnKeysPerWarp];
+      const T* kr[kAttnKeysPerWarp];
+#pragma unroll
+      for (int u = 0; u < kAttnKeysPerWarp; ++u) {
+        const int jj = jj0 + u;
+        vis[u] = jj < nt && p.kv_pos[t0 + jj] <= qpos;
+        kr[u] = p.k + std::int64_t(t0 + (jj < nt ? jj : 0)) * p.ldkv + koff;
+        d[u] = 0.f;
+      }
+      for (int e = lane; e < hd; e += W) {
+        const float qe = qs[e];
+#pragma unroll
+        for (int u = 0; u < kAttnKeysPerWarp; ++u) d[u] += qe * to_float(kr[u][e]);
+      }
+#pragma unroll
+      for (int u = 0; u < kAttnKeysPerWarp; ++u) {
+        d[u] = warp_sum<W>(d[u]);
+        if (lane == 0 && jj0 + u < nt) s[jj0 + u] = vis[u] ? d[u] * scale : kNegInf;
+      }
+    }
+    __syncthreads();
+    float mt = kNegInf;
+    for (int jj = tid; jj < nt; jj += NT) mt = fmaxf(mt, s[jj]);
+    mt = block_max<W, NT>(mt, red);
+    if (mt == kNegInf) continue;  // uniform: nothing visible in this chunk
+    const float m_new = l == 0.f ? mt : std_max(m, mt);
+    const float corr = l == 0.f ? 0.f : expf(m - m_new);
+    float part = 0.f;
+    for (int jj = tid; jj < nt; jj += NT) {
+      const float w = s[jj] == kNegInf ? 0.f : expf(s[jj] - m_new);
+      s[jj] = w;
+      part += w;
+    }
+    l = l * corr + block_sum<W, NT>(part, red);  // block_sum's barriers also publish s
+    for (int e = tid; e < hd; e += NT) {  // masked keys (w == 0) add nothing, as on the CPU
+      float pv = 0.f;
+      const T* vcol = p.v + std::int64_t(t0) * p.ldkv + koff + e;
+#pragma unroll 8
+      for (int jj = 0; jj < nt; ++jj) {
+        const float w = s[jj];
+        const float v = to_float(vcol[std::int64_t(jj) * p.ldkv]);
+        pv += w != 0.f ? w * v : 0.f;
+      }
+      accs[e] = accs[e] * corr + pv;
+    }
+    m = m_new;
+    __syncthreads();  // s is rewritten by the next chunk
+  }
+  for (int e = tid; e < hd; e += NT) p.acc[st * hd + e] = accs[e];
+  if (tid == 0) {
+    p.m[st] = m;
+    p.l[st] = l;
+  }
+}
+
+// attn_finish: out = acc / l, 0 where l == 0. Grid-stride over [nq, Hq, d].
+template <class T>
+__global__ void attn_finish_kernel(AttnFinishParams<T> p) {
+  const std::int64_t total = std::int64_t(p.nq) * p.n_q_heads * p.head_dim;
+  for (std::int64_t t = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
+       t += std::int64_t(gridDim.x) * blockDim.x) {
+    const std::int64_t st = t / p.head_dim;
+    const int e = static_cast<int>(t % p.head_dim);
+    const std::int64_t i = st / p.n_q_heads;
+    const int h = static_cast<int>(st % p.n_q_heads);
+    const float l = p.l[st];
+    p.out[i * p.ldo + std::int64_t(h) * p.head_dim + e] = l > 0.f ? from_float<T>(p.acc[t] / l) : from_float<T>(0.f);
+  }
+}
+
+// =============================================================================================
+// score_tile: one block per key; warps over (query row, head) pairs; max of softmax probability
+// exp(q·k * scale - m) / l over visible pairs with l > 0 (0 if none).
+// =============================================================================================
+template <class T, int W, int NT>
+__global__ void DELTAKV_LAUNCH_BOUNDS(NT) score_tile_kernel(ScoreTileParams<T> p) {
+  constexpr int NW = NT / W;
+  __shared__ float red[NW];
+  const int lane = threadIdx.x % W, warp = threadIdx.x / W;
+  const int group = p.n_q_heads / p.n_kv_heads, hd = p.head_dim;
+  const float scale = static_cast<float>(p.scale);
+  for (std::int64_t j = blockIdx.x; j < p.ntile; j += gridDim.x) {
+    float best = 0.f;
+    const std::int64_t kp = p.kv_pos[j];
+    for (int pair = warp; pair < p.nq * p.n_q_heads; pair += NW) {
+      const int i = pair / p.n_q_heads, h = pair % p.n_q_heads;
+      if (kp > p.q_pos[i]) continue;
+      const std::int64_t st = std::int64_t(i) * p.n_q_heads + h;
+      const float l = p.l[st];
+      if (!(l > 0.f)) continue;
+      const T* q = p.q + std::int64_t(i) * p.ldq + std::int64_t(h) * hd;
+      const T* k = p.k + j * p.ldk + std::int64_t(h / group) * hd;
+      float d = 0.f;
+      for (int e = lane; e < hd; e += W) d += to_float(q[e]) * to_float(k[e]);
+      d = warp_sum<W>(d);
+      best = std_max(best, expf(d * scale - p.m[st]) / l);
+    }
+    best = block_max<W, NT>(best, red);
+    if (threadIdx.x == 0) p.scores[j] = best;
+  }
+}
+
+// =============================================================================================
+// page_bounds: one thread per feature, rows in order (a page may span rows of one call and
+// continue a page of an earlier call). Exact.
+// =============================================================================================
+template <class T>
+__global__ void page_bounds_kernel(PageBoundsParams<T> p) {
+  for (int d = blockIdx.x * blockDim.x + threadIdx.x; d < p.dim; d += gridDim.x * blockDim.x) {
+    for (std::int64_t i = 0; i < p.n; ++i) {
+      const std::int64_t pos = p.pos[i];
+      const std::int64_t at = (pos / p.page_size) * p.dim + d;
+      const T k = p.k[i * p.ldk + d];
+      if (pos % p.page_size == 0) {
+        p.kmin[at] = k;
+        p.kmax[at] = k;
+      } else {
+        const float kv = to_float(k);
+        if (kv < to_float(p.kmin[at])) p.kmin[at] = k;  // std::min(mn, k)
+        if (to_float(p.kmax[at]) < kv) p.kmax[at] = k;  // std::max(mx, k)
+      }
+    }
+  }
+}
+
+// page_score: one block per page; warps over (row, head); the bound sum_d max(q min, q max).
+template <class T, int W, int NT>
+__global__ void DELTAKV_LAUNCH_BOUNDS(NT) page_score_kernel(PageScoreParams<T> p) {
+  constexpr int NW = NT / W;
+  __shared__ float red[NW];
+  const int lane = threadIdx.x % W, warp = threadIdx.x / W;
+  const int group = p.n_q_heads / p.n_kv_heads, hd = p.head_dim;
+  const std::int64_t kd = std::int64_t(p.n_kv_heads) * hd;
+  for (std::int64_t pg = blockIdx.x; pg < p.n_pages; pg += gridDim.x) {
+    float best = kNegInf;
+    for (int pair = warp; pair < p.nq * p.n_q_heads; pair += NW) {
+      const int i = pair / p.n_q_heads, h = pair % p.n_q_heads;
+      const T* q = p.q + std::int64_t(i) * p.ldq + std::int64_t(h) * hd;
+      const std::int64_t off = pg * kd + std::int64_t(h / group) * hd;
+      float sum = 0.f;
+      for (int e = lane; e < hd; e += W) {
+        const float qv = to_float(q[e]);
+        sum += std_max(qv * to_float(p.kmin[off + e]), qv * to_float(p.kmax[off + e]));
+      }
+      sum = warp_sum<W>(sum);
+      best = std_max(best, sum);
+    }
+    best = block_max<W, NT>(best, red);
+    if (threadIdx.x == 0) p.scores[pg] = best;
+  }
+}
+
+// =============================================================================================
+// topk: one block. Scores become order-preserving u32 keys (-0 folded into +0, so they tie like
+// the CPU's comparison). (1) MSB-first radix select, 4 passes of 8 bits over all n (histogram
+// atomics aggregated per warp: scores cluster in few bins), finds the key T of the K-th largest
+// and how many keys equal to T to take; (2) each thread owns a contiguous segment of indices:
+// one sweep counts, two block scans give each thread its output offset and how many of its keys
+// equal to T it takes (the lowest indices win ties), a second sweep writes (key, ~index) words;
+// (3) a bitonic sort (descending) of the K words, in shared memory when the padded K fits
+// (kTopkSmemMax), else in the caller's global scratch.
+// Cost: 6 reads of n by one block, O(n / NT) steps per thread, plus O(K log^2 K / NT) for the
+// sort. NaN scores have no defined order.
+// =============================================================================================
+inline constexpr int kTopkThreads = 1024;
+inline constexpr int kTopkSmemMax = 4096;  // padded K sorted in shared memory (32 KiB)
+inline constexpr int kTopkUnroll = 8;      // loads in flight per thread
+
+DELTAKV_GPU_D unsigned order_key(float f) {
+  if (f == 0.f) f = 0.f;  // -0 -> +0
+  const unsigned u = vendor::float_bits(f);
+  return u ^ ((u & 0x80000000u) ? 0xffffffffu : 0x80000000u);
+}
+
+template <int W, int NT>
+__global__ void DELTAKV_LAUNCH_BOUNDS(NT)
+    topk_kernel(TopKParams p, int K, int P, unsigned long long* gbuf, int use_smem) {
+  __shared__ int hist[256];
+  __shared__ int ired[NT / W];
+  __shared__ unsigned s_prefix;
+  __shared__ int s_remaining;
+  DELTAKV_DYNAMIC_SMEM(unsigned long long, sbuf);
+  unsigned long long* buf = use_smem ? sbuf : gbuf;
+  const int tid = threadIdx.x, lane = tid % W;
+
+  // (1) radix select
+  unsigned prefix = 0, mask = 0;
+  int remaining = K;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int b = tid; b < 256; b += NT) hist[b] = 0;
+    __syncthreads();
+    // kTopkUnroll independent loads in flight per thread; uniform trip count (ballots below)
+    for (std::int64_t base = 0; base < p.n; base += std::int64_t(NT) * kTopkUnroll) {
+      unsigned keys[kTopkUnroll];
+#pragma unroll
+      for (int u = 0; u < kTopkUnroll; ++u) {
+        const std::int64_t i = base + std::int64_t(u) * NT + tid;
+        keys[u] = i < p.n ? order_key(p.scores[i]) : 0u;
+      }
+#pragma unroll
+      for (int u = 0; u < kTopkUnroll; ++u) {
+        const std::int64_t i = base + std::int64_t(u) * NT + tid;
+        bool has = i < p.n && (keys[u] & mask) == prefix;
+        const unsigned bin = (keys[u] >> shift) & 255u;
+        auto pending = vendor::ballot<W>(has);
+        while (pending) {  // one atomic per distinct bin in the warp
+          const int leader = vendor::first_lane(pending);
+          const unsigned lb = vendor::shfl<W>(bin, leader);
+          const auto same = vendor::ballot<W>(has && bin == lb);
+          if (lane == leader) atomicAdd(&hist[lb], vendor::popcount(same));
+          if (has && bin == lb) has = false;
+          pending &= ~same;
+        }
+      }
+    }
+    __syncthreads();
+    if (tid == 0) {
+      int cum = 0, d = 255;
+      for (; d > 0; --d) {
+        if (cum + hist[d] >= remaining) break;
+        cum += hist[d];
+      }
+      s_prefix = prefix | (unsigned(d) << shift);
+      s_remaining = remaining - cum;
+    }
+    __syncthreads();
+    prefix = s_prefix;
+    remaining = s_remaining;
+    mask |= 255u << shift;
+  }
+  const unsigned thr = prefix;
+  const int need_eq = remaining;
+
+  // (2) compaction by contiguous segments
+  const std::int64_t seg = (p.n + NT - 1) / NT;
+  const std::int64_t lo = std::int64_t(tid) * seg;
+  const std::int64_t hi = lo + seg < p.n ? lo + seg : p.n;
+  int gt_c = 0, eq_c = 0;
+  for (std::int64_t i0 = lo; i0 < hi; i0 += kTopkUnroll) {
+    unsigned keys[kTopkUnroll];
+#pragma unroll
+    for (int u = 0; u < kTopkUnroll; ++u) keys[u] = i0 + u < hi ? order_key(p.scores[i0 + u]) : 0u;
+#pragma unroll
+    for (int u = 0; u < kTopkUnroll; ++u) {
+      gt_c += i0 + u < hi && keys[u] > thr;
+      eq_c += i0 + u < hi && keys[u] == thr;
+    }
+  }
+  int total = 0;
+  const int eq_before = block_exclusive_scan<W, NT>(eq_c, ired, total);
+  int eq_take = need_eq - eq_before;
+  eq_take = eq_take < 0 ? 0 : (eq_take > eq_c ? eq_c : eq_take);
+  int at = block_exclusive_scan<W, NT>(gt_c + eq_take, ired, total);
+  for (std::int64_t i0 = lo; i0 < hi; i0 += kTopkUnroll) {
+    unsigned keys[kTopkUnroll];
+#pragma unroll
+    for (int u = 0; u < kTopkUnroll; ++u) keys[u] = i0 + u < hi ? order_key(p.scores[i0 + u]) : 0u;
+#pragma unroll
+    for (int u = 0; u < kTopkUnroll; ++u) {
+      const std::int64_t i = i0 + u;
+      if (i >= hi) break;
+      const bool take = keys[u] > thr || (keys[u] == thr && eq_take > 0);
+      if (keys[u] == thr && eq_take > 0) --eq_take;
+      if (take)
+        buf[at++] = (static_cast<unsigned long long>(keys[u]) << 32) | (0xffffffffu - static_cast<unsigned>(i));
+    }
+  }
+  for (int i = K + tid; i < P; i += NT) buf[i] = 0ull;  // below every real word
+  __syncthreads();
+
+  // (3) bitonic sort, descending
+  for (int size = 2; size <= P; size <<= 1) {
+    for (int stride = size / 2; stride > 0; stride >>= 1) {
+      for (int t = tid; t < P / 2; t += NT) {
+        const int a = 2 * t - (t & (stride - 1));
+        const int b = a + stride;
+        const bool up = (a & size) == 0;
+        const unsigned long long x = buf[a], y = buf[b];
+        if ((x < y) == up) {
+          buf[a] = y;
+          buf[b] = x;
+        }
+      }
+      __syncthreads();
+    }
+  }
+  for (int q = tid; q < K; q += NT)
+    p.idx[q] = static_cast<std::int32_t>(0xffffffffu - static_cast<unsigned>(buf[q] & 0xffffffffull));
+}
+
+// =============================================================================================
+// copy_rows: grid-stride over row units; 16-byte units when every row start is 16-byte aligned
+// (the host picks the unit type U), else elements. Source and destination must not overlap.
+// =============================================================================================
+template <class U>
+__global__ void copy_rows_kernel(const unsigned char* src, std::int64_t lds_bytes, const std::int64_t* src_rows,
+                                 unsigned char* dst, std::int64_t ldd_bytes, const std::int64_t* dst_rows, std::int64_t n,
+                                 int units) {
+  const std::int64_t total = n * units;
+  for (std::int64_t t = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
+       t += std::int64_t(gridDim.x) * blockDim.x) {
+    const std::int64_t i = t / units;
+    const int u = static_cast<int>(t % units);
+    const std::int64_t s = src_rows ? src_rows[i] : i;
+    const std::int64_t d = dst_rows ? dst_rows[i] : i;
+    reinterpret_cast<U*>(dst + d * ldd_bytes)[u] = reinterpret_cast<const U*>(src + s * lds_bytes)[u];
+  }
+}
+
+// all_finite: sets *flag = 1 when any element is NaN or Inf (the host clears it first).
+template <class T>
+__global__ void all_finite_kernel(FiniteCheckParams<T> p, int* flag) {
+  const std::int64_t total = p.n * p.dim;
+  for (std::int64_t t = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
+       t += std::int64_t(gridDim.x) * blockDim.x) {
+    const std::int64_t i = t / p.dim;
+    const int j = static_cast<int>(t % p.dim);
+    if (!isfinite(to_float(p.x[i * p.ldx + j]))) *flag = 1;
+  }
+}
+
+}  // namespace deltakv::gpu

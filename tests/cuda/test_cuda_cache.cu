@@ -1,0 +1,260 @@
+// End to end: the same CompressedCache (int4 latents, chunked appends over many blocks) on
+// CpuDevice and on CudaDevice (storage and workspace in device memory, the codec's weights
+// uploaded), fed identical data: reconstructions, attention outputs and OmniKV selections must
+// agree. Data and codec weights are grid-valued, so reference search, the encoder GEMMs and the
+// quantization codes are exact in f32 on both devices (no rounding-boundary flips); what is left
+// is the rounding of the decoder GEMM, RoPE and attention.
+#include <doctest/doctest.h>
+
+#include <memory>
+#include <numeric>
+#include <type_traits>
+
+#include "cuda_test_util.cuh"
+
+using namespace deltakv;
+using namespace dkt;
+using namespace dkt_cuda;
+
+namespace {
+
+Compressor<float> grid_codec(int n_layers, int kv_dim, int dc, std::uint32_t seed) {
+  Compressor<float> c;
+  c.kv_dim = kv_dim;
+  c.latent_dim = dc;
+  c.layers.resize(static_cast<std::size_t>(n_layers));
+  for (int l = 0; l < n_layers; ++l) {
+    c.layers[std::size_t(l)].down = {grid_values(std::size_t(dc) * kv_dim, seed + 2 * l, -8, 8, 16.f), {}, kv_dim, dc};
+    c.layers[std::size_t(l)].up = {grid_values(std::size_t(kv_dim) * dc, seed + 2 * l + 1, -4, 4, 16.f), {}, dc, kv_dim};
+  }
+  return c;
+}
+
+template <class T>
+std::vector<T> convert(const std::vector<float>& v) {
+  if constexpr (std::is_same_v<T, float>) return v;
+  else return to_bf16(v);
+}
+
+// The GPU twin of dkt::Harness: device buffers for storage, workspace and the codec's weights.
+template <class T, class Pol>
+struct GpuHarness {
+  using Dev = cuda::CudaDevice<T>;
+  using Cache = CompressedCache<T, Dev, FixedStride, LinearEncoder<T>, LinearDecoder<T>, Pol>;
+  Dev dev{nullptr, 0, true};  // its own stream: results are read after dev.synchronize()
+  std::vector<std::unique_ptr<DBuf<T>>> weights;
+  std::vector<LinearEncoder<T>> enc;
+  std::vector<LinearDecoder<T>> dec;
+  std::unique_ptr<DBuf<std::byte>> storage, workspace;
+  std::unique_ptr<Cache> cache;
+
+  GpuHarness(const Config& cfg, FixedStride sel, const Compressor<float>& codec, Pol pol) {
+    auto up = [&](const OwnedLinear<float>& o) {
+      LinearMap<T> m{nullptr, nullptr, o.in, o.out};
+      if (o.empty()) return m;
+      weights.push_back(std::make_unique<DBuf<T>>(convert<T>(o.w)));
+      m.w = weights.back()->p;
+      if (!o.b.empty()) {
+        weights.push_back(std::make_unique<DBuf<T>>(convert<T>(o.b)));
+        m.b = weights.back()->p;
+      }
+      return m;
+    };
+    for (const auto& l : codec.layers) {
+      enc.push_back({up(l.down)});
+      dec.push_back({up(l.up)});
+    }
+    auto lay = Cache::layout(cfg, sel, pol, 0);
+    storage = std::make_unique<DBuf<std::byte>>(lay.storage_bytes);
+    workspace = std::make_unique<DBuf<std::byte>>(lay.workspace_bytes);
+    storage->poison();
+    workspace->poison();
+    cache = std::make_unique<Cache>(dev, cfg, sel, std::span<const LinearEncoder<T>>(enc),
+                                    std::span<const LinearDecoder<T>>(dec), pol,
+                                    std::span<std::byte>(storage->p, storage->n), std::span<std::byte>(workspace->p, workspace->n));
+  }
+};
+
+template <class Cache, class T>
+void append_rows(Cache& cache, int layer, int seq, const T* rows, std::int64_t count, int D) {
+  std::vector<std::int64_t> pos(static_cast<std::size_t>(count));
+  for (std::int64_t i = 0; i < count; ++i) pos[std::size_t(i)] = cache.length(layer, seq) + i;
+  const std::int32_t sid[1] = {seq};
+  const std::int32_t ip[2] = {0, std::int32_t(count)};
+  cache.append(layer, RaggedBatch<const T>{MatrixView<const T>{rows, count, D, D}, sid, ip, pos});
+}
+
+struct Shape {
+  int hq, hkv, hd, dc;
+};
+
+template <class Pol>
+void run_end_to_end(const Shape& sh, Pol pol, int n_layers, bool check_selection) {
+  Config cfg;
+  cfg.model = {n_layers, sh.hq, sh.hkv, sh.hd};
+  cfg.comp.sinks = 4;
+  cfg.comp.recent = 32;
+  cfg.comp.k_neighbors = 2;  // means of 1 or 2 grid values stay on the grid
+  cfg.comp.latent_dim = sh.dc;
+  cfg.comp.latent_bits = 4;
+  cfg.cap = {2, 700, 8};
+  const int D = cfg.model.kv_dim(), qd = sh.hq * sh.hd;
+  auto codec = grid_codec(n_layers, D, sh.dc, 77);
+  Harness<float, FixedStride, LinearEncoder<float>, Pol> cpu(cfg, FixedStride(6), codec, pol);
+  GpuHarness<float, Pol> gpu(cfg, FixedStride(6), codec, pol);
+
+  // Sequence 0: 613 tokens in uneven chunks; sequence 1: 290 tokens at once. Every layer.
+  const std::int64_t n0 = 613, n1 = 290;
+  auto x0 = grid_values(std::size_t(n0 * D), 5, -8, 8, 4.f), x1 = grid_values(std::size_t(n1 * D), 6, -8, 8, 4.f);
+  DBuf<float> dx0(x0), dx1(x1);
+  for (int l = 0; l < n_layers; ++l) {
+    std::mt19937 rng(std::uint32_t(l + 1));
+    for (std::int64_t done = 0; done < n0;) {
+      const std::int64_t c = std::min<std::int64_t>(n0 - done, done > 560 ? 1 : 1 + std::int64_t(rng() % 97));
+      cpu.append(l, 0, x0, done, c);
+      append_rows(*gpu.cache, l, 0, dx0.p + done * D, c, D);
+      done += c;
+    }
+    cpu.append(l, 1, x1, 0, n1);
+    append_rows(*gpu.cache, l, 1, dx1.p, n1, D);
+  }
+  CHECK(gpu.cache->counts().latents == cpu.cache->counts().latents);
+  CHECK(gpu.cache->counts().latents > 600);
+
+  // reconstruct everything, with and without RoPE
+  for (int l = 0; l < n_layers; ++l)
+    for (int seq : {0, 1})
+      for (bool rope : {false, true}) {
+        const std::int64_t n = cpu.cache->length(l, seq);
+        std::vector<std::int64_t> pos(static_cast<std::size_t>(n));
+        std::iota(pos.begin(), pos.end(), 0);
+        DBuf<float> dout(std::size_t(n * D));
+        dout.poison();
+        gpu.cache->reconstruct(l, seq, pos, MatrixView<float>{dout.p, n, D, D}, rope);
+        gpu.dev.synchronize();
+        const auto want = cpu.reconstruct(l, seq, rope);
+        const auto got = dout.get();
+        const double e = rel_l2(got, want);
+        MESSAGE("reconstruct layer " << l << " seq " << seq << " rope " << rope << ": rel L2 " << e);
+        CHECK(all_finite_host(got));
+        CHECK(e < 1e-4);
+      }
+  // references_of reads ids back through the device: identical
+  for (std::int64_t p : {10, 100, 333, 500}) {
+    std::int64_t a[4] = {-1, -1, -1, -1}, b[4] = {-1, -1, -1, -1};
+    const int ca = cpu.cache->references_of(n_layers - 1, 0, p, a), cb = gpu.cache->references_of(n_layers - 1, 0, p, b);
+    CHECK(ca == cb);
+    for (int j = 0; j < 4; ++j) CHECK(a[j] == b[j]);
+  }
+
+  // attention: one batch with 3 query rows of seq 0 and one decode row of seq 1, layer by layer
+  auto q = randn<float>(std::size_t(4 * qd), 99);
+  std::vector<std::int64_t> qpos{600, 606, 612, 289};
+  const std::int32_t sid[2] = {0, 1};
+  const std::int32_t ip[3] = {0, 3, 4};
+  DBuf<float> dq(q), dout(std::size_t(4 * qd));
+  for (int l = 0; l < n_layers; ++l)
+    for (bool dense : {false, true}) {
+      std::vector<float> want(std::size_t(4 * qd), std::nanf(""));
+      RaggedBatch<const float> hb{MatrixView<const float>{q.data(), 4, qd, qd}, sid, ip, qpos};
+      RaggedBatch<const float> db{MatrixView<const float>{dq.p, 4, qd, qd}, sid, ip, qpos};
+      dout.poison();
+      if (dense) {
+        cpu.cache->attend_dense(l, hb, matrix(want.data(), 4, qd));
+        gpu.cache->attend_dense(l, db, MatrixView<float>{dout.p, 4, qd, qd});
+      } else {
+        cpu.cache->attend(l, hb, matrix(want.data(), 4, qd));
+        gpu.cache->attend(l, db, MatrixView<float>{dout.p, 4, qd, qd});
+      }
+      gpu.dev.synchronize();
+      const double e = rel_l2(dout.get(), want);
+      MESSAGE("attend layer " << l << " dense " << dense << ": rel L2 " << e);
+      CHECK(e < 1e-4);
+      if (check_selection && !dense)
+        for (int seq : {0, 1}) {
+          auto a = cpu.cache->selection(seq), b = gpu.cache->selection(seq);
+          const bool same = std::vector<std::int64_t>(a.begin(), a.end()) == std::vector<std::int64_t>(b.begin(), b.end());
+          MESSAGE("selection after layer " << l << " seq " << seq << ": " << b.size() << " positions, equal " << same);
+          CHECK(same);
+        }
+    }
+}
+
+}  // namespace
+
+TEST_CASE("cuda end to end: dense policy cache equals the CPU cache (int4 latents, GQA 4 over 2, d 64)") {
+  DKT_REQUIRE_CUDA();
+  run_end_to_end(Shape{4, 2, 64, 64}, DensePolicy{}, 2, false);
+}
+
+TEST_CASE("cuda end to end: OmniKV cache equals the CPU cache, selections included (GQA 4 over 2, d 64)") {
+  DKT_REQUIRE_CUDA();
+  run_end_to_end(Shape{4, 2, 64, 64}, OmniKVPolicy{{0}, 64, 4, 32}, 3, true);
+}
+
+TEST_CASE("cuda end to end: OmniKV cache equals the CPU cache (GQA 32 over 8, d 128)") {
+  DKT_REQUIRE_CUDA();
+  run_end_to_end(Shape{32, 8, 128, 256}, OmniKVPolicy{{0, 2}, 100, 4, 32}, 3, true);
+}
+
+TEST_CASE("cuda end to end: Quest cache equals the CPU cache (GQA 4 over 2, d 64)") {
+  DKT_REQUIRE_CUDA();
+  run_end_to_end(Shape{4, 2, 64, 64}, QuestPolicy{16, 128, 1, 4, 32}, 2, false);
+}
+
+// bf16 storage (f32 arithmetic) against the f32 CPU cache on bf16-exact data and weights: the
+// reference ids agree exactly; latents and outputs differ by bf16 rounding.
+TEST_CASE("cuda end to end: a bf16 cache tracks the f32 CPU cache (int8 latents)") {
+  DKT_REQUIRE_CUDA();
+  using B = cuda::bf16;
+  Config cfg;
+  cfg.model = {2, 4, 2, 64};
+  cfg.comp.sinks = 4;
+  cfg.comp.recent = 32;
+  cfg.comp.k_neighbors = 2;
+  cfg.comp.latent_dim = 64;
+  cfg.comp.latent_bits = 8;
+  cfg.cap = {1, 500, 4};
+  const int D = cfg.model.kv_dim(), qd = 4 * 64;
+  auto codec = grid_codec(2, D, 64, 31);
+  Harness<float, FixedStride, LinearEncoder<float>, DensePolicy> cpu(cfg, FixedStride(6), codec, DensePolicy{});
+  GpuHarness<B, DensePolicy> gpu(cfg, FixedStride(6), codec, DensePolicy{});
+  const std::int64_t n = 450;
+  auto x = grid_values(static_cast<std::size_t>(n * D), 8, -8, 8, 4.f);  // exact in bf16
+  DBuf<B> dx(to_bf16(x));
+  for (int l = 0; l < 2; ++l)
+    for (std::int64_t done = 0; done < n;) {
+      const std::int64_t c = std::min<std::int64_t>(n - done, 1 + (done * 7) % 61);
+      cpu.append(l, 0, x, done, c);
+      append_rows(*gpu.cache, l, 0, dx.p + done * D, c, D);
+      done += c;
+    }
+  for (int l = 0; l < 2; ++l) {
+    std::vector<std::int64_t> pos(static_cast<std::size_t>(n));
+    std::iota(pos.begin(), pos.end(), 0);
+    DBuf<B> dout(static_cast<std::size_t>(n * D));
+    dout.poison();
+    gpu.cache->reconstruct(l, 0, pos, MatrixView<B>{dout.p, n, D, D}, true);
+    gpu.dev.synchronize();
+    const double e = rel_l2(to_f32(dout.get()), cpu.reconstruct(l, 0, true));
+    MESSAGE("bf16 reconstruct layer " << l << ": rel L2 " << e);
+    CHECK(e < 2e-2);
+    for (std::int64_t p : {50, 200, 400}) {
+      std::int64_t a[2] = {-1, -1}, b[2] = {-1, -1};
+      CHECK(cpu.cache->references_of(l, 0, p, a) == gpu.cache->references_of(l, 0, p, b));
+      CHECK((a[0] == b[0] && a[1] == b[1]));
+    }
+    // moderate logits: attention amplifies the keys' bf16 rounding through exp
+    auto q = round_bf16(randn<float>(static_cast<std::size_t>(2 * qd), 5, 0.25));
+    std::vector<std::int64_t> qpos{420, 449};
+    DBuf<B> dq(to_bf16(q)), dres(static_cast<std::size_t>(2 * qd));
+    dres.poison();
+    const std::int32_t sid[1] = {0};
+    const std::int32_t ip[2] = {0, 2};
+    gpu.cache->attend(l, RaggedBatch<const B>{MatrixView<const B>{dq.p, 2, qd, qd}, sid, ip, qpos}, MatrixView<B>{dres.p, 2, qd, qd});
+    gpu.dev.synchronize();
+    const double ea = rel_l2(to_f32(dres.get()), cpu.attend(l, 0, q, qpos));
+    MESSAGE("bf16 attend layer " << l << ": rel L2 " << ea);
+    CHECK(ea < 3e-2);
+  }
+}

@@ -1,0 +1,670 @@
+// Every op of CudaDevice against the CPU oracle (CpuDevice<float>) on fresh random inputs:
+// several sizes (including non-multiples of the block and tile sizes), GQA 4/2 and 32/8 heads,
+// head_dim 64 and 128. Device outputs are poisoned (0xFF bytes) before each call. Bounds are
+// relative L2 per op; ids, top-k, quantized bytes and pure data movement must match exactly.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <chrono>
+#include <numeric>
+
+#include "cuda_test_util.cuh"
+
+using namespace deltakv;
+using namespace dkt;
+using namespace dkt_cuda;
+
+namespace {
+
+struct Heads {
+  int hq, hkv, hd;
+};
+constexpr Heads kHeads[] = {{4, 2, 64}, {32, 8, 128}};
+
+}  // namespace
+
+TEST_CASE("cuda linear matches the CPU GEMM") {
+  DKT_REQUIRE_CUDA();
+  cuda::CudaDevice<float> dev;
+  cpu::CpuDevice<float> ref;
+  struct S {
+    std::int64_t n;
+    int in, out;
+    bool bias;
+    int padx, pady;
+  };
+  std::uint32_t seed = 100;
+  for (S s : {S{1, 64, 16, false, 0, 0}, S{2, 5, 3, true, 0, 0}, S{37, 256, 64, true, 3, 5}, S{128, 2048, 512, true, 0, 0},
+              S{300, 130, 77, false, 1, 0}, S{64, 512, 2048, true, 0, 0}}) {
+    const std::int64_t ldx = s.in + s.padx, ldy = s.out + s.pady;
+    auto x = randn<float>(std::size_t(s.n * ldx), ++seed);
+    auto w = randn<float>(std::size_t(s.out) * s.in, ++seed, 1.0 / std::sqrt(double(s.in)));
+    auto b = randn<float>(std::size_t(s.out), ++seed);
+    DBuf<float> dx(x), dw(w), db(b), dy(std::size_t(s.n * ldy));
+    dy.poison();
+    dev.linear({dx.p, ldx, dy.p, ldy, s.n, dw.p, s.bias ? db.p : nullptr, s.in, s.out});
+    auto want = poisoned<float>(std::size_t(s.n * ldy));
+    ref.linear({x.data(), ldx, want.data(), ldy, s.n, w.data(), s.bias ? b.data() : nullptr, s.in, s.out});
+    const auto got = dy.get();
+    const double e = rel_l2(pack(got, s.n, s.out, ldy), pack(want, s.n, s.out, ldy));
+    MESSAGE("linear n=" << s.n << " in=" << s.in << " out=" << s.out << " bias=" << s.bias << ": rel L2 " << e);
+    CHECK(e < 1e-5);
+    CHECK(padding_untouched(got, s.n, s.out, ldy));
+  }
+}
+
+TEST_CASE("cuda swiglu and axpy_rows match the CPU") {
+  DKT_REQUIRE_CUDA();
+  cuda::CudaDevice<float> dev;
+  cpu::CpuDevice<float> ref;
+  std::uint32_t seed = 200;
+  for (auto [n, hidden, pad] : {std::tuple{1, 7, 0}, {37, 300, 5}, {128, 1536, 0}}) {
+    const std::int64_t ldh = 2 * hidden + pad;
+    auto h = randn<float>(std::size_t(n * ldh), ++seed, 2.0);
+    DBuf<float> dh(h);
+    dev.swiglu({dh.p, ldh, n, hidden});
+    ref.swiglu({h.data(), ldh, n, hidden});
+    const auto got = dh.get();
+    const double e = rel_l2(got, h);
+    MESSAGE("swiglu n=" << n << " hidden=" << hidden << ": rel L2 " << e);
+    CHECK(e < 1e-6);
+  }
+  for (auto [n, dim, alpha] : {std::tuple{1, 3, -1.0f}, {77, 256, 1.0f}, {130, 1000, 0.37f}}) {
+    const std::int64_t ldx = dim + 3, ldy = dim + 1;
+    auto x = randn<float>(std::size_t(n * ldx), ++seed);
+    auto y = randn<float>(std::size_t(n * ldy), ++seed);
+    DBuf<float> dx(x), dy(y);
+    dev.axpy_rows({dx.p, ldx, dy.p, ldy, n, dim, alpha});
+    ref.axpy_rows({x.data(), ldx, y.data(), ldy, n, dim, alpha});
+    const bool exact = same_bits(dy.get(), y);
+    MESSAGE("axpy_rows n=" << n << " dim=" << dim << ": bit-exact " << exact);
+    CHECK(exact);
+  }
+}
+
+TEST_CASE("cuda ref_search picks the same references as the CPU, ties included") {
+  DKT_REQUIRE_CUDA();
+  cuda::CudaDevice<float> dev;
+  cpu::CpuDevice<float> ref;
+  struct S {
+    std::int64_t n, m;
+    int dim, k;
+  };
+  std::uint32_t seed = 300;
+  // Grid-valued data: every score is exact in f32, so ids must agree bit for bit, and the many
+  // exact ties (small integer range) exercise "ties keep the earlier reference".
+  for (Metric metric : {Metric::l2, Metric::dot, Metric::cosine}) {
+    for (S s : {S{1, 0, 64, 4}, S{5, 3, 32, 4}, S{37, 50, 64, 4}, S{128, 300, 256, 4}, S{200, 1000, 256, 1},
+                S{130, 700, 2048, 8}, S{64, 2000, 128, 16}}) {
+      const std::int64_t ldx = s.dim + 2, ldr = s.dim + 6;
+      auto x = grid_values(std::size_t(s.n * ldx), ++seed, -2, 2, 2.f);
+      auto r = grid_values(std::size_t(std::max<std::int64_t>(s.m, 1) * ldr), ++seed, -2, 2, 2.f);
+      std::vector<std::int32_t> vis(std::size_t(s.n));
+      std::mt19937 rng(++seed);
+      for (auto& v : vis) v = std::int32_t(rng() % std::uint32_t(s.m + 1));
+      if (s.n > 2) vis[0] = 0, vis[1] = std::int32_t(s.m);
+      DBuf<float> dx(x), dr(r);
+      DBuf<std::int32_t> dvis(vis), dids(std::size_t(s.n * s.k));
+      dids.poison();
+      dev.ref_search({dx.p, ldx, s.n, dr.p, ldr, s.m, dvis.p, s.dim, s.k, metric, dids.p});
+      std::vector<std::int32_t> want(std::size_t(s.n * s.k), -7);
+      ref.ref_search({x.data(), ldx, s.n, r.data(), ldr, s.m, vis.data(), s.dim, s.k, metric, want.data()});
+      const auto got = dids.get();
+      std::int64_t diff = 0;
+      for (std::size_t i = 0; i < got.size(); ++i) diff += got[i] != want[i];
+      MESSAGE("ref_search metric=" << int(metric) << " n=" << s.n << " m=" << s.m << " dim=" << s.dim << " k=" << s.k
+                                   << ": " << diff << " differing ids");
+      CHECK(diff == 0);
+    }
+  }
+  // Gaussian data: scores round differently, so only near-ties may differ (expect none).
+  for (Metric metric : {Metric::l2, Metric::dot, Metric::cosine}) {
+    const std::int64_t n = 128, m = 900;
+    const int dim = 256, k = 4;
+    auto x = randn<float>(std::size_t(n * dim), ++seed);
+    auto r = randn<float>(std::size_t(m * dim), ++seed);
+    std::vector<std::int32_t> vis(n);
+    for (std::int64_t i = 0; i < n; ++i) vis[i] = std::int32_t(m - n + i);
+    DBuf<float> dx(x), dr(r);
+    DBuf<std::int32_t> dvis(vis), dids(std::size_t(n * k));
+    dids.poison();
+    dev.ref_search({dx.p, dim, n, dr.p, dim, m, dvis.p, dim, k, metric, dids.p});
+    std::vector<std::int32_t> want(std::size_t(n * k));
+    ref.ref_search({x.data(), dim, n, r.data(), dim, m, vis.data(), dim, k, metric, want.data()});
+    const auto got = dids.get();
+    int rows_differ = 0;
+    for (std::int64_t i = 0; i < n; ++i)
+      rows_differ += !std::equal(got.begin() + i * k, got.begin() + (i + 1) * k, want.begin() + i * k);
+    MESSAGE("ref_search gaussian metric=" << int(metric) << ": " << rows_differ << " of " << n << " rows differ");
+    CHECK(rows_differ <= 1);
+  }
+}
+
+TEST_CASE("cuda gather_mean is bit-exact") {
+  DKT_REQUIRE_CUDA();
+  cuda::CudaDevice<float> dev;
+  cpu::CpuDevice<float> ref;
+  std::uint32_t seed = 400;
+  for (auto [n, m, dim, k, with_rows] : {std::tuple{1, 1, 32, 1, false}, {37, 20, 256, 4, true}, {128, 500, 2048, 4, false},
+                                        {300, 77, 130, 8, true}}) {
+    const std::int64_t ldr = dim + 4, ldo = dim + 2;
+    const std::int64_t idrows = n + 5;
+    auto r = randn<float>(std::size_t(m * ldr), ++seed);
+    std::mt19937 rng(++seed);
+    std::vector<std::int32_t> ids(std::size_t(idrows * k));
+    for (auto& v : ids) v = std::int32_t(rng() % std::uint32_t(m + 1)) - 1;  // -1: missing
+    for (int j = 0; j < k; ++j) ids[std::size_t(j)] = -1;                     // a row without any
+    std::vector<std::int64_t> rows(static_cast<std::size_t>(n));
+    for (auto& v : rows) v = std::int64_t(rng() % std::uint32_t(idrows));
+    DBuf<float> dr(r), dout(std::size_t(n * ldo));
+    DBuf<std::int32_t> dids(ids);
+    DBuf<std::int64_t> drows(rows);
+    dout.poison();
+    dev.gather_mean({dids.p, k, n, with_rows ? drows.p : nullptr, dr.p, ldr, dim, dout.p, ldo});
+    auto want = poisoned<float>(std::size_t(n * ldo));
+    ref.gather_mean({ids.data(), k, n, with_rows ? rows.data() : nullptr, r.data(), ldr, dim, want.data(), ldo});
+    const bool exact = same_bits(dout.get(), want);
+    MESSAGE("gather_mean n=" << n << " dim=" << dim << " k=" << k << ": bit-exact " << exact);
+    CHECK(exact);
+  }
+}
+
+TEST_CASE("cuda quantize and dequantize are bit-exact, int8 and int4") {
+  DKT_REQUIRE_CUDA();
+  cuda::CudaDevice<float> dev;
+  cpu::CpuDevice<float> ref;
+  std::uint32_t seed = 500;
+  for (int bits : {8, 4}) {
+    for (auto [n, dim] : {std::pair{1, 24}, {7, 255}, {128, 256}, {300, 512}, {33, 64}}) {
+      const std::int64_t ldz = dim + 3;
+      const std::int64_t bytes = bits == 8 ? dim : (dim + 1) / 2;
+      const std::int64_t ldq = bytes + 5;
+      auto z = randn<float>(std::size_t(n * ldz), ++seed, 3.0);
+      for (int j = 0; j < dim; ++j) z[std::size_t(j)] = 1.25f;  // a constant row: scale 1
+      DBuf<float> dz(z);
+      DBuf<std::uint8_t> dq(std::size_t(n * ldq));
+      DBuf<float> dsm(std::size_t(2 * n));
+      dq.poison();
+      dsm.poison();
+      dev.quantize({dz.p, ldz, n, dim, bits, dq.p, ldq, dsm.p});
+      auto q = poisoned<std::uint8_t>(std::size_t(n * ldq));
+      std::vector<float> sm(std::size_t(2 * n), -1.f);
+      ref.quantize({z.data(), ldz, n, dim, bits, q.data(), ldq, sm.data()});
+      const auto gq = dq.get();
+      const auto gsm = dsm.get();
+      const bool codes = pack(gq, n, bytes, ldq) == pack(q, n, bytes, ldq);
+      const bool scales = gsm == sm;
+      MESSAGE("quantize bits=" << bits << " n=" << n << " dim=" << dim << ": codes exact " << codes << ", scale/min exact "
+                               << scales);
+      CHECK(codes);
+      CHECK(scales);
+      CHECK(padding_untouched(gq, n, bytes, ldq));
+
+      // dequantize a permuted subset of the stored rows from the CPU's codes
+      std::vector<std::int64_t> rows(static_cast<std::size_t>(n));
+      std::iota(rows.begin(), rows.end(), 0);
+      std::shuffle(rows.begin(), rows.end(), std::mt19937(++seed));
+      const std::int64_t nr = std::max<std::int64_t>(1, n - 2), ldo = dim + 1;
+      DBuf<std::uint8_t> dq2(q);
+      DBuf<float> dsm2(sm), dout(std::size_t(nr * ldo));
+      DBuf<std::int64_t> drows(rows);
+      for (bool with_rows : {false, true}) {
+        dout.poison();
+        dev.dequantize({dq2.p, ldq, dsm2.p, dim, bits, with_rows ? drows.p : nullptr, nr, dout.p, ldo});
+        auto want = poisoned<float>(std::size_t(nr * ldo));
+        ref.dequantize({q.data(), ldq, sm.data(), dim, bits, with_rows ? rows.data() : nullptr, nr, want.data(), ldo});
+        const bool exact = same_bits(dout.get(), want);
+        MESSAGE("dequantize bits=" << bits << " n=" << nr << " dim=" << dim << " rows=" << with_rows << ": bit-exact " << exact);
+        CHECK(exact);
+      }
+    }
+  }
+}
+
+TEST_CASE("cuda rope matches the CPU, half and interleaved, partial rotation") {
+  DKT_REQUIRE_CUDA();
+  cuda::CudaDevice<float> dev;
+  cpu::CpuDevice<float> ref;
+  std::uint32_t seed = 600;
+  for (RopeStyle style : {RopeStyle::half, RopeStyle::interleaved})
+    for (const Heads& hh : kHeads)
+      for (int rot : {hh.hd, hh.hd / 2})
+        for (std::int64_t n : {1, 37, 128}) {
+          const int heads = hh.hkv;
+          const std::int64_t ldx = std::int64_t(heads) * hh.hd + 7;
+          auto x = randn<float>(std::size_t(n * ldx), ++seed);
+          std::mt19937 rng(++seed);
+          std::vector<std::int64_t> pos(static_cast<std::size_t>(n));
+          for (auto& p : pos) p = std::int64_t(rng() % 131072);
+          const double theta = rot == hh.hd ? 10000.0 : 500000.0;
+          DBuf<float> dx(x);
+          DBuf<std::int64_t> dpos(pos);
+          dev.rope({dx.p, ldx, n, dpos.p, heads, hh.hd, rot, style, theta});
+          ref.rope({x.data(), ldx, n, pos.data(), heads, hh.hd, rot, style, theta});
+          const double e = rel_l2(dx.get(), x);
+          MESSAGE("rope style=" << int(style) << " heads=" << heads << " d=" << hh.hd << " rot=" << rot << " n=" << n
+                                << ": rel L2 " << e);
+          CHECK(e < 1e-6);
+        }
+}
+
+namespace {
+
+// Several attn_tile calls (tiles of keys at increasing positions) then attn_finish, on both
+// devices; compares the running statistics and the output. Returns the final m, l for score_tile.
+struct AttnCase {
+  Heads h;
+  int nq;
+  std::vector<int> tiles;  // keys per call
+};
+
+}  // namespace
+
+TEST_CASE("cuda attn_tile, attn_finish and score_tile match the CPU (GQA, causal, empty rows)") {
+  DKT_REQUIRE_CUDA();
+  cuda::CudaDevice<float> dev;
+  cpu::CpuDevice<float> ref;
+  std::uint32_t seed = 700;
+  const AttnCase cases[] = {{kHeads[0], 1, {128}},        {kHeads[0], 5, {128, 128, 7}}, {kHeads[0], 3, {300, 1}},
+                            {kHeads[1], 1, {128, 100}},   {kHeads[1], 8, {77, 128, 300}},
+                            {kHeads[0], 2, {5000, 64}}};  // a tile longer than the kernel's chunk
+  for (const auto& c : cases) {
+    const int hq = c.h.hq, hkv = c.h.hkv, hd = c.h.hd;
+    const std::int64_t qd = std::int64_t(hq) * hd, kd = std::int64_t(hkv) * hd, D = 2 * kd;
+    const std::int64_t ldq = qd + 3, ldkv = D + 5;
+    std::int64_t total = 0;
+    for (int t : c.tiles) total += t;
+    auto q = randn<float>(std::size_t(c.nq * ldq), ++seed);
+    // query positions: the last row sees everything, the first (when nq > 1) nothing at all
+    std::vector<std::int64_t> qpos(std::size_t(c.nq));
+    std::mt19937 rng(++seed);
+    for (int i = 0; i < c.nq; ++i) qpos[std::size_t(i)] = std::int64_t(rng() % std::uint32_t(total + 10)) + 3;
+    qpos.back() = total + 2;
+    if (c.nq > 1) qpos[0] = 0;
+    const double scale = 1.0 / std::sqrt(double(hd));
+    const std::size_t st = std::size_t(c.nq) * hq;
+    std::vector<float> m(st, 0.f), l(st, 0.f), acc(st * hd, 0.f);
+    DBuf<float> dq(q), dm(m), dl(l), dacc(acc);
+    DBuf<std::int64_t> dqpos(qpos);
+    std::int64_t pos0 = 3;  // keys at positions 3, 4, ...
+    std::vector<float> last_kv;
+    std::vector<std::int64_t> last_pos;
+    for (int nt : c.tiles) {
+      auto kv = randn<float>(std::size_t(nt * ldkv), ++seed);
+      std::vector<std::int64_t> kvpos(static_cast<std::size_t>(nt));
+      for (int j = 0; j < nt; ++j) kvpos[std::size_t(j)] = pos0 + j;
+      pos0 += nt;
+      DBuf<float> dkv(kv);
+      DBuf<std::int64_t> dkvpos(kvpos);
+      dev.attn_tile({dq.p, ldq, c.nq, dqpos.p, dkv.p, dkv.p + kd, ldkv, nt, dkvpos.p, hq, hkv, hd, scale, dm.p, dl.p, dacc.p});
+      ref.attn_tile({q.data(), ldq, c.nq, qpos.data(), kv.data(), kv.data() + kd, ldkv, nt, kvpos.data(), hq, hkv, hd, scale,
+                     m.data(), l.data(), acc.data()});
+      last_kv = kv;
+      last_pos = kvpos;
+    }
+    const double em = rel_l2(dm.get(), m), el = rel_l2(dl.get(), l), ea = rel_l2(dacc.get(), acc);
+    const std::int64_t ldo = qd + 1;
+    DBuf<float> dout(std::size_t(c.nq * ldo));
+    dout.poison();
+    dev.attn_finish({dl.p, dacc.p, c.nq, hq, hd, dout.p, ldo});
+    auto out = poisoned<float>(std::size_t(c.nq * ldo));
+    ref.attn_finish({l.data(), acc.data(), c.nq, hq, hd, out.data(), ldo});
+    const auto gout = dout.get();
+    const double eo = rel_l2(pack(gout, c.nq, qd, ldo), pack(out, c.nq, qd, ldo));
+    MESSAGE("attn hq=" << hq << " hkv=" << hkv << " d=" << hd << " nq=" << c.nq << " keys=" << total << ": rel L2 m " << em
+                       << ", l " << el << ", acc " << ea << ", out " << eo);
+    CHECK(em < 1e-5);
+    CHECK(el < 1e-5);
+    CHECK(ea < 1e-5);
+    CHECK(eo < 1e-5);
+    CHECK(padding_untouched(gout, c.nq, qd, ldo));
+    if (c.nq > 1) {  // row 0 saw nothing: exact zeros
+      bool zeros = true;
+      for (std::int64_t e = 0; e < qd; ++e) zeros = zeros && gout[std::size_t(e)] == 0.f;
+      CHECK(zeros);
+    }
+
+    // score_tile over the last tile with the final statistics (CPU's, given to both)
+    const int nt = static_cast<int>(last_pos.size());
+    DBuf<float> dkv(last_kv), dm2(m), dl2(l), dscores(std::size_t(nt) + 3);
+    DBuf<std::int64_t> dkvpos(last_pos);
+    dscores.poison();
+    dev.score_tile({dq.p, ldq, c.nq, dqpos.p, dkv.p, ldkv, nt, dkvpos.p, hq, hkv, hd, scale, dm2.p, dl2.p, dscores.p});
+    std::vector<float> scores(static_cast<std::size_t>(nt));
+    ref.score_tile({q.data(), ldq, c.nq, qpos.data(), last_kv.data(), ldkv, nt, last_pos.data(), hq, hkv, hd, scale, m.data(),
+                    l.data(), scores.data()});
+    auto gs = dscores.get();
+    const bool tail = padding_untouched(gs, 1, nt, nt + 3);
+    gs.resize(static_cast<std::size_t>(nt));
+    const double es = rel_l2(gs, scores);
+    MESSAGE("score_tile keys=" << nt << ": rel L2 " << es);
+    CHECK(es < 1e-5);
+    CHECK(tail);
+  }
+}
+
+TEST_CASE("cuda page_bounds is exact across calls and page_score matches the CPU") {
+  DKT_REQUIRE_CUDA();
+  cuda::CudaDevice<float> dev;
+  cpu::CpuDevice<float> ref;
+  std::uint32_t seed = 800;
+  for (const Heads& hh : kHeads)
+    for (int page : {16, 5}) {
+      const int dim = hh.hkv * hh.hd;
+      const std::int64_t ldk = 2 * dim;
+      const std::int64_t chunks[] = {37, 128, 1, 90};
+      std::int64_t total = 0;
+      for (auto c : chunks) total += c;
+      const std::int64_t pages = (total + page - 1) / page + 2;
+      DBuf<float> dmin(std::size_t(pages * dim)), dmax(std::size_t(pages * dim));
+      dmin.poison();
+      dmax.poison();
+      auto kmin = poisoned<float>(std::size_t(pages * dim)), kmax = poisoned<float>(std::size_t(pages * dim));
+      std::int64_t pos0 = 0;
+      for (auto n : chunks) {
+        auto k = randn<float>(std::size_t(n * ldk), ++seed);
+        std::vector<std::int64_t> pos(static_cast<std::size_t>(n));
+        std::iota(pos.begin(), pos.end(), pos0);
+        pos0 += n;
+        DBuf<float> dk(k);
+        DBuf<std::int64_t> dpos(pos);
+        dev.page_bounds({dk.p, ldk, n, dpos.p, page, dim, dmin.p, dmax.p});
+        ref.page_bounds({k.data(), ldk, n, pos.data(), page, dim, kmin.data(), kmax.data()});
+      }
+      const bool exact = same_bits(dmin.get(), kmin) && same_bits(dmax.get(), kmax);
+      MESSAGE("page_bounds dim=" << dim << " page=" << page << " tokens=" << total << ": bit-exact " << exact);
+      CHECK(exact);
+
+      const std::int64_t n_pages = (total + page - 1) / page;
+      for (int nq : {1, 4}) {
+        const std::int64_t ldq = std::int64_t(hh.hq) * hh.hd + 2;
+        auto q = randn<float>(std::size_t(nq * ldq), ++seed);
+        DBuf<float> dq(q), dscores(static_cast<std::size_t>(n_pages));
+        dscores.poison();
+        dev.page_score({dq.p, ldq, nq, dmin.p, dmax.p, n_pages, hh.hq, hh.hkv, hh.hd, dscores.p});
+        std::vector<float> scores(static_cast<std::size_t>(n_pages));
+        ref.page_score({q.data(), ldq, nq, kmin.data(), kmax.data(), n_pages, hh.hq, hh.hkv, hh.hd, scores.data()});
+        const double e = rel_l2(dscores.get(), scores);
+        MESSAGE("page_score hq=" << hh.hq << " d=" << hh.hd << " nq=" << nq << " pages=" << n_pages << ": rel L2 " << e);
+        CHECK(e < 1e-5);
+      }
+    }
+  // many pages (grid-stride path)
+  {
+    const Heads hh = kHeads[0];
+    const int dim = hh.hkv * hh.hd;
+    const std::int64_t n_pages = 70000;
+    auto a = randn<float>(std::size_t(n_pages * dim), 9), b = randn<float>(std::size_t(n_pages * dim), 10);
+    auto q = randn<float>(std::size_t(hh.hq * hh.hd), 11);
+    DBuf<float> da(a), db(b), dq(q), dscores(static_cast<std::size_t>(n_pages));
+    dscores.poison();
+    dev.page_score({dq.p, hh.hq * hh.hd, 1, da.p, db.p, n_pages, hh.hq, hh.hkv, hh.hd, dscores.p});
+    std::vector<float> scores(static_cast<std::size_t>(n_pages));
+    ref.page_score({q.data(), hh.hq * hh.hd, 1, a.data(), b.data(), n_pages, hh.hq, hh.hkv, hh.hd, scores.data()});
+    const double e = rel_l2(dscores.get(), scores);
+    MESSAGE("page_score pages=" << n_pages << ": rel L2 " << e);
+    CHECK(e < 1e-5);
+  }
+}
+
+TEST_CASE("cuda topk equals the CPU exactly, ties to the lower index") {
+  DKT_REQUIRE_CUDA();
+  cuda::CudaDevice<float> dev;
+  cpu::CpuDevice<float> ref;
+  std::uint32_t seed = 900;
+  enum Kind { distinct, ties, zeros_and_negatives, probabilities };
+  struct S {
+    std::int64_t n;
+    int k;
+    Kind kind;
+  };
+  for (S s : {S{1, 1, distinct}, S{5, 9, distinct}, S{100, 17, ties}, S{1000, 1000, ties}, S{5000, 64, zeros_and_negatives},
+              S{131072, 2048, distinct}, S{200003, 2048, ties}, S{200003, 5000, distinct}, S{70000, 9000, ties},
+              S{4097, 4096, distinct}, S{3, 2, zeros_and_negatives}, S{131072, 2048, probabilities},
+              S{300001, 100, probabilities}, S{20000, 6000, probabilities}}) {
+    std::vector<float> sc(std::size_t(s.n));
+    std::mt19937 rng(++seed);
+    if (s.kind == distinct) {
+      for (std::int64_t i = 0; i < s.n; ++i) sc[std::size_t(i)] = float(i) * 0.25f - 1000.f;
+      std::shuffle(sc.begin(), sc.end(), rng);
+    } else if (s.kind == ties) {
+      for (auto& v : sc) v = float(rng() % 10);
+    } else if (s.kind == probabilities) {  // what score_tile produces: few exponents, some ties
+      for (auto& v : sc) v = float(rng() % 100000) * 1e-7f;
+    } else {
+      const float vals[] = {0.f, -0.f, -1.5f, 2.f, -1e30f, 1e-30f};
+      for (auto& v : sc) v = vals[rng() % 6];
+    }
+    DBuf<float> dsc(sc);
+    DBuf<std::int32_t> didx(std::size_t(s.k));
+    didx.poison();
+    dev.topk({dsc.p, s.n, s.k, didx.p});
+    std::vector<std::int32_t> want(std::size_t(s.k), -1);
+    ref.topk({sc.data(), s.n, s.k, want.data()});
+    const auto got = didx.get();
+    const bool exact = got == want;  // entries past min(k, n) stay -1 (poison) on both
+    MESSAGE("topk n=" << s.n << " k=" << s.k << " kind=" << int(s.kind) << ": exact " << exact);
+    CHECK(exact);
+  }
+}
+
+TEST_CASE("cuda copy_rows is exact with and without row lists") {
+  DKT_REQUIRE_CUDA();
+  cuda::CudaDevice<float> dev;
+  cpu::CpuDevice<float> ref;
+  std::uint32_t seed = 1000;
+  for (auto [n, dim, lds, ldd] : {std::tuple{1, 64, 64, 64}, {37, 256, 260, 256}, {128, 33, 40, 33}, {300, 2048, 2048, 2052},
+                                  {5, 3, 7, 5}}) {
+    const std::int64_t src_n = n + 11, dst_n = n + 7;
+    auto src = randn<float>(std::size_t(src_n * lds), ++seed);
+    std::mt19937 rng(++seed);
+    std::vector<std::int64_t> srows(static_cast<std::size_t>(n)), drows(static_cast<std::size_t>(dst_n));
+    for (auto& v : srows) v = std::int64_t(rng() % std::uint32_t(src_n));
+    std::iota(drows.begin(), drows.end(), 0);
+    std::shuffle(drows.begin(), drows.end(), rng);  // distinct destinations
+    drows.resize(static_cast<std::size_t>(n));
+    for (bool lists : {false, true}) {
+      DBuf<float> ds(src), dd(std::size_t(dst_n * ldd));
+      DBuf<std::int64_t> dsr(srows), ddr(drows);
+      dd.poison();
+      dev.copy_rows({ds.p, lds, lists ? dsr.p : nullptr, dd.p, ldd, lists ? ddr.p : nullptr, n, dim});
+      auto want = poisoned<float>(std::size_t(dst_n * ldd));
+      ref.copy_rows({src.data(), lds, lists ? srows.data() : nullptr, want.data(), ldd, lists ? drows.data() : nullptr, n, dim});
+      const bool exact = same_bits(dd.get(), want);
+      MESSAGE("copy_rows n=" << n << " dim=" << dim << " lds=" << lds << " ldd=" << ldd << " lists=" << lists << ": exact "
+                             << exact);
+      CHECK(exact);
+    }
+  }
+}
+
+TEST_CASE("cuda all_finite, to_host, to_device and fill_zero") {
+  DKT_REQUIRE_CUDA();
+  cuda::CudaDevice<float> dev;
+  cpu::CpuDevice<float> ref;
+  const std::int64_t n = 300, dim = 129, ld = 133;
+  auto x = randn<float>(std::size_t(n * ld), 1);
+  for (std::int64_t r = 0; r < n; ++r) x[std::size_t(r * ld + dim + 1)] = std::nanf("");  // padding is not checked
+  DBuf<float> dx(x);
+  CHECK(dev.all_finite({dx.p, ld, n, int(dim)}) == ref.all_finite({x.data(), ld, n, int(dim)}));
+  CHECK(dev.all_finite({dx.p, ld, n, int(dim)}));
+  for (float bad : {std::nanf(""), INFINITY, -INFINITY}) {
+    auto y = x;
+    y[std::size_t((n - 1) * ld + dim - 1)] = bad;
+    DBuf<float> dy(y);
+    CHECK_FALSE(dev.all_finite({dy.p, ld, n, int(dim)}));
+    CHECK_FALSE(ref.all_finite({y.data(), ld, n, int(dim)}));
+  }
+  CHECK(dev.all_finite({dx.p, ld, 0, int(dim)}));
+
+  std::vector<float> h(1000);
+  std::iota(h.begin(), h.end(), 0.f);
+  DBuf<float> d(1000);
+  dev.to_device(d.p, h.data(), h.size() * sizeof(float));
+  std::vector<float> back(1000, -1.f);
+  dev.to_host(back.data(), d.p, back.size() * sizeof(float));
+  CHECK(back == h);
+  dev.fill_zero(d.p + 10, 100 * sizeof(float));
+  dev.to_host(back.data(), d.p, back.size() * sizeof(float));
+  for (int i = 0; i < 1000; ++i) CHECK(back[std::size_t(i)] == (i >= 10 && i < 110 ? 0.f : float(i)));
+
+  // a device on its own stream orders everything on it
+  cuda::CudaDevice<float> own(nullptr, 1 << 20, true);
+  CHECK(own.scratch_capacity() >= (1u << 20));
+  own.fill_zero(d.p, 1000 * sizeof(float));
+  own.to_device(d.p + 500, h.data(), 500 * sizeof(float));
+  own.to_host(back.data(), d.p, back.size() * sizeof(float));
+  for (int i = 0; i < 1000; ++i) CHECK(back[std::size_t(i)] == (i < 500 ? 0.f : float(i - 500)));
+}
+
+// bf16 storage with f32 arithmetic: against the CPU oracle on the same (bf16-rounded) inputs.
+TEST_CASE("cuda bf16 hot ops match the f32 CPU oracle to bf16 rounding") {
+  DKT_REQUIRE_CUDA();
+  using B = cuda::bf16;
+  cuda::CudaDevice<B> dev;
+  cpu::CpuDevice<float> ref;
+  const double bound = 1e-2;  // bf16 keeps 8 significant bits: about 2e-3 per element
+  std::uint32_t seed = 1100;
+  {  // linear
+    const std::int64_t n = 77;
+    const int in = 256, out = 96;
+    auto x = round_bf16(randn<float>(std::size_t(n * in), ++seed));
+    auto w = round_bf16(randn<float>(std::size_t(out * in), ++seed, 0.0625));
+    auto b = round_bf16(randn<float>(std::size_t(out), ++seed));
+    DBuf<B> dx(to_bf16(x)), dw(to_bf16(w)), db(to_bf16(b)), dy(std::size_t(n * out));
+    dy.poison();
+    dev.linear({dx.p, in, dy.p, out, n, dw.p, db.p, in, out});
+    std::vector<float> y(std::size_t(n * out));
+    ref.linear({x.data(), in, y.data(), out, n, w.data(), b.data(), in, out});
+    const double e = rel_l2(to_f32(dy.get()), y);
+    MESSAGE("bf16 linear: rel L2 " << e);
+    CHECK(e < bound);
+  }
+  {  // copy_rows (exact), gather_mean, dequantize
+    const std::int64_t n = 50, m = 30;
+    const int dim = 130, k = 4;
+    auto r = round_bf16(randn<float>(std::size_t(m * dim), ++seed));
+    std::vector<std::int64_t> rows(static_cast<std::size_t>(n));
+    std::vector<std::int32_t> ids(std::size_t(n * k));
+    std::mt19937 rng(++seed);
+    for (auto& v : rows) v = std::int64_t(rng() % m);
+    for (auto& v : ids) v = std::int32_t(rng() % (m + 1)) - 1;
+    DBuf<B> dr(to_bf16(r)), dcopy(std::size_t(n * dim)), dmean(std::size_t(n * dim));
+    DBuf<std::int64_t> drows(rows);
+    DBuf<std::int32_t> dids(ids);
+    dcopy.poison();
+    dmean.poison();
+    dev.copy_rows({dr.p, dim, drows.p, dcopy.p, dim, nullptr, n, dim});
+    std::vector<float> copy(std::size_t(n * dim));
+    ref.copy_rows({r.data(), dim, rows.data(), copy.data(), dim, nullptr, n, dim});
+    CHECK(to_f32(dcopy.get()) == copy);
+    dev.gather_mean({dids.p, k, n, nullptr, dr.p, dim, dim, dmean.p, dim});
+    std::vector<float> mean(std::size_t(n * dim));
+    ref.gather_mean({ids.data(), k, n, nullptr, r.data(), dim, dim, mean.data(), dim});
+    const double e = rel_l2(to_f32(dmean.get()), mean);
+    MESSAGE("bf16 gather_mean: rel L2 " << e);
+    CHECK(e < bound);
+
+    std::vector<std::uint8_t> q(std::size_t(n * dim));
+    for (auto& v : q) v = std::uint8_t(rng());
+    auto sm = uniform(std::size_t(2 * n), ++seed, 0.01f, 0.1f);
+    DBuf<std::uint8_t> dq(q);
+    DBuf<float> dsm(sm);
+    for (int bits : {8, 4}) {
+      DBuf<B> dz(std::size_t(n * dim));
+      dz.poison();
+      dev.dequantize({dq.p, dim, dsm.p, dim, bits, drows.p, n, dz.p, dim});
+      std::vector<float> z(std::size_t(n * dim));
+      ref.dequantize({q.data(), dim, sm.data(), dim, bits, rows.data(), n, z.data(), dim});
+      const double ez = rel_l2(to_f32(dz.get()), z);
+      MESSAGE("bf16 dequantize bits=" << bits << ": rel L2 " << ez);
+      CHECK(ez < bound);
+    }
+  }
+  for (const Heads& hh : kHeads) {  // rope, attention
+    const std::int64_t n = 100;
+    const int nq = 3;
+    const std::int64_t kd = std::int64_t(hh.hkv) * hh.hd, D = 2 * kd, qd = std::int64_t(hh.hq) * hh.hd;
+    auto kv = round_bf16(randn<float>(std::size_t(n * D), ++seed));
+    std::vector<std::int64_t> pos(static_cast<std::size_t>(n));
+    std::iota(pos.begin(), pos.end(), 1000);
+    DBuf<B> dkv(to_bf16(kv));
+    DBuf<std::int64_t> dpos(pos);
+    dev.rope({dkv.p, D, n, dpos.p, hh.hkv, hh.hd, hh.hd, RopeStyle::half, 10000.0});
+    auto kv_rot = kv;
+    ref.rope({kv_rot.data(), D, n, pos.data(), hh.hkv, hh.hd, hh.hd, RopeStyle::half, 10000.0});
+    const auto gkv = to_f32(dkv.get());
+    const double er = rel_l2(gkv, kv_rot);
+    MESSAGE("bf16 rope d=" << hh.hd << ": rel L2 " << er);
+    CHECK(er < bound);
+
+    auto q = round_bf16(randn<float>(std::size_t(nq * qd), ++seed));
+    std::vector<std::int64_t> qpos{1050, 1099, 1200};
+    DBuf<B> dq(to_bf16(q)), dout(std::size_t(nq * qd));
+    DBuf<std::int64_t> dqpos(qpos);
+    const std::size_t st = std::size_t(nq) * hh.hq;
+    DBuf<float> dm(std::vector<float>(st, 0.f)), dl(std::vector<float>(st, 0.f)), dacc(std::vector<float>(st * hh.hd, 0.f));
+    dout.poison();
+    // attend over the device's own rotated keys (bf16) on both sides
+    dev.attn_tile({dq.p, qd, nq, dqpos.p, dkv.p, dkv.p + kd, D, int(n), dpos.p, hh.hq, hh.hkv, hh.hd, 1.0 / std::sqrt(double(hh.hd)),
+                   dm.p, dl.p, dacc.p});
+    dev.attn_finish({dl.p, dacc.p, nq, hh.hq, hh.hd, dout.p, qd});
+    std::vector<float> m(st, 0.f), l(st, 0.f), acc(st * hh.hd, 0.f), out(std::size_t(nq * qd));
+    ref.attn_tile({q.data(), qd, nq, qpos.data(), gkv.data(), gkv.data() + kd, D, int(n), pos.data(), hh.hq, hh.hkv, hh.hd,
+                   1.0 / std::sqrt(double(hh.hd)), m.data(), l.data(), acc.data()});
+    ref.attn_finish({l.data(), acc.data(), nq, hh.hq, hh.hd, out.data(), qd});
+    const double ea = rel_l2(to_f32(dout.get()), out);
+    MESSAGE("bf16 attention hq=" << hh.hq << " d=" << hh.hd << ": rel L2 " << ea);
+    CHECK(ea < bound);
+  }
+}
+
+// Not a check: rough per-call times of the main ops (Llama-3.1-8B-like shapes), for the record.
+// Skipped by default; run with --no-skip --test-case="cuda op timings*".
+TEST_CASE("cuda op timings" * doctest::skip(true)) {
+  DKT_REQUIRE_CUDA();
+  cuda::CudaDevice<float> dev;
+  auto time_us = [&](auto&& f) {
+    f();
+    dev.synchronize();
+    const int reps = 50;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < reps; ++i) f();
+    dev.synchronize();
+    return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / reps;
+  };
+  const int hq = 32, hkv = 8, hd = 128, D = 2 * hkv * hd, dc = 512, tile = 128;
+  const std::int64_t m = 2000;
+  DBuf<float> x(std::vector<float>(std::size_t(tile) * D, 0.5f)), w(std::vector<float>(std::size_t(dc) * D, 0.01f));
+  DBuf<float> y(std::size_t(tile) * D), refs(randn<float>(std::size_t(m) * D, 3)), z(std::size_t(tile) * dc);
+  DBuf<float> q(randn<float>(std::size_t(hq) * hd, 4));
+  DBuf<std::int32_t> vis(std::vector<std::int32_t>(tile, std::int32_t(m))), ids(std::size_t(tile) * 4);
+  std::vector<std::int64_t> pos(tile);
+  std::iota(pos.begin(), pos.end(), 100000);
+  DBuf<std::int64_t> dpos(pos), qpos(std::vector<std::int64_t>{200000});
+  DBuf<float> mm(std::vector<float>(hq, 0.f)), ll(std::vector<float>(hq, 0.f)), acc(std::vector<float>(std::size_t(hq) * hd, 0.f));
+  DBuf<std::uint8_t> qbytes(std::size_t(tile) * dc);
+  DBuf<float> sm(std::size_t(2 * tile)), scores(randn<float>(131072, 5));
+  DBuf<std::int32_t> top(4096);
+  MESSAGE("linear 128x2048 -> 512: " << time_us([&] { dev.linear({x.p, D, z.p, dc, tile, w.p, nullptr, D, dc}); }) << " us");
+  MESSAGE("linear 128x512 -> 2048: " << time_us([&] { dev.linear({z.p, dc, y.p, D, tile, w.p, nullptr, dc, D}); }) << " us");
+  MESSAGE("ref_search 128 rows x 2000 refs, dim 2048, k 4: "
+          << time_us([&] { dev.ref_search({x.p, D, tile, refs.p, D, m, vis.p, D, 4, Metric::l2, ids.p}); }) << " us");
+  MESSAGE("gather_mean 128 x 2048, k 4: " << time_us([&] { dev.gather_mean({ids.p, 4, tile, nullptr, refs.p, D, D, y.p, D}); })
+                                          << " us");
+  MESSAGE("quantize int4 128 x 512: " << time_us([&] { dev.quantize({z.p, dc, tile, dc, 4, qbytes.p, dc, sm.p}); }) << " us");
+  MESSAGE("dequantize int4 128 x 512: " << time_us([&] { dev.dequantize({qbytes.p, dc, sm.p, dc, 4, nullptr, tile, z.p, dc}); })
+                                        << " us");
+  MESSAGE("rope 128 rows x 8 heads x 128: "
+          << time_us([&] { dev.rope({y.p, D, tile, dpos.p, hkv, hd, hd, RopeStyle::half, 500000.0}); }) << " us");
+  MESSAGE("copy_rows 128 x 2048: " << time_us([&] { dev.copy_rows({refs.p, D, nullptr, y.p, D, nullptr, tile, D}); }) << " us");
+  MESSAGE("attn_tile 1 query x 32 heads x 128 keys: " << time_us([&] {
+            dev.attn_tile({q.p, hq * hd, 1, qpos.p, y.p, y.p + hkv * hd, D, tile, dpos.p, hq, hkv, hd, 0.088, mm.p, ll.p, acc.p});
+          }) << " us");
+  MESSAGE("score_tile 1 query x 32 heads x 128 keys: " << time_us([&] {
+            dev.score_tile({q.p, hq * hd, 1, qpos.p, y.p, D, tile, dpos.p, hq, hkv, hd, 0.088, mm.p, ll.p, scores.p});
+          }) << " us");
+  for (std::int64_t n : {8192, 32768, 131072})
+    MESSAGE("topk n=" << n << " k=2048: " << time_us([&] { dev.topk({scores.p, n, 2048, top.p}); }) << " us");
+  MESSAGE("all_finite 128 x 2048 (syncs): " << time_us([&] { (void)dev.all_finite({y.p, D, tile, D}); }) << " us");
+}
