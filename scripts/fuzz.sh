@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Builds the libFuzzer targets in fuzz/ with clang (ASan + UBSan, no recovery) into build-fuzz/
+# and runs each for FUZZ_SECONDS on a temporary copy of its seed corpus (fuzz/corpus/<name>/ is
+# never modified). Fails on any crash, sanitizer report, leak, timeout or out-of-memory; the input
+# that caused it is kept in build-fuzz/artifacts/<target>/ and the command to replay it is printed.
+#
+# Environment:
+#   FUZZ_SECONDS   seconds per target (default 60)
+#   FUZZ_TARGETS   space-separated subset of: safetensors gguf cache (default: all available)
+#   FUZZ_CXX       clang++ to use (default: clang++, else clang++-14)
+#   FUZZ_CXXFLAGS  extra compile flags (e.g. -DDELTAKV_FUZZ_SKIP_OPEN_FINDINGS)
+#   FUZZ_ARGS      extra libFuzzer flags (e.g. -jobs=2 or -use_value_profile=1)
+# Needs clang with libFuzzer: on Debian 12, apt-get install clang libclang-rt-14-dev.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+
+SECONDS_PER_TARGET=${FUZZ_SECONDS:-60}
+CXX_FUZZ=${FUZZ_CXX:-}
+if [[ -z "$CXX_FUZZ" ]]; then
+  for c in clang++ clang++-14; do
+    if command -v "$c" >/dev/null 2>&1; then CXX_FUZZ=$c; break; fi
+  done
+fi
+if [[ -z "$CXX_FUZZ" ]]; then
+  echo "fuzz: no clang++ found (apt-get install clang libclang-rt-14-dev)" >&2
+  exit 2
+fi
+
+EIGEN_INC=/usr/include/eigen3
+if [[ ! -f "$EIGEN_INC/Eigen/Core" ]] && command -v pkg-config >/dev/null 2>&1 && pkg-config --exists eigen3; then
+  EIGEN_INC=$(pkg-config --cflags-only-I eigen3 | sed 's/^ *-I//; s/ .*//')
+fi
+
+targets=(${FUZZ_TARGETS:-safetensors gguf cache})
+# The GGUF target is built only where the reader exists.
+if [[ ! -f include/deltakv/io/gguf.hpp ]]; then
+  filtered=()
+  for t in "${targets[@]}"; do
+    if [[ "$t" == gguf ]]; then echo "fuzz: include/deltakv/io/gguf.hpp not present, skipping fuzz_gguf"; else filtered+=("$t"); fi
+  done
+  targets=("${filtered[@]}")
+fi
+
+OUT=build-fuzz
+mkdir -p "$OUT"
+CXXFLAGS_FUZZ=(-std=c++20 -g -O1 -fno-omit-frame-pointer
+  -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
+  -I include -I backends/cpu/include -I "$EIGEN_INC" ${FUZZ_CXXFLAGS:-})
+
+echo "== fuzz: building ${targets[*]} with $CXX_FUZZ"
+build_start=$(date +%s)
+pids=()
+for t in "${targets[@]}"; do
+  "$CXX_FUZZ" "${CXXFLAGS_FUZZ[@]}" "fuzz/fuzz_$t.cpp" -o "$OUT/fuzz_$t" >"$OUT/build_$t.log" 2>&1 &
+  pids+=($!)
+done
+build_failed=0
+for i in "${!pids[@]}"; do
+  if ! wait "${pids[$i]}"; then
+    echo "fuzz: building fuzz_${targets[$i]} failed:" >&2
+    cat "$OUT/build_${targets[$i]}.log" >&2
+    build_failed=1
+  fi
+done
+[[ $build_failed -eq 0 ]] || exit 1
+echo "== fuzz: built in $(( $(date +%s) - build_start )) s"
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/deltakv-fuzz.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+
+failed=()
+for t in "${targets[@]}"; do
+  corpus="$WORK/corpus_$t"
+  mkdir -p "$corpus"
+  if [[ -d "fuzz/corpus/$t" ]]; then cp -R "fuzz/corpus/$t/." "$corpus/"; fi
+  find "$corpus" -name '*.py' -delete
+  artifacts="$ROOT/$OUT/artifacts/$t"
+  rm -rf "$artifacts"
+  mkdir -p "$artifacts"
+  log="$OUT/fuzz_$t.log"
+  echo "== fuzz: fuzz_$t for ${SECONDS_PER_TARGET} s (log: $log)"
+  set +e
+  (cd "$WORK" && TMPDIR="$WORK" "$ROOT/$OUT/fuzz_$t" "$corpus" \
+      -max_total_time="$SECONDS_PER_TARGET" -timeout=10 -rss_limit_mb=2048 -detect_leaks=1 \
+      -print_final_stats=1 -artifact_prefix="$artifacts/" ${FUZZ_ARGS:-}) >"$log" 2>&1
+  rc=$?
+  set -e
+  grep -E '^#[0-9]+[[:space:]]+DONE' "$log" | tail -1 || true
+  grep -E '^stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb)' "$log" | tr '\n' ' ' || true
+  echo
+  if [[ $rc -ne 0 ]]; then
+    echo "fuzz: fuzz_$t FAILED (exit $rc)" >&2
+    grep -E 'ERROR|FUZZ_CHECK|runtime error|SUMMARY|Test unit written|terminate called|what\(\)' "$log" | head -20 >&2 || true
+    for a in "$artifacts"/*; do
+      [[ -e "$a" ]] && echo "fuzz: replay with: $OUT/fuzz_$t $a" >&2
+    done
+    failed+=("$t")
+  fi
+done
+
+if [[ ${#failed[@]} -gt 0 ]]; then
+  echo "== fuzz: FAILED: ${failed[*]}" >&2
+  exit 1
+fi
+echo "== fuzz: all targets clean"

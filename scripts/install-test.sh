@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Install test: `cmake --install` deltakv into a temporary prefix, then configure, build and run
+# the consumer project in tests/consumer, which finds the installed package with
+# find_package(deltakv) (nothing from the source tree) and checks a small cache's reconstruction.
+# Everything happens in a temporary directory, removed at exit (KEEP_INSTALL_TEST=1 keeps it).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+
+GEN=()
+if command -v ninja >/dev/null 2>&1; then GEN=(-G Ninja); fi
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/deltakv-install-test.XXXXXX")
+if [[ "${KEEP_INSTALL_TEST:-0}" == 1 ]]; then
+  echo "install-test: keeping $WORK"
+else
+  trap 'rm -rf "$WORK"' EXIT
+fi
+PREFIX="$WORK/prefix"
+
+echo "== install-test: configure + install deltakv into $PREFIX"
+cmake -S "$ROOT" -B "$WORK/build" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_INSTALL_PREFIX="$PREFIX" \
+  -DDELTAKV_INSTALL=ON -DDELTAKV_ENABLE_TESTS=OFF -DDELTAKV_ENABLE_EXAMPLES=OFF -DDELTAKV_ENABLE_BENCHMARKS=OFF >/dev/null
+cmake --build "$WORK/build" >/dev/null
+cmake --install "$WORK/build" >/dev/null
+
+# The package must be complete on its own: headers of the core, the I/O readers and the CPU
+# backend, the config, version and targets files, and no path back into the source tree.
+for f in include/deltakv/cache.hpp include/deltakv/io/safetensors.hpp include/deltakv/cpu/device.hpp; do
+  [[ -f "$PREFIX/$f" ]] || { echo "install-test: $f was not installed" >&2; exit 1; }
+done
+cfg_dir=$(dirname "$(find "$PREFIX" -name deltakvConfig.cmake | head -1)")
+for f in deltakvConfig.cmake deltakvConfigVersion.cmake deltakvTargets.cmake; do
+  [[ -f "$cfg_dir/$f" ]] || { echo "install-test: $f was not installed" >&2; exit 1; }
+done
+if grep -rqF "$ROOT" "$cfg_dir"; then
+  echo "install-test: the installed package refers to the source tree:" >&2
+  grep -rnF "$ROOT" "$cfg_dir" >&2
+  exit 1
+fi
+
+echo "== install-test: build tests/consumer against the installed package"
+cmake -S "$ROOT/tests/consumer" -B "$WORK/consumer" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release \
+  -DCMAKE_PREFIX_PATH="$PREFIX" -DCMAKE_FIND_PACKAGE_PREFER_CONFIG=ON >/dev/null
+cmake --build "$WORK/consumer"
+"$WORK/consumer/deltakv_consumer"
+echo "== install-test: ok"
