@@ -247,7 +247,7 @@ TEST_CASE("gguf: fixture tensors dequantize exactly like gguf.quants.dequantize"
   const auto index = nlohmann::json::parse(js);
   std::vector<float> expected(bytes.size() / 4);
   for (std::size_t i = 0; i < expected.size(); ++i)
-    expected[i] = std::bit_cast<float>(detail_gguf::load_le<std::uint32_t>(bytes.data() + 4 * i));
+    expected[i] = std::bit_cast<float>(load_le<std::uint32_t>(bytes.data() + 4 * i));
 
   REQUIRE(f.tensors().size() == index["tensors"].size());
   std::size_t i = 0;

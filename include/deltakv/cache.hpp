@@ -162,8 +162,10 @@ class CompressedCache {
       if (s.n + (r1 - r0) > cfg_.cap.max_tokens)
         throw CapacityError("seq " + std::to_string(seq) + " would hold " + std::to_string(s.n + (r1 - r0)) +
                             " tokens, capacity is " + std::to_string(cfg_.cap.max_tokens));
-      items_[b] = AppendPlan::Item{seq, r0, r1 - r0, s.n};
     }
+    // Only a batch that passed every check may overwrite the items (a failed call changes nothing).
+    for (int b = 0; b < B; ++b)
+      items_[b] = AppendPlan::Item{x.seq_ids[b], x.indptr[b], x.indptr[b + 1] - x.indptr[b], at(layer, x.seq_ids[b]).n};
     // The items live in one cache-owned array: a newer plan overwrites them, so it makes older
     // plans stale (a plan is run once, right after it is made).
     ++generation_;

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "deltakv/error.hpp"
+#include "deltakv/io/bytes.hpp"
 
 #if __has_include(<unistd.h>) && __has_include(<fcntl.h>) && __has_include(<sys/mman.h>) && \
     __has_include(<sys/stat.h>)
@@ -119,27 +120,7 @@ inline GgmlTraits ggml_traits_or_throw(GgmlType t) {
   return tr;
 }
 
-template <class T>
-T load_le(const std::byte* p) {
-  std::uint64_t v = 0;
-  for (std::size_t k = 0; k < sizeof(T); ++k) v |= static_cast<std::uint64_t>(p[k]) << (8 * k);
-  return static_cast<T>(v);
-}
-
-// IEEE binary16 bits -> float, exact for every value (subnormals, inf, NaN payloads).
-inline float gguf_half_to_float(std::uint16_t h) {
-  const std::uint32_t sign = static_cast<std::uint32_t>(h >> 15) << 31;
-  const std::uint32_t exp = (h >> 10) & 0x1Fu;
-  const std::uint32_t mant = h & 0x3FFu;
-  if (exp == 0) {
-    const float mag = std::ldexp(static_cast<float>(mant), -24);
-    return sign ? -mag : mag;
-  }
-  if (exp == 0x1F) return std::bit_cast<float>(sign | 0x7F800000u | (mant << 13));
-  return std::bit_cast<float>(sign | ((exp - 15 + 127) << 23) | (mant << 13));
-}
-
-inline float half_at(const std::byte* p) { return gguf_half_to_float(load_le<std::uint16_t>(p)); }
+inline float half_at(const std::byte* p) { return f16_bits_to_float(load_le<std::uint16_t>(p)); }
 
 inline int nib(const std::byte* qs, int j) { return static_cast<int>(std::to_integer<unsigned>(qs[j % 16]) >> (j < 16 ? 0 : 4)) & 0xF; }
 
@@ -315,7 +296,6 @@ inline void dequantize_row(GgmlType t, const std::byte* src, float* dst, std::in
                      std::to_string(static_cast<std::uint32_t>(t)) + ") is not supported");
   (void)ggml_row_bytes(t, n);  // validates n
   using detail_gguf::half_at;
-  using detail_gguf::load_le;
   using detail_gguf::nib;
   switch (t) {
     case GgmlType::F32:

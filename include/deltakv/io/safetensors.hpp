@@ -30,6 +30,7 @@
 #include <nlohmann/json.hpp>
 
 #include "deltakv/error.hpp"
+#include "deltakv/io/bytes.hpp"
 
 #if __has_include(<unistd.h>) && __has_include(<fcntl.h>)
 #include <fcntl.h>
@@ -80,26 +81,6 @@ inline StDType dtype_from_name(std::string_view s) {
   throw DTypeError("unsupported safetensors dtype '" + std::string(s) + "'");
 }
 
-// IEEE binary16 bits -> float. Every half value is exactly representable as a float, including
-// subnormals; NaN payloads are kept (shifted into the float mantissa).
-inline float f16_bits_to_float(std::uint16_t h) {
-  const std::uint32_t sign = static_cast<std::uint32_t>(h >> 15) << 31;
-  const std::uint32_t exp = (h >> 10) & 0x1Fu;
-  const std::uint32_t mant = h & 0x3FFu;
-  if (exp == 0) {
-    // Zero or subnormal: mant * 2^-24, exact in float (needs at most 10 significant bits).
-    const float mag = std::ldexp(static_cast<float>(mant), -24);
-    return sign ? -mag : mag;
-  }
-  if (exp == 0x1F) return std::bit_cast<float>(sign | 0x7F800000u | (mant << 13));  // inf / NaN
-  return std::bit_cast<float>(sign | ((exp - 15 + 127) << 23) | (mant << 13));
-}
-
-// bfloat16 is the upper half of a float, so widening is a shift (exact for every class).
-inline float bf16_bits_to_float(std::uint16_t b) {
-  return std::bit_cast<float>(static_cast<std::uint32_t>(b) << 16);
-}
-
 // Little-endian bytes of a float array, the layout safetensors stores for F32.
 inline std::vector<std::byte> f32_bytes(std::span<const float> values) {
   std::vector<std::byte> out(values.size() * 4);
@@ -130,13 +111,6 @@ namespace detail {
 // Same cap as the reference implementation: a larger header is almost surely corruption and
 // would otherwise let a 1 KB file make us allocate gigabytes.
 inline constexpr std::uint64_t kMaxHeaderBytes = 100'000'000;
-
-template <class T>
-T load_le(const std::byte* p) {
-  std::uint64_t v = 0;
-  for (std::size_t k = 0; k < sizeof(T); ++k) v |= static_cast<std::uint64_t>(p[k]) << (8 * k);
-  return static_cast<T>(v);
-}
 
 // product(shape) * elem_size, or false on overflow. A zero dimension makes the result 0 even if
 // the other dimensions would overflow, so check for it first.
@@ -296,19 +270,19 @@ class SafetensorsFile {
     switch (t.dtype) {
       case StDType::F64:
         for (std::size_t i = 0; i < n; ++i)
-          out[i] = static_cast<T>(std::bit_cast<double>(detail::load_le<std::uint64_t>(p + 8 * i)));
+          out[i] = static_cast<T>(std::bit_cast<double>(load_le<std::uint64_t>(p + 8 * i)));
         break;
       case StDType::F32:
         for (std::size_t i = 0; i < n; ++i)
-          out[i] = static_cast<T>(std::bit_cast<float>(detail::load_le<std::uint32_t>(p + 4 * i)));
+          out[i] = static_cast<T>(std::bit_cast<float>(load_le<std::uint32_t>(p + 4 * i)));
         break;
       case StDType::F16:
         for (std::size_t i = 0; i < n; ++i)
-          out[i] = static_cast<T>(f16_bits_to_float(detail::load_le<std::uint16_t>(p + 2 * i)));
+          out[i] = static_cast<T>(f16_bits_to_float(load_le<std::uint16_t>(p + 2 * i)));
         break;
       case StDType::BF16:
         for (std::size_t i = 0; i < n; ++i)
-          out[i] = static_cast<T>(bf16_bits_to_float(detail::load_le<std::uint16_t>(p + 2 * i)));
+          out[i] = static_cast<T>(bf16_bits_to_float(load_le<std::uint16_t>(p + 2 * i)));
         break;
       default:
         throw DTypeError("tensor '" + name + "' in safetensors file '" + source_ + "' has dtype " +
@@ -331,7 +305,7 @@ class SafetensorsFile {
   void parse() {
     if (bytes_.size() < 8)
       fail("file is " + std::to_string(bytes_.size()) + " bytes, shorter than the 8-byte header length");
-    const std::uint64_t n = detail::load_le<std::uint64_t>(bytes_.data());
+    const std::uint64_t n = load_le<std::uint64_t>(bytes_.data());
     if (n > detail::kMaxHeaderBytes)
       fail("header length " + std::to_string(n) + " exceeds the 100000000-byte limit");
     if (n > bytes_.size() - 8)
