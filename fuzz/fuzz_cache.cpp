@@ -513,6 +513,13 @@ class Program {
       const int layer2 = pick_index(L_);
       Expect e2;
       Batch b2 = make_append_batch(layer2, e2);
+      // Often make it fail late: the last sequence's first position is off by one, so the
+      // sequences before it pass validation first (coverage alone does not steer towards this).
+      const std::size_t nb2 = b2.seq_ids.size();
+      if (in_.bit() && b2.shape_ok && nb2 >= 2 && b2.indptr[nb2] > b2.indptr[nb2 - 1]) {
+        b2.positions[std::size_t(b2.indptr[nb2 - 1])] += 1;
+        e2.add(ErrorCode::order);
+      }
       AppendPlan plan2;
       const bool fresh2 = guarded(e2, [&] { plan2 = cache_->plan_append(layer2, b2.view()); }, "plan_append (second)");
       if (fresh2) {  // running the older plan is an OrderError; the newest plan is still good
