@@ -64,7 +64,7 @@ def main():
 
     gg = os.path.join(HERE, "gguf")
     os.makedirs(gg, exist_ok=True)
-    # v3, alignment 8, a string array and a nested array, one F16 tensor [4] and one Q8_0 row [32]
+    # v3, alignment 8, a string array and a nested array; tensors F16 [4], Q8_0 [32], BF16 [2, 2]
     kv = [
         (gguf_string("general.alignment") + struct.pack("<I", 4) + struct.pack("<I", 8)),
         (gguf_string("names") + struct.pack("<I", 9) + struct.pack("<IQ", 8, 2) + gguf_string("a") + gguf_string("bc")),
@@ -74,11 +74,14 @@ def main():
     tensors = [
         gguf_string("t.f16") + struct.pack("<I", 1) + struct.pack("<Q", 4) + struct.pack("<I", 1) + struct.pack("<Q", 0),
         gguf_string("t.q8") + struct.pack("<I", 1) + struct.pack("<Q", 32) + struct.pack("<I", 8) + struct.pack("<Q", 8),
+        gguf_string("t.bf16") + struct.pack("<I", 2) + struct.pack("<2Q", 2, 2) + struct.pack("<I", 30) +
+        struct.pack("<Q", 48),
     ]
     head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kv)) + b"".join(kv) + b"".join(tensors)
     head += b"\0" * ((8 - len(head) % 8) % 8)
     data = struct.pack("<4H", 0x3C00, 0x4000, 0xC000, 0x0000)  # 1, 2, -2, 0
     data += struct.pack("<H", 0x3800) + bytes(range(32))         # d = 0.5, q = 0..31
+    data += b"\0" * 6 + struct.pack("<4H", 0x3F80, 0xC000, 0x7F80, 0x0001)  # bf16 at 48: 1, -2, inf, tiny
     with open(os.path.join(gg, "tiny_v3.gguf"), "wb") as f:
         f.write(head + data)
     return 0
