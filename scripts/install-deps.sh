@@ -14,6 +14,11 @@ packages=(
   nlohmann-json3-dev
   python3
   python3-pip
+  clang                # libFuzzer targets and the sanitizer builds
+  libclang-rt-14-dev   # clang's sanitizer and libFuzzer runtimes
+  hipcc                # HIP backend (compiled for AMD targets; no AMD GPU needed to build)
+  librocprim-dev
+  rocm-cmake
 )
 
 missing=()
