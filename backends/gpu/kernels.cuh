@@ -39,28 +39,34 @@ DELTAKV_GPU_D float warp_max(float v) {
   return v;
 }
 
+// The block shapes every warp-level kernel assumes (see the top of this file). W is the warp
+// size the kernels are instantiated for (vendor::kWarpSize: 32 NVIDIA and RDNA, 64 CDNA).
+template <int W, int NT>
+inline constexpr bool kWarpBlockShapeOk = W > 0 && (W & (W - 1)) == 0 && NT % W == 0 && NT / W <= W;
+
 // Block-wide sum / max; every thread gets the result. red: >= NT / W floats of shared memory.
 // Starts with a barrier, so red may be reused by consecutive calls.
-template <int W, int NT>
-DELTAKV_GPU_D float block_sum(float v, float* red) {
+template <int W, int NT, bool Max>
+DELTAKV_GPU_D float block_reduce(float v, float* red) {
+  static_assert(kWarpBlockShapeOk<W, NT>, "NT must be a multiple of W and NT / W <= W");
   constexpr int NW = NT / W;
   const int lane = threadIdx.x % W, warp = threadIdx.x / W;
-  v = warp_sum<W>(v);
+  v = Max ? warp_max<W>(v) : warp_sum<W>(v);
   __syncthreads();
   if (lane == 0) red[warp] = v;
   __syncthreads();
-  return warp_sum<W>(lane < NW ? red[lane] : 0.f);
+  const float r = lane < NW ? red[lane] : (Max ? kNegInf : 0.f);
+  return Max ? warp_max<W>(r) : warp_sum<W>(r);
+}
+
+template <int W, int NT>
+DELTAKV_GPU_D float block_sum(float v, float* red) {
+  return block_reduce<W, NT, false>(v, red);
 }
 
 template <int W, int NT>
 DELTAKV_GPU_D float block_max(float v, float* red) {
-  constexpr int NW = NT / W;
-  const int lane = threadIdx.x % W, warp = threadIdx.x / W;
-  v = warp_max<W>(v);
-  __syncthreads();
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  return warp_max<W>(lane < NW ? red[lane] : kNegInf);
+  return block_reduce<W, NT, true>(v, red);
 }
 
 template <int W, int NT>
@@ -72,6 +78,7 @@ DELTAKV_GPU_D float block_min(float v, float* red) {
 // red: >= NT / W ints of shared memory. Starts with a barrier.
 template <int W, int NT>
 DELTAKV_GPU_D int block_exclusive_scan(int v, int* red, int& total) {
+  static_assert(kWarpBlockShapeOk<W, NT>, "NT must be a multiple of W and NT / W <= W");
   constexpr int NW = NT / W;
   const int lane = threadIdx.x % W, warp = threadIdx.x / W;
   int x = v;
@@ -225,7 +232,7 @@ __global__ void axpy_rows_kernel(AxpyRowsParams<T> p) {
 // =============================================================================================
 inline constexpr int kRefRows = 8;
 inline constexpr int kRefPerWarp = 4;  // references a warp scores at once
-inline constexpr int kRefMaxSplits = 32;
+inline constexpr int kRefMaxSplits = 32;  // gpu-check: allow(a cap on reference-range splits, not lanes)
 
 DELTAKV_GPU_HD bool ranks_before(float s1, int i1, float s2, int i2) {
   return s1 > s2 || (s1 == s2 && i1 < i2);
@@ -239,6 +246,7 @@ inline std::size_t ref_search_smem(int rows, int dim, int k, int n_warps) {
 template <class T, int W, int NT>
 __global__ void DELTAKV_LAUNCH_BOUNDS(NT)
     ref_search_kernel(RefSearchParams<T> p, int rows, std::int64_t refs_per_split, float* part_s, std::int32_t* part_i) {
+  static_assert(kWarpBlockShapeOk<W, NT>, "NT must be a multiple of W and NT / W <= W");
   constexpr int NW = NT / W;
   static_assert(kRefRows <= W, "one lane per row");
   const int lane = threadIdx.x % W, warp = threadIdx.x / W, tid = threadIdx.x;
@@ -712,10 +720,17 @@ inline constexpr int kTopkThreads = 1024;
 inline constexpr int kTopkSmemMax = 4096;  // padded K sorted in shared memory (32 KiB)
 inline constexpr int kTopkUnroll = 8;      // loads in flight per thread
 
+// Keys are 32-bit (unsigned); a sort word is (key << kKeyBits) | (kKeyOnes - index), so that
+// equal keys sort by ascending index in the descending sort. Nothing here is a lane mask.
+inline constexpr int kKeyBits = std::numeric_limits<unsigned>::digits;
+inline constexpr unsigned kKeyOnes = std::numeric_limits<unsigned>::max();
+inline constexpr unsigned kKeySign = kKeyOnes ^ (kKeyOnes >> 1);
+static_assert(sizeof(unsigned long long) * 8 >= 2 * kKeyBits, "a sort word holds a key and an index");
+
 DELTAKV_GPU_D unsigned order_key(float f) {
   if (f == 0.f) f = 0.f;  // -0 -> +0
   const unsigned u = vendor::float_bits(f);
-  return u ^ ((u & 0x80000000u) ? 0xffffffffu : 0x80000000u);
+  return u ^ ((u & kKeySign) ? kKeyOnes : kKeySign);
 }
 
 template <int W, int NT>
@@ -804,11 +819,12 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT)
 #pragma unroll
     for (int u = 0; u < kTopkUnroll; ++u) {
       const std::int64_t i = i0 + u;
-      if (i >= hi) break;
-      const bool take = keys[u] > thr || (keys[u] == thr && eq_take > 0);
-      if (keys[u] == thr && eq_take > 0) --eq_take;
-      if (take)
-        buf[at++] = (static_cast<unsigned long long>(keys[u]) << 32) | (0xffffffffu - static_cast<unsigned>(i));
+      if (i < hi) {  // (not `break`: a loop with two exits is not fully unrolled by clang)
+        const bool take = keys[u] > thr || (keys[u] == thr && eq_take > 0);
+        if (keys[u] == thr && eq_take > 0) --eq_take;
+        if (take)
+          buf[at++] = (static_cast<unsigned long long>(keys[u]) << kKeyBits) | (kKeyOnes - static_cast<unsigned>(i));
+      }
     }
   }
   for (int i = K + tid; i < P; i += NT) buf[i] = 0ull;  // below every real word
@@ -831,7 +847,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT)
     }
   }
   for (int q = tid; q < K; q += NT)
-    p.idx[q] = static_cast<std::int32_t>(0xffffffffu - static_cast<unsigned>(buf[q] & 0xffffffffull));
+    p.idx[q] = static_cast<std::int32_t>(kKeyOnes - static_cast<unsigned>(buf[q] & kKeyOnes));
 }
 
 // =============================================================================================

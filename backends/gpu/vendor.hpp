@@ -4,8 +4,12 @@
 // the 16-bit float types and their conversions, warp shuffles (with the full lane mask that
 // belongs to the warp size) and a few function attributes.
 //
-// CUDA (nvcc) is the built and tested path. The HIP branch keeps the same shape for the HIP
-// backend that comes later; it has not been compiled yet.
+// CUDA (nvcc) is built and tested on NVIDIA GPUs. The HIP branch (hipcc, AMD GPUs only: HIP's
+// NVIDIA-platform headers do not compile with CUDA 13) is compiled in CI for gfx90a, gfx940 and
+// gfx1030 (scripts/build-hip.sh) but has not run on AMD hardware.
+//
+// scripts/check-gpu-source.sh keeps the rest of backends/gpu free of vendor API, warp
+// intrinsics and 32-lane assumptions: add what a kernel needs here, not there.
 #if defined(__HIPCC__)
 #include <hip/hip_bfloat16.h>
 #include <hip/hip_fp16.h>
@@ -31,10 +35,17 @@
 #define DELTAKV_LAUNCH_BOUNDS(threads) __launch_bounds__(threads)
 
 // Warp (wavefront) size the kernels are instantiated for. NVIDIA: 32. AMD: 64 on CDNA (the
-// default here), 32 on RDNA: a HIP build for RDNA defines DELTAKV_HIP_WARP_SIZE=32.
+// default here), 32 on RDNA: a HIP build for RDNA defines DELTAKV_HIP_WARP_SIZE=32. One build
+// has one warp size (the host code picks the instantiation), so an AMD build covers either CDNA
+// or RDNA targets; the device pass checks the value against the target's wavefront size.
 #if defined(__HIPCC__)
 #ifndef DELTAKV_HIP_WARP_SIZE
 #define DELTAKV_HIP_WARP_SIZE 64
+#endif
+#if defined(__HIP_DEVICE_COMPILE__) && defined(__AMDGCN_WAVEFRONT_SIZE)
+static_assert(DELTAKV_HIP_WARP_SIZE == __AMDGCN_WAVEFRONT_SIZE,
+              "DELTAKV_HIP_WARP_SIZE must equal the offload target's wavefront size "
+              "(64: gfx9 CDNA/GCN; 32: gfx10/gfx11 RDNA in their default wave32 mode)");
 #endif
 #endif
 
@@ -48,6 +59,8 @@ using f16 = __half;
 inline constexpr int kWarpSize = DELTAKV_HIP_WARP_SIZE;
 inline constexpr error_t kSuccess = hipSuccess;
 inline constexpr error_t kOutOfMemory = hipErrorOutOfMemory;
+inline constexpr const char* kPlatform = "HIP";
+inline constexpr const char* kDeviceClass = "HipDevice";
 #else
 using stream_t = cudaStream_t;
 using error_t = cudaError_t;
@@ -56,6 +69,8 @@ using f16 = __half;
 inline constexpr int kWarpSize = 32;
 inline constexpr error_t kSuccess = cudaSuccess;
 inline constexpr error_t kOutOfMemory = cudaErrorMemoryAllocation;
+inline constexpr const char* kPlatform = "CUDA";
+inline constexpr const char* kDeviceClass = "CudaDevice";
 #endif
 
 // ---- errors ----------------------------------------------------------------------------------
@@ -78,15 +93,16 @@ inline void check(error_t e, const char* what) {
   if (e != kSuccess) raise(e, what);
 }
 
-// Call after a kernel launch: reports a bad launch configuration at once (not the kernel's own
-// faults, which surface at the next synchronizing call).
-inline void check_launch(const char* what) {
+// The last launch/runtime error, cleared. After a kernel launch it reports a bad launch
+// configuration at once (not the kernel's own faults, which surface at the next synchronizing call).
+inline error_t last_error() noexcept {
 #if defined(__HIPCC__)
-  check(hipGetLastError(), what);
+  return hipGetLastError();
 #else
-  check(cudaGetLastError(), what);
+  return cudaGetLastError();
 #endif
 }
+inline void check_launch(const char* what) { check(last_error(), what); }
 
 // ---- devices, memory, streams ----------------------------------------------------------------
 // Number of visible devices; 0 when the runtime reports an error (no driver, no device).
@@ -122,6 +138,17 @@ inline int multiprocessor_count(int device) {
   check(hipDeviceGetAttribute(&n, hipDeviceAttributeMultiprocessorCount, device), "hipDeviceGetAttribute");
 #else
   check(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+#endif
+  return n;
+}
+
+// Lanes per warp (wavefront) of `device`, as the runtime reports it.
+inline int warp_size(int device) {
+  int n = 0;
+#if defined(__HIPCC__)
+  check(hipDeviceGetAttribute(&n, hipDeviceAttributeWarpSize, device), "hipDeviceGetAttribute");
+#else
+  check(cudaDeviceGetAttribute(&n, cudaDevAttrWarpSize, device), "cudaDeviceGetAttribute");
 #endif
   return n;
 }
@@ -172,7 +199,11 @@ inline bool is_pinned_host(const void* p) {
     (void)hipGetLastError();
     return false;
   }
+#if HIP_VERSION_MAJOR >= 6
   return a.type == hipMemoryTypeHost;
+#else
+  return a.memoryType == hipMemoryTypeHost;  // HIP 5 (Debian 12): no `type` member yet
+#endif
 #else
   cudaPointerAttributes a{};
   if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {

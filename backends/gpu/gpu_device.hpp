@@ -1,0 +1,369 @@
+#pragma once
+// The GPU device class shared by the CUDA and HIP backends: every op of the Device concept
+// (include/deltakv/device.hpp) as a kernel launch on one stream, with the CPU oracle's semantics
+// (backends/cpu/.../device.hpp). The kernels live in kernels.cuh; every vendor name goes through
+// vendor.hpp. The public names are deltakv::cuda::CudaDevice<T> (deltakv/cuda/device.hpp, nvcc)
+// and deltakv::hip::HipDevice<T> (deltakv/hip/device.hpp, hipcc): both are this class.
+//
+// This class only picks launch shapes and owns a little memory:
+//   - a device scratch buffer for topk (K > 4096), for reference search split across blocks and
+//     for split-K partial sums of small GEMMs (at most about 2 * SMs * 64 * 64 floats).
+//     It is allocated at construction with `scratch_bytes` (see scratch_bytes_for()) or grown on
+//     first use; growing synchronizes the stream and allocates device memory, so pre-size it
+//     where a call must not block (or be captured in a CUDA/HIP graph).
+//   - one device int and one pinned host int for all_finite.
+// Host staging is never allocated on the op paths. to_host synchronizes the stream; to_device
+// returns once the host buffer may be reused (pageable memory is staged by the runtime; pinned
+// memory is waited for). all_finite synchronizes too (its answer is a host bool).
+//
+// T: float (accumulation f32) and vendor::bf16 / vendor::f16 (storage; all arithmetic in f32).
+// The device is bound to the GPU that is current at construction. One device per thread (like
+// CpuDevice); not copyable.
+//
+// Warp size: the kernels are instantiated for vendor::kWarpSize, fixed per build (32 on NVIDIA;
+// on AMD DELTAKV_HIP_WARP_SIZE: 64 for CDNA, 32 for RDNA). The constructor refuses a GPU whose
+// warp size differs, rather than running kernels built for another width.
+//
+// Must be compiled by nvcc (.cu) or hipcc (-x hip) with -std=c++20 (vendor.hpp refuses others).
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "deltakv/device.hpp"
+#include "deltakv/error.hpp"
+#include "kernels.cuh"
+#include "vendor.hpp"
+
+namespace deltakv::gpu {
+
+using stream_t = vendor::stream_t;
+using bf16 = vendor::bf16;
+using f16 = vendor::f16;
+
+template <class T>
+class GpuDevice {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, bf16> || std::is_same_v<T, f16>,
+                "GpuDevice<T>: T must be float, bf16 or f16");
+
+ public:
+  using A = accum_t<T>;
+  static constexpr int kWarp = vendor::kWarpSize;
+
+  // stream: where every op is ordered; nullptr: the default stream (owned by nobody). With
+  // own_stream = true the device creates a non-blocking stream and destroys it at the end.
+  // scratch_bytes: device scratch allocated now (0: grown on first use).
+  explicit GpuDevice(stream_t stream = nullptr, std::size_t scratch_bytes = 0, bool own_stream = false) {
+    if (vendor::device_count() <= 0)
+      throw ConfigError(std::string(vendor::kDeviceClass) + ": no " + vendor::kPlatform + " device available");
+    device_ = vendor::current_device();
+    const int warp = vendor::warp_size(device_);
+    if (warp != kWarp)
+      throw ConfigError(std::string(vendor::kDeviceClass) + ": the GPU's warp size is " + std::to_string(warp) +
+                        " but the kernels were built for " + std::to_string(kWarp) +
+                        " (HIP: build with DELTAKV_HIP_WARP_SIZE matching the target)");
+    sms_ = vendor::multiprocessor_count(device_);
+    stream_ = own_stream ? vendor::stream_create() : stream;
+    owns_stream_ = own_stream;
+    try {
+      flag_ = static_cast<int*>(vendor::malloc_device(sizeof(int)));
+      host_flag_ = static_cast<int*>(vendor::malloc_pinned(sizeof(int)));
+      reserve_scratch(scratch_bytes);
+    } catch (...) {
+      release();
+      throw;
+    }
+  }
+  ~GpuDevice() { release(); }
+  GpuDevice(const GpuDevice&) = delete;
+  GpuDevice& operator=(const GpuDevice&) = delete;
+
+  stream_t stream() const { return stream_; }
+  int device() const { return device_; }
+  void synchronize() { vendor::stream_sync(stream_); }
+
+  // Scratch that makes every later call allocation-free: topk with k up to `topk_k`, ref_search
+  // with up to `ref_rows` rows and `ref_k` ids, and any split-K GEMM (bounded by the SM count).
+  std::size_t scratch_bytes_for(std::int64_t topk_k, std::int64_t ref_rows = 0, int ref_k = 0) const {
+    std::size_t b = topk_scratch(topk_k);
+    b = std::max(b, std::size_t(gpu::kRefMaxSplits) * std::size_t(std::max<std::int64_t>(ref_rows, 0)) *
+                        std::size_t(std::max(ref_k, 0)) * (sizeof(float) + sizeof(std::int32_t)) + 256);
+    b = std::max(b, std::size_t(4) * std::size_t(sms_) * gpu::kLinBM * gpu::kLinBN * sizeof(float));
+    return b;
+  }
+  std::size_t scratch_capacity() const { return scratch_bytes_; }
+  // Grows the scratch to at least `bytes` (synchronizes the stream first when it reallocates).
+  void reserve_scratch(std::size_t bytes) {
+    if (bytes <= scratch_bytes_) return;
+    if (scratch_) {
+      vendor::stream_sync(stream_);
+      vendor::free_device(scratch_);
+      scratch_ = nullptr;
+      scratch_bytes_ = 0;
+    }
+    scratch_ = static_cast<unsigned char*>(vendor::malloc_device(bytes));
+    scratch_bytes_ = bytes;
+  }
+
+  // ---- ops -------------------------------------------------------------------------------------
+  // Tiled GEMM; split over the inputs (f32 partials in the scratch, reduced in order) when the
+  // output tiles alone would leave most of the GPU idle.
+  void linear(const LinearParams<T>& p) {
+    if (p.n <= 0 || p.out <= 0) return;
+    const std::int64_t gx = (p.out + gpu::kLinBN - 1) / gpu::kLinBN;
+    const std::int64_t gy = std::min<std::int64_t>((p.n + gpu::kLinBM - 1) / gpu::kLinBM, 65535);
+    std::int64_t splits = 1;
+    if (gx * gy < 2 * sms_) {
+      splits = std::min<std::int64_t>({(2 * sms_ + gx * gy - 1) / (gx * gy), p.in / (4 * gpu::kLinBK), 16});
+      splits = std::max<std::int64_t>(splits, 1);
+    }
+    // inputs per split: a multiple of the K tile
+    const std::int64_t per = ((p.in + splits - 1) / splits + gpu::kLinBK - 1) / gpu::kLinBK * gpu::kLinBK;
+    splits = std::max<std::int64_t>(1, (p.in + per - 1) / per);
+    float* partial = nullptr;
+    if (splits > 1) {
+      reserve_scratch(std::size_t(splits) * std::size_t(p.n) * std::size_t(p.out) * sizeof(float));
+      partial = reinterpret_cast<float*>(scratch_);
+    }
+    const dim3 grid{unsigned(gx), unsigned(gy), unsigned(splits)};
+    gpu::linear_kernel<T><<<grid, gpu::kLinThreads, 0, stream_>>>(p, int(std::max<std::int64_t>(per, 1)), partial);
+    launched("linear");
+    if (splits > 1) {
+      gpu::linear_reduce_kernel<T><<<blocks(p.n * p.out, 256), 256, 0, stream_>>>(p, int(splits), partial);
+      launched("linear (reduce)");
+    }
+  }
+
+  void swiglu(const SwiGLUParams<T>& p) {
+    if (p.n <= 0 || p.hidden <= 0) return;
+    gpu::swiglu_kernel<T><<<blocks(p.n * p.hidden, 256), 256, 0, stream_>>>(p);
+    launched("swiglu");
+  }
+
+  void axpy_rows(const AxpyRowsParams<T>& p) {
+    if (p.n <= 0 || p.dim <= 0) return;
+    gpu::axpy_rows_kernel<T><<<blocks(p.n * p.dim, 256), 256, 0, stream_>>>(p);
+    launched("axpy_rows");
+  }
+
+  // Blocks of up to 8 rows x a share of the references; more than one share per row block when
+  // that is needed to fill the GPU (partial lists merged by a second kernel).
+  void ref_search(const RefSearchParams<T>& p) {
+    if (p.n <= 0 || p.k <= 0) return;
+    constexpr int NT = 256, NW = NT / kWarp;
+    constexpr std::size_t kSmemLimit = 48 * 1024;
+    int rows = static_cast<int>(std::min<std::int64_t>(gpu::kRefRows, p.n));
+    while (rows > 1 && gpu::ref_search_smem(rows, p.dim, p.k, NW) > kSmemLimit) --rows;
+    const std::size_t smem = gpu::ref_search_smem(rows, p.dim, p.k, NW);
+    if (smem > kSmemLimit)
+      throw ConfigError(where("ref_search: dim ") + std::to_string(p.dim) + " with k " + std::to_string(p.k) +
+                        " needs " + std::to_string(smem) + " bytes of shared memory (limit 48 KiB)");
+    const std::int64_t row_blocks = (p.n + rows - 1) / rows;
+    // splits: enough blocks for two waves, each share at least 4 references per warp
+    std::int64_t splits = std::max<std::int64_t>(1, (2 * sms_ + row_blocks - 1) / row_blocks);
+    splits = std::min<std::int64_t>(splits, std::max<std::int64_t>(1, p.m / (4 * NW)));
+    splits = std::min<std::int64_t>(splits, gpu::kRefMaxSplits);
+    const std::int64_t per = std::max<std::int64_t>(1, (p.m + splits - 1) / splits);
+    splits = std::max<std::int64_t>(1, (p.m + per - 1) / per);
+    float* part_s = nullptr;
+    std::int32_t* part_i = nullptr;
+    if (splits > 1) {
+      const std::size_t entries = std::size_t(splits) * std::size_t(p.n) * std::size_t(p.k);
+      reserve_scratch(entries * (sizeof(float) + sizeof(std::int32_t)) + 256);
+      part_s = reinterpret_cast<float*>(scratch_);
+      part_i = reinterpret_cast<std::int32_t*>(scratch_ + align256(entries * sizeof(float)));
+    }
+    const dim3 grid{unsigned(row_blocks), unsigned(splits)};
+    gpu::ref_search_kernel<T, kWarp, NT><<<grid, NT, smem, stream_>>>(p, rows, per, part_s, part_i);
+    launched("ref_search");
+    if (splits > 1) {
+      gpu::ref_merge_kernel<gpu::kRefMaxSplits>
+          <<<unsigned((p.n + 127) / 128), 128, 0, stream_>>>(int(splits), p.n, p.k, part_s, part_i, p.ids);
+      launched("ref_search (merge)");
+    }
+  }
+
+  void gather_mean(const GatherMeanParams<T>& p) {
+    if (p.n <= 0 || p.dim <= 0) return;
+    gpu::gather_mean_kernel<T><<<grid_rows(p.n), threads_for(p.dim), 0, stream_>>>(p);
+    launched("gather_mean");
+  }
+
+  void quantize(const QuantizeParams<T>& p) {
+    if (p.n <= 0 || p.dim <= 0) return;
+    if (p.bits != 8 && p.bits != 4) throw ConfigError(where("quantize: bits must be 8 or 4"));
+    constexpr int NT = 128;
+    gpu::quantize_kernel<T, kWarp, NT><<<grid_rows(p.n), NT, 0, stream_>>>(p);
+    launched("quantize");
+  }
+
+  void dequantize(const DequantizeParams<T>& p) {
+    if (p.n <= 0 || p.dim <= 0) return;
+    gpu::dequantize_kernel<T><<<grid_rows(p.n), threads_for(p.dim), 0, stream_>>>(p);
+    launched("dequantize");
+  }
+
+  void rope(const RopeParams<T>& p) {
+    if (p.n <= 0 || p.rot_dim < 2 || p.n_heads <= 0) return;  // style none rotates like interleaved, as on the CPU
+    const std::size_t smem = std::size_t(p.rot_dim / 2) * 2 * sizeof(double);
+    if (smem > 48 * 1024) throw ConfigError(where("rope: rot_dim too large"));
+    gpu::rope_kernel<T><<<grid_rows(p.n), 128, smem, stream_>>>(p);
+    launched("rope");
+  }
+
+  void attn_tile(const AttnTileParams<T>& p) {
+    if (p.nq <= 0 || p.ntile <= 0 || p.n_q_heads <= 0) return;
+    if (p.nq > 65535) throw ShapeError(where("attn_tile: more than 65535 query rows in one call"));
+    constexpr int NT = 128;
+    const int chunk = std::min(p.ntile, gpu::kAttnMaxChunk);
+    // + slack: the compiler may read the scores in pairs/quads past the last one (harmless, but
+    // compute-sanitizer reports reads beyond the allocation)
+    const std::size_t smem = sizeof(float) * (2 * std::size_t(p.head_dim) + (std::size_t(chunk) + 15) / 8 * 8);
+    if (smem > 48 * 1024) throw ConfigError(where("attn_tile: head_dim too large"));
+    const dim3 grid{unsigned(p.n_q_heads), unsigned(p.nq)};
+    gpu::attn_tile_kernel<T, kWarp, NT><<<grid, NT, smem, stream_>>>(p, chunk);
+    launched("attn_tile");
+  }
+
+  void attn_finish(const AttnFinishParams<T>& p) {
+    const std::int64_t total = std::int64_t(p.nq) * p.n_q_heads * p.head_dim;
+    if (total <= 0) return;
+    gpu::attn_finish_kernel<T><<<blocks(total, 256), 256, 0, stream_>>>(p);
+    launched("attn_finish");
+  }
+
+  void score_tile(const ScoreTileParams<T>& p) {
+    if (p.ntile <= 0) return;
+    constexpr int NT = 128;
+    gpu::score_tile_kernel<T, kWarp, NT><<<grid_rows(p.ntile), NT, 0, stream_>>>(p);
+    launched("score_tile");
+  }
+
+  void page_bounds(const PageBoundsParams<T>& p) {
+    if (p.n <= 0 || p.dim <= 0) return;
+    gpu::page_bounds_kernel<T><<<unsigned((p.dim + 127) / 128), 128, 0, stream_>>>(p);
+    launched("page_bounds");
+  }
+
+  void page_score(const PageScoreParams<T>& p) {
+    if (p.n_pages <= 0) return;
+    constexpr int NT = 128;
+    gpu::page_score_kernel<T, kWarp, NT><<<grid_rows(p.n_pages), NT, 0, stream_>>>(p);
+    launched("page_score");
+  }
+
+  // One block: radix select + ordered compaction + bitonic sort (see kernels.cuh for the cost).
+  void topk(const TopKParams& p) {
+    if (p.n <= 0 || p.k <= 0) return;
+    if (p.n > std::int64_t(0x7fffffff)) throw ShapeError(where("topk: n must fit in int32 indices"));
+    const int K = static_cast<int>(std::min<std::int64_t>(p.k, p.n));
+    const int P = pow2_at_least(K);
+    const bool in_smem = P <= gpu::kTopkSmemMax;
+    unsigned long long* gbuf = nullptr;
+    if (!in_smem) {
+      reserve_scratch(topk_scratch(K));
+      gbuf = reinterpret_cast<unsigned long long*>(scratch_);
+    }
+    const std::size_t smem = in_smem ? std::size_t(P) * sizeof(unsigned long long) : 0;
+    gpu::topk_kernel<kWarp, gpu::kTopkThreads><<<1, gpu::kTopkThreads, smem, stream_>>>(p, K, P, gbuf, in_smem ? 1 : 0);
+    launched("topk");
+  }
+
+  void copy_rows(const CopyRowsParams<T>& p) {
+    if (p.n <= 0 || p.dim <= 0) return;
+    const std::size_t row = std::size_t(p.dim) * sizeof(T);
+    const std::size_t lds = std::size_t(p.lds) * sizeof(T), ldd = std::size_t(p.ldd) * sizeof(T);
+    const auto* src = reinterpret_cast<const unsigned char*>(p.src);
+    auto* dst = reinterpret_cast<unsigned char*>(p.dst);
+    const bool v16 = row % 16 == 0 && lds % 16 == 0 && ldd % 16 == 0 && reinterpret_cast<std::uintptr_t>(src) % 16 == 0 &&
+                     reinterpret_cast<std::uintptr_t>(dst) % 16 == 0;
+    if (v16) {
+      const int units = static_cast<int>(row / 16);
+      gpu::copy_rows_kernel<vendor::bytes16><<<blocks(p.n * units, 256), 256, 0, stream_>>>(src, std::int64_t(lds), p.src_rows, dst,
+                                                                                   std::int64_t(ldd), p.dst_rows, p.n, units);
+    } else {
+      gpu::copy_rows_kernel<T><<<blocks(p.n * p.dim, 256), 256, 0, stream_>>>(src, std::int64_t(lds), p.src_rows, dst,
+                                                                               std::int64_t(ldd), p.dst_rows, p.n, p.dim);
+    }
+    launched("copy_rows");
+  }
+
+  bool all_finite(const FiniteCheckParams<T>& p) {
+    if (p.n <= 0 || p.dim <= 0) return true;
+    vendor::memset_async(flag_, 0, sizeof(int), stream_);
+    gpu::all_finite_kernel<T><<<blocks(p.n * p.dim, 256), 256, 0, stream_>>>(p, flag_);
+    launched("all_finite");
+    vendor::memcpy_async(host_flag_, flag_, sizeof(int), stream_);
+    vendor::stream_sync(stream_);
+    return *host_flag_ == 0;
+  }
+
+  void to_host(void* dst, const void* src, std::size_t bytes) {
+    if (bytes == 0) return;
+    vendor::memcpy_async(dst, src, bytes, stream_);
+    vendor::stream_sync(stream_);
+  }
+  void to_device(void* dst, const void* src, std::size_t bytes) {
+    if (bytes == 0) return;
+    vendor::memcpy_async(dst, src, bytes, stream_);
+    if (vendor::is_pinned_host(src)) vendor::stream_sync(stream_);  // the caller may reuse src at once
+  }
+  void fill_zero(void* p, std::size_t bytes) { vendor::memset_async(p, 0, bytes, stream_); }
+
+ private:
+  // Error text "<CudaDevice|HipDevice>::<what>", built only on the error path.
+  static std::string where(const char* what) { return std::string(vendor::kDeviceClass) + "::" + what; }
+  // After a kernel launch: a bad launch configuration is reported at once.
+  static void launched(const char* op) {
+    const vendor::error_t e = vendor::last_error();
+    if (e != vendor::kSuccess) vendor::raise(e, where(op).c_str());
+  }
+
+  static constexpr std::size_t align256(std::size_t x) { return (x + 255) & ~std::size_t{255}; }
+  static int pow2_at_least(int x) {
+    int p = 1;
+    while (p < x) p <<= 1;
+    return p;
+  }
+  static std::size_t topk_scratch(std::int64_t k) {
+    if (k <= 0) return 0;
+    const int P = pow2_at_least(static_cast<int>(std::min<std::int64_t>(k, 0x40000000)));
+    return P <= gpu::kTopkSmemMax ? 0 : std::size_t(P) * sizeof(unsigned long long);
+  }
+  // Grid-stride launches: enough blocks for the work, capped (the kernels loop).
+  static constexpr int kBlocksPerSm = 32;  // gpu-check: allow(blocks per SM, not lanes)
+  unsigned blocks(std::int64_t work, int threads) const {
+    const std::int64_t b = (work + threads - 1) / threads;
+    return unsigned(std::max<std::int64_t>(1, std::min<std::int64_t>(b, std::int64_t(sms_) * kBlocksPerSm)));
+  }
+  static unsigned grid_rows(std::int64_t rows) { return unsigned(std::min<std::int64_t>(rows, 1 << 30)); }
+  static int threads_for(int dim) { return dim >= 256 ? 256 : (dim > 64 ? 128 : 64); }
+
+  void release() noexcept {
+    (void)vendor::stream_sync_noexcept(stream_);  // nothing may still use the scratch
+    vendor::free_device(scratch_);
+    vendor::free_device(flag_);
+    vendor::free_pinned(host_flag_);
+    if (owns_stream_) vendor::stream_destroy(stream_);
+    scratch_ = nullptr;
+    flag_ = nullptr;
+    host_flag_ = nullptr;
+    scratch_bytes_ = 0;
+  }
+
+  stream_t stream_ = nullptr;
+  bool owns_stream_ = false;
+  int device_ = 0;
+  int sms_ = 1;
+  unsigned char* scratch_ = nullptr;
+  std::size_t scratch_bytes_ = 0;
+  int* flag_ = nullptr;
+  int* host_flag_ = nullptr;
+};
+
+static_assert(Device<GpuDevice<float>, float>);
+static_assert(Device<GpuDevice<bf16>, bf16>);
+
+}  // namespace deltakv::gpu
