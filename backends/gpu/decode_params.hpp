@@ -1,0 +1,111 @@
+#pragma once
+// Plain-data parameters of the fused decode-step kernels (backends/gpu/decode_kernels.cuh): one
+// query token per sequence, a batch of sequences, one layer per launch. Host code (an engine, the
+// cache, tests) fills them; nothing here needs a GPU compiler.
+//
+// Storage is the cache's own (include/deltakv/cache.hpp): pre-RoPE rows x = [K of all kv heads |
+// V of all kv heads] (kv_dim = 2 * Hkv * D elements, row-major), RoPE applied to K on chip.
+// All pointers are device pointers. Shapes are in the comments; B = batch, Hq / Hkv = query /
+// kv heads, D = head_dim, G = Hq / Hkv.
+#include <cstddef>
+#include <cstdint>
+
+#include "deltakv/config.hpp"
+
+namespace deltakv::gpu::decode {
+
+// cos/sin of angle p * inv_f by angle addition of two small tables, so that every position up to
+// 64 * hi_rows costs (hi_rows + 64) * half entries (L2-resident) and no transcendental on chip:
+//   hi[((p >> 6) * half + f) * 2 + {0,1}] = cos, sin of (p & ~63) * inv_f
+//   lo[((p & 63) * half + f) * 2 + {0,1}] = cos, sin of (p & 63) * inv_f
+// inv_f = theta^(-2f / rot_dim); the tables are computed in double on the host (rope_table.hpp).
+struct RopeTableView {
+  const float* hi = nullptr;
+  const float* lo = nullptr;
+  int half = 0;                // rot_dim / 2 (the fused kernels need rot_dim == head_dim)
+  std::int64_t max_pos = 0;    // positions < max_pos are covered
+};
+
+// Scratch of one split-KV pass, read by the combine kernel: [B, Hq, n_splits, D + 2] floats,
+// per (sequence, q head, split): the unnormalized accumulator (D), the running max m and sum l.
+inline std::size_t partials_floats(int batch, int n_q_heads, int n_splits, int head_dim) {
+  return std::size_t(batch) * n_q_heads * n_splits * (head_dim + 2);
+}
+
+// Dense decode attention over exact rows (a full layer): sequence b's row p (position p) is at
+// kv + b * seq_stride + p * kv_dim. Attends positions [0, n[b]). Optionally writes every logit
+// (scale * q . RoPE(k)) for the OmniKV filter: logits[(b * Hq + h) * ld_logits + p].
+template <class T>
+struct DenseDecodeParams {
+  const T* q = nullptr; std::int64_t ldq = 0;      // [B, Hq * D], post-RoPE
+  const T* kv = nullptr; std::int64_t seq_stride = 0;  // elements between sequences
+  const std::int32_t* n = nullptr;                 // [B] tokens (the query's own token included)
+  int batch = 0, n_q_heads = 0, n_kv_heads = 0, head_dim = 0;
+  float scale = 0.f;
+  RopeTableView rope{}; RopeStyle style = RopeStyle::half;
+  int split_len = 0, n_splits = 0;                 // tokens per split; n_splits * split_len >= max n
+  float* part = nullptr;                           // partials_floats(B, Hq, n_splits, D)
+  float* logits = nullptr; std::int64_t ld_logits = 0;  // optional [B, Hq, ld_logits]
+};
+
+// Merge the splits: out[b, h*D + d] = sum_s acc e^(m_s - M) / sum_s l_s e^(m_s - M); lse[b*Hq+h]
+// = M + log(L) when lse is not null. A head that saw nothing gives zeros (and lse = -inf).
+template <class T>
+struct CombineParams {
+  const float* part = nullptr; int n_splits = 0;
+  int batch = 0, n_q_heads = 0, head_dim = 0;
+  T* out = nullptr; std::int64_t ldo = 0;          // [B, Hq * D]
+  float* lse = nullptr;                            // [B, Hq] or nullptr
+};
+
+// OmniKV filter: score the middle positions [sinks, n - window) of each sequence by the largest
+// softmax probability any query head gives them, exp(logit - lse), and keep the k best (ties to
+// the lower position), written in ascending position order.
+struct SelectParams {
+  const float* logits = nullptr; std::int64_t ld_logits = 0;  // from DenseDecodeParams
+  const float* lse = nullptr;                                 // from CombineParams
+  const std::int32_t* n = nullptr;
+  int batch = 0, n_q_heads = 0, sinks = 0, window = 0, k = 0;
+  std::uint32_t* keys = nullptr; std::int64_t ld_keys = 0;     // scratch [B, ld_keys >= max n]
+  std::int32_t* sel = nullptr; std::int64_t ld_sel = 0;        // out [B, ld_sel >= k]
+  std::int32_t* sel_count = nullptr;                           // out [B]
+};
+
+// One compressed layer of the cache, all sequences: sequence b's regions start at
+// base + b * seq_bytes, each at its byte offset (CompressedCache::storage_view()):
+//   sinks [sinks, kv_dim] T   ring [ring, kv_dim] T (slot (p - sinks) % ring)   refs [., kv_dim] T
+//   lat [., lat_ld bytes] (latent_bits 0: T values; 8 / 4: codes, int4 low nibble first)
+//   scale [., 2] f32 (scale, min; latent_bits > 0)   ids [., k] int32 (-1: fewer references)
+// pos_code[p] (shared by all sequences and layers) classifies a compressed position p:
+// (row << 2) | cls with cls 1 = reference (row in refs), 2 = latent (row in lat).
+// Positions p >= c[b] (the compressed frontier) are still in the ring.
+template <class T>
+struct CompressedLayerView {
+  const std::byte* base = nullptr; std::size_t seq_bytes = 0;
+  std::size_t off_sinks = 0, off_ring = 0, off_refs = 0, off_lat = 0, off_scale = 0, off_ids = 0;
+  int sinks = 0, ring = 0, latent_dim = 0, latent_bits = 0, k = 0;
+  std::int64_t lat_ld = 0;
+  const std::int32_t* pos_code = nullptr;
+  const T* w_dec = nullptr;                        // f_d weight [kv_dim, latent_dim]
+  const T* b_dec = nullptr;                        // f_d bias [kv_dim] or nullptr
+};
+
+// Sparse decode attention over one compressed layer: positions [0, sinks) + sel[b][0, sel_count[b])
+// + [n - window, n), each rebuilt on chip (latents: x = f_d(z) + mean of its references; K gets
+// RoPE). V is never rebuilt per token: sum_t p_t (W_v z_t) = W_v (sum_t p_t z_t).
+template <class T>
+struct SparseDecodeParams {
+  const T* q = nullptr; std::int64_t ldq = 0;      // [B, Hq * D], post-RoPE
+  CompressedLayerView<T> layer{};
+  const std::int32_t* n = nullptr;                 // [B] tokens in this layer
+  const std::int32_t* c = nullptr;                 // [B] compressed frontier in this layer
+  const std::int32_t* sel = nullptr; std::int64_t ld_sel = 0; const std::int32_t* sel_count = nullptr;
+  int batch = 0, n_q_heads = 0, n_kv_heads = 0, head_dim = 0;
+  float scale = 0.f;
+  RopeTableView rope{}; RopeStyle style = RopeStyle::half;
+  int sinks = 0, window = 0;                       // the policy's attended sinks and recent window
+  int n_splits = 0;                                // blocks per (sequence, kv head)
+  float* part = nullptr;                           // partials_floats(B, Hq, n_splits, D)
+};
+
+}  // namespace deltakv::gpu::decode

@@ -1,0 +1,182 @@
+#pragma once
+// Host side of the fused decode step (kernels: decode_kernels.cuh, parameters: decode_params.hpp):
+// the RoPE tables, launch shapes, shape checks, and the one place where runtime shapes (head_dim,
+// GQA group) become template arguments. Every launch goes to the given stream and allocates
+// nothing, so a whole decode step can be captured into a graph and replayed.
+//
+// Supported by the fused path: T = bf16 or f16; head_dim 64 or 128; 1 to 8 q heads per kv head;
+// RoPE over the whole head (rot_dim == head_dim); latent_dim a multiple of 16 with the latent
+// rows 16-byte aligned (latent_bits 4, 8 or 0). Other shapes raise ConfigError (the cache's tiled
+// path serves them).
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "decode_kernels.cuh"
+#include "decode_params.hpp"
+#include "deltakv/error.hpp"
+#include "vendor.hpp"
+
+namespace deltakv::gpu::decode {
+
+inline constexpr int kDenseThreads = 128;
+inline constexpr int kSparseThreads = 256;
+inline constexpr int kSelectThreads = 1024;
+
+// The two RoPE tables (host, f32 pairs), covering positions < max_pos; see RopeTableView.
+struct RopeTableHost {
+  std::vector<float> hi, lo;
+  int half = 0;
+  std::int64_t max_pos = 0;
+};
+inline RopeTableHost rope_table(double theta, int rot_dim, std::int64_t max_pos) {
+  if (rot_dim <= 0 || rot_dim % 2 != 0) throw ConfigError("rope_table: rot_dim must be even and positive");
+  RopeTableHost t;
+  t.half = rot_dim / 2;
+  t.max_pos = (max_pos + 63) / 64 * 64;
+  const std::int64_t rows = t.max_pos / 64;
+  t.hi.resize(std::size_t(rows) * t.half * 2);
+  t.lo.resize(std::size_t(64) * t.half * 2);
+  for (int f = 0; f < t.half; ++f) {
+    const double inv = std::pow(theta, -2.0 * f / rot_dim);
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const double a = double(r * 64) * inv;
+      t.hi[(r * t.half + f) * 2] = float(std::cos(a));
+      t.hi[(r * t.half + f) * 2 + 1] = float(std::sin(a));
+    }
+    for (int r = 0; r < 64; ++r) {
+      const double a = double(r) * inv;
+      t.lo[(r * t.half + f) * 2] = float(std::cos(a));
+      t.lo[(r * t.half + f) * 2 + 1] = float(std::sin(a));
+    }
+  }
+  return t;
+}
+
+// Splits for the dense pass: tokens per split (a multiple of 64) and how many, enough blocks to
+// fill the device a few times over.
+struct SplitPlan { int split_len = 0, n_splits = 0; };
+inline SplitPlan dense_splits(std::int64_t max_n, int batch, int n_kv_heads, int sms) {
+  const std::int64_t want_blocks = std::int64_t(sms) * 8;
+  const std::int64_t pairs = std::max<std::int64_t>(1, std::int64_t(batch) * n_kv_heads);
+  std::int64_t len = (max_n * pairs + want_blocks - 1) / want_blocks;
+  len = std::clamp<std::int64_t>((len + 63) / 64 * 64, 256, 4096);
+  SplitPlan s;
+  s.split_len = int(len);
+  s.n_splits = int(std::max<std::int64_t>(1, (max_n + len - 1) / len));
+  return s;
+}
+// Splits for the sparse pass: about one block per multiprocessor (each holds W_k,h in shared
+// memory), at least one tile of work per block.
+inline int sparse_splits(std::int64_t max_attended, int batch, int n_kv_heads, int sms) {
+  const std::int64_t pairs = std::max<std::int64_t>(1, std::int64_t(batch) * n_kv_heads);
+  const std::int64_t by_sms = std::max<std::int64_t>(1, (sms + pairs - 1) / pairs);
+  const std::int64_t by_work = std::max<std::int64_t>(1, (max_attended + kSparseTile - 1) / kSparseTile);
+  return int(std::min(by_sms, by_work));
+}
+
+namespace detail {
+inline void check_shape(int head_dim, int n_q_heads, int n_kv_heads, const char* what) {
+  if (head_dim != 64 && head_dim != 128)
+    throw ConfigError(std::string(what) + ": the fused path supports head_dim 64 or 128, not " + std::to_string(head_dim));
+  if (n_kv_heads <= 0 || n_q_heads % n_kv_heads != 0 || n_q_heads / n_kv_heads > 8)
+    throw ConfigError(std::string(what) + ": the fused path supports 1 to 8 q heads per kv head");
+}
+inline void check_rope(const RopeTableView& r, RopeStyle style, int head_dim, std::int64_t max_n, const char* what) {
+  if (style == RopeStyle::none) return;
+  if (!r.hi || !r.lo || r.half * 2 != head_dim)
+    throw ConfigError(std::string(what) + ": the RoPE table must cover the whole head (rot_dim == head_dim)");
+  if (max_n > r.max_pos) throw CapacityError(std::string(what) + ": positions exceed the RoPE table");
+}
+
+// Runtime (head_dim, group) -> template arguments, in one place.
+template <class F>
+void dispatch(int head_dim, int group, F&& f) {
+  auto by_group = [&](auto d) {
+    switch (group) {
+      case 1: return f(d, std::integral_constant<int, 1>{});
+      case 2: return f(d, std::integral_constant<int, 2>{});
+      case 3: return f(d, std::integral_constant<int, 3>{});
+      case 4: return f(d, std::integral_constant<int, 4>{});
+      case 5: return f(d, std::integral_constant<int, 5>{});
+      case 6: return f(d, std::integral_constant<int, 6>{});
+      case 7: return f(d, std::integral_constant<int, 7>{});
+      case 8: return f(d, std::integral_constant<int, 8>{});
+      default: throw ConfigError("fused decode: group size out of range");
+    }
+  };
+  if (head_dim == 64) return by_group(std::integral_constant<int, 64>{});
+  return by_group(std::integral_constant<int, 128>{});
+}
+}  // namespace detail
+
+// Dense split-KV pass (partials in p.part). max_n: an upper bound of p.n[] (host-known).
+template <class T>
+void dense_partials(const DenseDecodeParams<T>& p, std::int64_t max_n, vendor::stream_t stream) {
+  detail::check_shape(p.head_dim, p.n_q_heads, p.n_kv_heads, "dense_decode");
+  detail::check_rope(p.rope, p.style, p.head_dim, max_n, "dense_decode");
+  if (std::int64_t(p.split_len) * p.n_splits < max_n || p.split_len <= 0)
+    throw ConfigError("dense_decode: n_splits * split_len must cover the longest sequence");
+  if (p.logits && p.ld_logits < max_n) throw ShapeError("dense_decode: ld_logits < longest sequence");
+  if (p.batch == 0) return;
+  constexpr int W = vendor::kWarpSize;
+  detail::dispatch(p.head_dim, p.n_q_heads / p.n_kv_heads, [&](auto d, auto g) {
+    dense_decode_kernel<T, decltype(d)::value, decltype(g)::value, W, kDenseThreads>
+        <<<dim3(p.n_splits, p.n_kv_heads, p.batch), kDenseThreads, 0, stream>>>(p);
+  });
+  vendor::check_launch("dense_decode_kernel");
+}
+
+template <class T>
+void combine(const CombineParams<T>& p, vendor::stream_t stream) {
+  if (p.batch == 0) return;
+  combine_kernel<T><<<p.batch * p.n_q_heads, p.head_dim, 0, stream>>>(p);
+  vendor::check_launch("combine_kernel");
+}
+
+// OmniKV selection from the logits and lse of a dense pass over the filter layer.
+inline void select_topk(const SelectParams& p, std::int64_t max_n, vendor::stream_t stream) {
+  if (p.k <= 0) throw ConfigError("select_topk: k must be positive");
+  if (p.ld_sel < p.k) throw ShapeError("select_topk: ld_sel < k");
+  if (p.ld_keys < max_n) throw ShapeError("select_topk: ld_keys < longest sequence");
+  if (p.batch == 0) return;
+  const int chunks = int(std::min<std::int64_t>(1024, (max_n + 255) / 256));
+  score_keys_kernel<<<dim3(std::max(1, chunks), p.batch), 256, 0, stream>>>(p);
+  vendor::check_launch("score_keys_kernel");
+  select_kernel<vendor::kWarpSize, kSelectThreads><<<p.batch, kSelectThreads, 0, stream>>>(p);
+  vendor::check_launch("select_kernel");
+}
+
+// Bytes of dynamic shared memory the sparse kernel needs for this layer shape.
+inline std::size_t sparse_smem(int head_dim, int n_q_heads, int n_kv_heads, int latent_dim, int k) {
+  return sparse_smem_bytes(head_dim, n_q_heads / n_kv_heads, latent_dim, k);
+}
+
+template <class T>
+void sparse_partials(const SparseDecodeParams<T>& p, vendor::stream_t stream) {
+  static_assert(!std::is_same_v<T, float>, "the fused sparse path stores 16-bit values (bf16 / f16)");
+  detail::check_shape(p.head_dim, p.n_q_heads, p.n_kv_heads, "sparse_decode");
+  const auto& L = p.layer;
+  if (L.latent_dim <= 0 || L.latent_dim % 16 != 0)
+    throw ConfigError("sparse_decode: latent_dim must be a positive multiple of 16");
+  if (L.latent_bits != 0 && L.latent_bits != 4 && L.latent_bits != 8)
+    throw ConfigError("sparse_decode: latent_bits must be 0, 4 or 8");
+  if (L.k < 1 || L.k > 8) throw ConfigError("sparse_decode: 1 to 8 references per latent");
+  if (!L.w_dec || !L.pos_code) throw ConfigError("sparse_decode: decoder weight and position table are required");
+  if (p.n_splits <= 0) throw ConfigError("sparse_decode: n_splits must be positive");
+  detail::check_rope(p.rope, p.style, p.head_dim, 0, "sparse_decode");
+  if (p.batch == 0) return;
+  const std::size_t smem = sparse_smem(p.head_dim, p.n_q_heads, p.n_kv_heads, L.latent_dim, L.k);
+  constexpr int W = vendor::kWarpSize;
+  detail::dispatch(p.head_dim, p.n_q_heads / p.n_kv_heads, [&](auto d, auto g) {
+    auto kernel = sparse_decode_kernel<T, decltype(d)::value, decltype(g)::value, W, kSparseThreads>;
+    vendor::allow_dynamic_smem(kernel, int(smem));
+    kernel<<<dim3(p.n_splits, p.n_kv_heads, p.batch), kSparseThreads, smem, stream>>>(p);
+  });
+  vendor::check_launch("sparse_decode_kernel");
+}
+
+}  // namespace deltakv::gpu::decode

@@ -1,0 +1,128 @@
+#pragma once
+// The second (and last) place that names a GPU vendor's API, for what the fused decode path needs
+// beyond vendor.hpp: a 16x16x16 tensor-core tile product, events for timing and stream capture
+// into graphs.
+//
+// Tile product (mma16): C[16x16] (f32) += A[16x16] (16-bit, row-major) * B[16x16] (16-bit,
+// column-major, i.e. B[k][n] at b[n * ldb + k]), all in shared memory, computed by one warp.
+// CUDA: nvcuda::wmma (tensor cores, sm_80+). HIP: Debian's HIP has no rocWMMA, so the same
+// contract is met by a plain per-lane loop: correct on any wavefront size, not fast (the MFMA
+// path is future work and is said so in the README's support table).
+#include "vendor.hpp"
+
+#if defined(__CUDACC__) && !defined(__HIPCC__)
+#include <mma.h>
+#endif
+
+namespace deltakv::gpu::vendor {
+
+#if defined(__CUDACC__) && !defined(__HIPCC__)
+template <class T>
+struct mma16 {
+  static_assert(std::is_same_v<T, bf16> || std::is_same_v<T, f16>, "tensor-core tiles take bf16 or f16");
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> c;
+  DELTAKV_GPU_D void zero() { nvcuda::wmma::fill_fragment(c, 0.0f); }
+  // lda / ldb in elements, multiples of 8; pointers 32-byte aligned.
+  DELTAKV_GPU_D void mac(const T* a, int lda, const T* b, int ldb) {
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major> fa;
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::col_major> fb;
+    nvcuda::wmma::load_matrix_sync(fa, a, lda);
+    nvcuda::wmma::load_matrix_sync(fb, b, ldb);
+    nvcuda::wmma::mma_sync(c, fa, fb, c);
+  }
+  // C row-major at out (ldo in floats, a multiple of 4; 32-byte aligned).
+  DELTAKV_GPU_D void store(float* out, int ldo) const {
+    nvcuda::wmma::store_matrix_sync(out, c, ldo, nvcuda::wmma::mem_row_major);
+  }
+};
+#else
+template <class T>
+struct mma16 {  // lane-parallel fallback: each lane owns 256 / warp-size entries of C
+  static constexpr int kPer = 256 / kWarpSize;
+  float c[kPer];
+  DELTAKV_GPU_D void zero() {
+    for (int e = 0; e < kPer; ++e) c[e] = 0.f;
+  }
+  DELTAKV_GPU_D void mac(const T* a, int lda, const T* b, int ldb) {
+    const int lane = threadIdx.x % kWarpSize;
+    for (int e = 0; e < kPer; ++e) {
+      const int idx = lane * kPer + e, r = idx / 16, n = idx % 16;
+      float s = c[e];
+      for (int k = 0; k < 16; ++k) s += to_float(a[r * lda + k]) * to_float(b[n * ldb + k]);
+      c[e] = s;
+    }
+  }
+  DELTAKV_GPU_D void store(float* out, int ldo) const {
+    const int lane = threadIdx.x % kWarpSize;
+    for (int e = 0; e < kPer; ++e) {
+      const int idx = lane * kPer + e;
+      out[(idx / 16) * ldo + idx % 16] = c[e];
+    }
+  }
+};
+#endif
+
+// ---- events and graphs (benchmarks and engines that replay a decode step) -------------------
+#if defined(__HIPCC__)
+using event_t = hipEvent_t;
+using graph_exec_t = hipGraphExec_t;
+inline event_t event_create() {
+  event_t e;
+  check(hipEventCreate(&e), "hipEventCreate");
+  return e;
+}
+inline void event_destroy(event_t e) noexcept { (void)hipEventDestroy(e); }
+inline void event_record(event_t e, stream_t s) { check(hipEventRecord(e, s), "hipEventRecord"); }
+inline float event_ms(event_t a, event_t b) {
+  float ms = 0;
+  check(hipEventSynchronize(b), "hipEventSynchronize");
+  check(hipEventElapsedTime(&ms, a, b), "hipEventElapsedTime");
+  return ms;
+}
+inline void capture_begin(stream_t s) { check(hipStreamBeginCapture(s, hipStreamCaptureModeThreadLocal), "hipStreamBeginCapture"); }
+inline graph_exec_t capture_end(stream_t s) {
+  hipGraph_t g;
+  check(hipStreamEndCapture(s, &g), "hipStreamEndCapture");
+  graph_exec_t x;
+  check(hipGraphInstantiate(&x, g, nullptr, nullptr, 0), "hipGraphInstantiate");
+  (void)hipGraphDestroy(g);
+  return x;
+}
+inline void graph_launch(graph_exec_t x, stream_t s) { check(hipGraphLaunch(x, s), "hipGraphLaunch"); }
+inline void graph_destroy(graph_exec_t x) noexcept { (void)hipGraphExecDestroy(x); }
+inline void memcpy_d2d_async(void* dst, const void* src, std::size_t bytes, stream_t s) {
+  check(hipMemcpyAsync(dst, src, bytes, hipMemcpyDeviceToDevice, s), "hipMemcpyAsync");
+}
+#else
+using event_t = cudaEvent_t;
+using graph_exec_t = cudaGraphExec_t;
+inline event_t event_create() {
+  event_t e;
+  check(cudaEventCreate(&e), "cudaEventCreate");
+  return e;
+}
+inline void event_destroy(event_t e) noexcept { (void)cudaEventDestroy(e); }
+inline void event_record(event_t e, stream_t s) { check(cudaEventRecord(e, s), "cudaEventRecord"); }
+inline float event_ms(event_t a, event_t b) {
+  float ms = 0;
+  check(cudaEventSynchronize(b), "cudaEventSynchronize");
+  check(cudaEventElapsedTime(&ms, a, b), "cudaEventElapsedTime");
+  return ms;
+}
+inline void capture_begin(stream_t s) { check(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture"); }
+inline graph_exec_t capture_end(stream_t s) {
+  cudaGraph_t g;
+  check(cudaStreamEndCapture(s, &g), "cudaStreamEndCapture");
+  graph_exec_t x;
+  check(cudaGraphInstantiate(&x, g, 0), "cudaGraphInstantiate");
+  (void)cudaGraphDestroy(g);
+  return x;
+}
+inline void graph_launch(graph_exec_t x, stream_t s) { check(cudaGraphLaunch(x, s), "cudaGraphLaunch"); }
+inline void graph_destroy(graph_exec_t x) noexcept { (void)cudaGraphExecDestroy(x); }
+inline void memcpy_d2d_async(void* dst, const void* src, std::size_t bytes, stream_t s) {
+  check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s), "cudaMemcpyAsync");
+}
+#endif
+
+}  // namespace deltakv::gpu::vendor

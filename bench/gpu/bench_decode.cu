@@ -1,0 +1,325 @@
+// GPU decode-step benchmark: one decode step (one new token per sequence, every layer) of
+//   - our dense kernel over bf16 KV in all layers, and
+//   - DeltaKV + OmniKV: full layers dense over exact bf16 rows (the filter layers also score and
+//     select the top-K), the other layers sparse over the compressed cache (int4 latents),
+// for the model shapes and contexts of issue 5. Prints one JSON object per configuration (the
+// driver bench/gpu/run_bench.py adds torch SDPA, measured in the same run, and prints the table).
+//
+// The cache contents are synthetic (random values, random references among the visible ones):
+// time and bytes do not depend on the values. The step is captured into a graph and replayed.
+// Bytes "the step must read" count what the kernels cannot avoid: every attended exact row's
+// K and V slices, every selected latent (codes, scale/min, reference ids), each distinct
+// reference row once, the decoder weights, q and the outputs.
+//
+// usage: bench_decode [--quick]   (--quick: small contexts, for a smoke run)
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "decode_step.hpp"
+#include "vendor.hpp"
+#include "vendor_ext.hpp"
+
+namespace {
+
+namespace dec = deltakv::gpu::decode;
+namespace vendor = deltakv::gpu::vendor;
+using bf = vendor::bf16;
+
+struct Model {
+  const char* name;
+  int layers, hq, hkv, d;
+  std::vector<int> full;
+};
+
+std::uint32_t hash3(std::uint64_t a, std::uint64_t b, std::uint64_t c) {
+  std::uint64_t x = a * 0x9E3779B97F4A7C15ull ^ (b + 0x632BE59BD9B4E019ull) * 0xC2B2AE3D27D4EB4Full ^ c * 0x165667B19E3779F9ull;
+  x ^= x >> 31;
+  x *= 0xBF58476D1CE4E5B9ull;
+  x ^= x >> 29;
+  return std::uint32_t(x);
+}
+
+__global__ void fill_bf16(bf* p, std::size_t n, std::uint32_t seed, float amp) {
+  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += std::size_t(gridDim.x) * blockDim.x) {
+    std::uint32_t x = std::uint32_t(i) * 2654435761u ^ seed * 2246822519u ^ std::uint32_t(i >> 32);
+    x ^= x >> 15;
+    x *= 2246822519u;
+    x ^= x >> 13;
+    p[i] = vendor::from_float<bf>(amp * (float(x & 0xFFFF) / 32768.f - 1.f));
+  }
+}
+__global__ void fill_bytes(std::uint8_t* p, std::size_t n, std::uint32_t seed) {
+  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += std::size_t(gridDim.x) * blockDim.x)
+    p[i] = std::uint8_t((std::uint32_t(i) * 2654435761u ^ seed) >> 13);
+}
+__global__ void fill_scale(float* p, std::size_t rows) {
+  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < rows; i += std::size_t(gridDim.x) * blockDim.x) {
+    p[2 * i] = 0.01f;
+    p[2 * i + 1] = -0.075f;
+  }
+}
+
+struct Dev {
+  void* p = nullptr;
+  explicit Dev(std::size_t bytes) { p = vendor::malloc_device(std::max<std::size_t>(bytes, 16)); }
+  ~Dev() { vendor::free_device(p); }
+  Dev(const Dev&) = delete;
+  template <class T>
+  T* as() const { return static_cast<T*>(p); }
+};
+
+std::size_t al(std::size_t v) { return (v + 255) / 256 * 256; }
+
+double copy_bandwidth(vendor::stream_t s) {  // bytes read + written per second, 2 GiB copies
+  const std::size_t bytes = std::size_t(2) << 30;
+  Dev a(bytes), b(bytes);
+  vendor::memset_async(a.p, 1, bytes, s);
+  auto e0 = vendor::event_create(), e1 = vendor::event_create();
+  for (int i = 0; i < 2; ++i) vendor::memcpy_d2d_async(b.p, a.p, bytes, s);
+  vendor::event_record(e0, s);
+  const int reps = 10;
+  for (int i = 0; i < reps; ++i) vendor::memcpy_d2d_async(b.p, a.p, bytes, s);
+  vendor::event_record(e1, s);
+  const double ms = vendor::event_ms(e0, e1);
+  vendor::event_destroy(e0);
+  vendor::event_destroy(e1);
+  return 2.0 * bytes * reps / (ms * 1e-3);
+}
+
+struct Result {
+  double dense_ms = 0, deltakv_ms = 0, dense_bytes = 0, deltakv_bytes = 0, resident_bytes = 0, bf16_bytes = 0;
+  double dense_layer_ms = 0, sparse_layer_ms = 0, select_ms = 0, full_layer_ms = 0;
+};
+
+template <class F>
+double time_graph(F&& body, vendor::stream_t s, int reps) {
+  vendor::capture_begin(s);
+  body();
+  auto g = vendor::capture_end(s);
+  for (int i = 0; i < 2; ++i) vendor::graph_launch(g, s);
+  auto e0 = vendor::event_create(), e1 = vendor::event_create();
+  vendor::event_record(e0, s);
+  for (int i = 0; i < reps; ++i) vendor::graph_launch(g, s);
+  vendor::event_record(e1, s);
+  const double ms = vendor::event_ms(e0, e1) / reps;
+  vendor::event_destroy(e0);
+  vendor::event_destroy(e1);
+  vendor::graph_destroy(g);
+  return ms;
+}
+
+Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
+  const int D = m.d, Hq = m.hq, Hkv = m.hkv, kvd = 2 * Hkv * D, qd = Hq * D;
+  const int DC = kvd / 4, bits = 4, K_REF = 4, STRIDE = 10, SINKS = 8, RECENT = 128, BLOCK = 128, TOPK = 2048;
+  const int RING = RECENT + BLOCK;
+  const float scale = 1.f / std::sqrt(float(D));
+  std::vector<char> is_full(m.layers, 0);
+  for (int l : m.full) is_full[l] = 1;
+  // position table (shared): references every STRIDE-th token after the sinks
+  std::vector<std::int32_t> code(N, 0), refs_upto(N, 0);
+  std::int64_t refs = 0;
+  for (std::int64_t p = SINKS; p < N; ++p) {
+    if ((p - SINKS) % STRIDE == 0) code[p] = std::int32_t(refs++ << 2 | 1);
+    else code[p] = std::int32_t((p - SINKS - refs) << 2 | 2);
+    refs_upto[p] = std::int32_t(refs);
+  }
+  const std::int64_t lat_total = N - SINKS - refs;
+  // everything up to N - RING is compressed (a multiple of BLOCK past the sinks)
+  const std::int64_t cfront = SINKS + std::max<std::int64_t>(0, (N - SINKS - RECENT) / BLOCK * BLOCK);
+  const std::int64_t lat_ld = DC * bits / 8;
+  std::size_t o = 0;
+  const std::size_t off_sinks = o; o += al(std::size_t(SINKS) * kvd * 2);
+  const std::size_t off_ring = o; o += al(std::size_t(RING) * kvd * 2);
+  const std::size_t off_refs = o; o += al(std::size_t(refs) * kvd * 2);
+  const std::size_t off_lat = o; o += al(std::size_t(lat_total) * lat_ld);
+  const std::size_t off_scale = o; o += al(std::size_t(lat_total) * 8);
+  const std::size_t off_ids = o; o += al(std::size_t(lat_total) * K_REF * 4);
+  const std::size_t seq_bytes = o;
+
+  Result r;
+  r.bf16_bytes = double(m.layers) * B * N * kvd * 2;
+  const std::size_t exact_layer = std::size_t(B) * N * kvd * 2;
+  std::vector<Dev*> full_buf, comp_buf, wdec;
+  for (int l = 0; l < m.layers; ++l) {
+    if (is_full[l]) {
+      full_buf.push_back(new Dev(exact_layer));
+      fill_bf16<<<1024, 256, 0, s>>>(full_buf.back()->as<bf>(), exact_layer / 2, 100 + l, 1.f);
+      r.resident_bytes += exact_layer;
+    } else {
+      comp_buf.push_back(new Dev(seq_bytes * B));
+      auto* base = comp_buf.back()->as<std::uint8_t>();
+      wdec.push_back(new Dev(std::size_t(kvd) * DC * 2));
+      fill_bf16<<<1024, 256, 0, s>>>(wdec.back()->as<bf>(), std::size_t(kvd) * DC, 300 + l, 0.05f);
+      std::vector<std::int32_t> ids(std::size_t(lat_total) * K_REF);
+      for (int b = 0; b < B; ++b) {
+        std::uint8_t* sb = base + seq_bytes * b;
+        fill_bf16<<<1024, 256, 0, s>>>(reinterpret_cast<bf*>(sb), (off_lat - off_sinks) / 2, 200 + l * 64 + b, 1.f);
+        fill_bytes<<<1024, 256, 0, s>>>(sb + off_lat, std::size_t(lat_total) * lat_ld, 7 + l * 64 + b);
+        fill_scale<<<256, 256, 0, s>>>(reinterpret_cast<float*>(sb + off_scale), std::size_t(lat_total));
+        for (std::int64_t p = SINKS; p < cfront; ++p)
+          if ((code[p] & 3) == 2)
+            for (int j = 0; j < K_REF; ++j)
+              ids[std::size_t(code[p] >> 2) * K_REF + j] = std::int32_t(hash3(l, b * N + p, j) % std::uint32_t(refs_upto[p]));
+        vendor::memcpy_async(sb + off_ids, ids.data(), ids.size() * 4, s);
+        vendor::stream_sync(s);
+      }
+      const std::int64_t nref_now = cfront > SINKS ? refs_upto[cfront - 1] : 0;
+      const std::int64_t nlat_now = (cfront - SINKS) - nref_now;
+      r.resident_bytes += double(B) * (std::min<std::int64_t>(SINKS, N) * kvd * 2.0 + std::min<std::int64_t>(N - cfront, RING) * kvd * 2.0 +
+                                       nref_now * kvd * 2.0 + nlat_now * (lat_ld + 8.0 + K_REF * 4.0));
+    }
+  }
+  Dev code_d(N * 4);
+  vendor::memcpy_async(code_d.p, code.data(), N * 4, s);
+  auto rt = dec::rope_table(500000.0, D, N + 1);
+  Dev hi(rt.hi.size() * 4), lo(rt.lo.size() * 4);
+  vendor::memcpy_async(hi.p, rt.hi.data(), rt.hi.size() * 4, s);
+  vendor::memcpy_async(lo.p, rt.lo.data(), rt.lo.size() * 4, s);
+  const dec::RopeTableView rope{hi.as<float>(), lo.as<float>(), rt.half, rt.max_pos};
+  Dev q(std::size_t(B) * qd * 2), out(std::size_t(B) * qd * 2);
+  fill_bf16<<<64, 256, 0, s>>>(q.as<bf>(), std::size_t(B) * qd, 9, 1.f);
+  std::vector<std::int32_t> nh(B, std::int32_t(N)), ch(B, std::int32_t(cfront));
+  Dev n_d(B * 4), c_d(B * 4);
+  vendor::memcpy_async(n_d.p, nh.data(), B * 4, s);
+  vendor::memcpy_async(c_d.p, ch.data(), B * 4, s);
+  const auto sp = dec::dense_splits(N, B, Hkv, sms);
+  const int attended_max = SINKS + TOPK + RECENT;
+  const int ssplits = dec::sparse_splits(attended_max, B, Hkv, sms);
+  Dev part(dec::partials_floats(B, Hq, std::max(sp.n_splits, ssplits), D) * 4);
+  Dev logits(std::size_t(B) * Hq * N * 4), lse(std::size_t(B) * Hq * 4), keys(std::size_t(B) * N * 4);
+  std::vector<Dev*> sel;  // one selection per run of sparse layers (owned by its filter layer)
+  for (int l = 0; l < m.layers; ++l) sel.push_back(nullptr);
+  Dev sel_count_all(std::size_t(m.layers) * B * 4);
+  vendor::stream_sync(s);
+
+  auto dense_layer = [&](const bf* kv, bool filter, int l) {
+    dec::DenseDecodeParams<bf> p{q.as<bf>(), qd, kv, std::int64_t(N) * kvd, n_d.as<std::int32_t>(), B, Hq, Hkv, D, scale,
+                                 rope, deltakv::RopeStyle::half, sp.split_len, sp.n_splits, part.as<float>(),
+                                 filter ? logits.as<float>() : nullptr, N};
+    dec::dense_partials(p, N, s);
+    dec::combine(dec::CombineParams<bf>{part.as<float>(), sp.n_splits, B, Hq, D, out.as<bf>(), qd, filter ? lse.as<float>() : nullptr}, s);
+    if (filter) {
+      if (!sel[l]) sel[l] = new Dev(std::size_t(B) * TOPK * 4);
+      dec::select_topk(dec::SelectParams{logits.as<float>(), N, lse.as<float>(), n_d.as<std::int32_t>(), B, Hq, SINKS, RECENT,
+                                         TOPK, keys.as<std::uint32_t>(), N, sel[l]->as<std::int32_t>(), TOPK,
+                                         sel_count_all.as<std::int32_t>() + l * B},
+                       N, s);
+    }
+  };
+  auto sparse_layer = [&](int ci, int filter_layer) {
+    dec::CompressedLayerView<bf> v{reinterpret_cast<const std::byte*>(comp_buf[ci]->p), seq_bytes, off_sinks, off_ring, off_refs,
+                                   off_lat, off_scale, off_ids, SINKS, RING, DC, bits, K_REF, lat_ld, code_d.as<std::int32_t>(),
+                                   wdec[ci]->as<bf>(), nullptr};
+    dec::SparseDecodeParams<bf> p{q.as<bf>(), qd, v, n_d.as<std::int32_t>(), c_d.as<std::int32_t>(),
+                                  sel[filter_layer]->as<std::int32_t>(), TOPK,
+                                  sel_count_all.as<std::int32_t>() + filter_layer * B, B, Hq, Hkv, D, scale, rope,
+                                  deltakv::RopeStyle::half, SINKS, RECENT, ssplits, part.as<float>()};
+    dec::sparse_partials(p, s);
+    dec::combine(dec::CombineParams<bf>{part.as<float>(), ssplits, B, Hq, D, out.as<bf>(), qd, nullptr}, s);
+  };
+  // filter layer of each sparse layer: the last full layer before it
+  std::vector<int> filter_of(m.layers, -1);
+  for (int l = 0, last = -1; l < m.layers; ++l) {
+    if (is_full[l]) last = l;
+    else filter_of[l] = last;
+  }
+  std::vector<char> is_filter(m.layers, 0);
+  for (int l = 0; l < m.layers; ++l)
+    if (filter_of[l] >= 0) is_filter[filter_of[l]] = 1;
+  // warm the selections (the graph body reads them)
+  for (int l = 0, fi = 0; l < m.layers; ++l)
+    if (is_full[l]) dense_layer(full_buf[fi++]->as<bf>(), is_filter[l], l);
+  vendor::stream_sync(s);
+
+  const int reps = N * B >= 1000000 ? 5 : 20;
+  r.deltakv_ms = time_graph([&] {
+    for (int l = 0, fi = 0, ci = 0; l < m.layers; ++l) {
+      if (is_full[l]) dense_layer(full_buf[fi++]->as<bf>(), is_filter[l], l);
+      else sparse_layer(ci++, filter_of[l]);
+    }
+  }, s, reps);
+  r.dense_ms = time_graph([&] {
+    for (int l = 0; l < m.layers; ++l) dense_layer(full_buf[l % full_buf.size()]->as<bf>(), false, l);
+  }, s, reps);
+  // per-kind layer times (same kernels, one layer each, many replays)
+  r.full_layer_ms = time_graph([&] { dense_layer(full_buf[0]->as<bf>(), false, 0); }, s, reps * 4);
+  const int f0 = filter_of[m.layers - 1];
+  r.select_ms = time_graph([&] { dense_layer(full_buf[0]->as<bf>(), true, f0); }, s, reps * 4) - r.full_layer_ms;
+  int first_sparse = 0;
+  while (is_full[first_sparse]) ++first_sparse;
+  r.sparse_layer_ms = time_graph([&] { sparse_layer(0, filter_of[first_sparse]); }, s, reps * 4);
+
+  // bytes the step must read
+  const double dense_layer_bytes = double(B) * N * kvd * 2 + 2.0 * B * qd * 2;
+  r.dense_bytes = m.layers * dense_layer_bytes;
+  r.deltakv_bytes = 0;
+  std::vector<std::int32_t> hsel(std::size_t(B) * TOPK), hcnt(B);
+  for (int l = 0, ci = 0; l < m.layers; ++l) {
+    if (is_full[l]) {
+      r.deltakv_bytes += dense_layer_bytes + (is_filter[l] ? double(B) * Hq * N * 4 * 2 + double(B) * N * 4 * 6 : 0.0);
+      continue;
+    }
+    const int f = filter_of[l];
+    vendor::memcpy_async(hsel.data(), sel[f]->p, hsel.size() * 4, s);
+    vendor::memcpy_async(hcnt.data(), sel_count_all.as<std::int32_t>() + f * B, B * 4, s);
+    vendor::stream_sync(s);
+    double bytes = double(kvd) * DC * 2 + 2.0 * B * qd * 2;  // decoder weights, q, out
+    for (int b = 0; b < B; ++b) {
+      std::set<std::int64_t> uniq;
+      std::int64_t exact = std::min<std::int64_t>(SINKS, N) + std::min<std::int64_t>(RECENT, N - SINKS), lat = 0;
+      for (int i = 0; i < hcnt[b]; ++i) {
+        const std::int64_t p = hsel[std::size_t(b) * TOPK + i];
+        if (p >= cfront || (code[p] & 3) == 1) { ++exact; continue; }
+        ++lat;
+        for (int j = 0; j < K_REF; ++j) uniq.insert(hash3(l, b * N + p, j) % std::uint32_t(refs_upto[p]));
+      }
+      // exact rows and references: K and V slices of every kv head = the whole row
+      bytes += double(exact + std::int64_t(uniq.size())) * kvd * 2 + double(lat) * (lat_ld + 8 + K_REF * 4);
+    }
+    r.deltakv_bytes += bytes;
+    ++ci;
+  }
+  for (auto* p : full_buf) delete p;
+  for (auto* p : comp_buf) delete p;
+  for (auto* p : wdec) delete p;
+  for (auto* p : sel) delete p;
+  return r;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  if (vendor::device_count() <= 0) {
+    std::printf("{\"skipped\": \"no GPU\"}\n");
+    return 0;
+  }
+  const int sms = vendor::multiprocessor_count(vendor::current_device());
+  vendor::stream_t s = vendor::stream_create();
+  const double bw = copy_bandwidth(s);
+  std::printf("{\"copy_bandwidth\": %.4e}\n", bw);
+  std::fflush(stdout);
+  const std::vector<Model> models = {{"Llama-3.1-8B", 32, 32, 8, 128, {0, 1, 2, 8, 18}},
+                                     {"Qwen2.5-7B", 28, 28, 4, 128, {0, 1, 2, 4, 7, 14}}};
+  const std::vector<std::int64_t> ctxs = quick ? std::vector<std::int64_t>{4096} : std::vector<std::int64_t>{32768, 131072};
+  for (const auto& m : models)
+    for (auto N : ctxs)
+      for (int B : {1, 8}) {
+        const Result r = run(m, N, B, sms, s);
+        std::printf("{\"model\": \"%s\", \"ctx\": %lld, \"batch\": %d, \"dense_ms\": %.5f, \"deltakv_ms\": %.5f, "
+                    "\"dense_bytes\": %.6e, \"deltakv_bytes\": %.6e, \"resident_bytes\": %.6e, \"bf16_bytes\": %.6e, "
+                    "\"full_layer_ms\": %.5f, \"sparse_layer_ms\": %.5f, \"select_ms\": %.5f, \"layers\": %d, \"copy_bw\": %.4e}\n",
+                    m.name, (long long)N, B, r.dense_ms, r.deltakv_ms, r.dense_bytes, r.deltakv_bytes, r.resident_bytes,
+                    r.bf16_bytes, r.full_layer_ms, r.sparse_layer_ms, r.select_ms, m.layers, bw);
+        std::fflush(stdout);
+      }
+  vendor::stream_destroy(s);
+  return 0;
+}

@@ -1,0 +1,424 @@
+// The fused decode-step kernels (backends/gpu/decode_step.hpp) against naive float64 references
+// written here from the method's definition: dense attention with RoPE, the OmniKV selection, and
+// sparse attention over a compressed layer (x = f_d(z) + mean of references). Outputs are
+// poisoned (0xFF bytes: NaN) before every launch.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "cuda_test_util.cuh"
+#include "decode_step.hpp"
+
+namespace {
+
+using namespace deltakv;
+using namespace dkt_cuda;
+namespace dec = deltakv::gpu::decode;
+using bf = deltakv::cuda::bf16;
+
+double rel_err(const std::vector<double>& got, const std::vector<double>& want) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < want.size(); ++i) {
+    if (!std::isfinite(got[i])) return INFINITY;
+    num += (got[i] - want[i]) * (got[i] - want[i]);
+    den += want[i] * want[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-300));
+}
+
+std::vector<double> f64(const std::vector<bf>& v) {
+  std::vector<double> o(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) o[i] = vendor::to_float(v[i]);
+  return o;
+}
+std::vector<double> f64(const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); }
+
+// bf16 values drawn uniformly in [lo, hi), and their exact f64 values.
+struct Bf16Data {
+  std::vector<bf> b;
+  std::vector<double> d;
+};
+Bf16Data random_bf16(std::size_t n, std::uint32_t seed, float lo, float hi) {
+  Bf16Data r;
+  r.b = to_bf16(uniform(n, seed, lo, hi));
+  r.d = f64(r.b);
+  return r;
+}
+
+// RoPE of one head (f64), the CPU oracle's convention: pairs (f, f + D/2) or (2f, 2f + 1).
+void rope_head(double* x, int D, std::int64_t pos, RopeStyle style, double theta) {
+  if (style == RopeStyle::none) return;
+  const int half = D / 2;
+  for (int f = 0; f < half; ++f) {
+    const double a = double(pos) * std::pow(theta, -2.0 * f / D);
+    const int i = style == RopeStyle::half ? f : 2 * f, j = style == RopeStyle::half ? f + half : 2 * f + 1;
+    const double x1 = x[i], x2 = x[j];
+    x[i] = x1 * std::cos(a) - x2 * std::sin(a);
+    x[j] = x2 * std::cos(a) + x1 * std::sin(a);
+  }
+}
+
+struct Shape {
+  int Hq, Hkv, D;
+  RopeStyle style;
+};
+
+// Naive decode attention for one sequence over rows x[p] (p in `pos`), post-RoPE q (f64).
+// Returns out [Hq*D]; logits [Hq][pos.size()] (scaled) and lse [Hq] on request.
+std::vector<double> naive_attend(const Shape& s, const double* q, const std::vector<std::vector<double>>& rows,
+                                 const std::vector<std::int64_t>& pos, double theta, double scale,
+                                 std::vector<double>* logits = nullptr, std::vector<double>* lse = nullptr) {
+  const int G = s.Hq / s.Hkv, D = s.D;
+  std::vector<double> out(std::size_t(s.Hq) * D, 0.0);
+  if (logits) logits->assign(std::size_t(s.Hq) * pos.size(), 0.0);
+  if (lse) lse->assign(s.Hq, -INFINITY);
+  for (int h = 0; h < s.Hkv; ++h) {
+    std::vector<std::vector<double>> K(pos.size());
+    for (std::size_t t = 0; t < pos.size(); ++t) {
+      K[t].assign(rows[t].begin() + h * D, rows[t].begin() + (h + 1) * D);
+      rope_head(K[t].data(), D, pos[t], s.style, theta);
+    }
+    for (int g = 0; g < G; ++g) {
+      const int hq = h * G + g;
+      std::vector<double> sc(pos.size());
+      double m = -INFINITY;
+      for (std::size_t t = 0; t < pos.size(); ++t) {
+        double d = 0;
+        for (int e = 0; e < D; ++e) d += q[hq * D + e] * K[t][e];
+        sc[t] = d * scale;
+        m = std::max(m, sc[t]);
+        if (logits) (*logits)[hq * pos.size() + t] = sc[t];
+      }
+      if (pos.empty()) continue;
+      double l = 0;
+      for (std::size_t t = 0; t < pos.size(); ++t) {
+        const double pr = std::exp(sc[t] - m);
+        l += pr;
+        for (int e = 0; e < D; ++e) out[hq * D + e] += pr * rows[t][(s.Hkv + h) * D + e];
+      }
+      for (int e = 0; e < D; ++e) out[hq * D + e] /= l;
+      if (lse) (*lse)[hq] = m + std::log(l);
+    }
+  }
+  return out;
+}
+
+struct RopeDev {
+  DBuf<float> hi, lo;
+  dec::RopeTableView view;
+  RopeDev(double theta, int D, std::int64_t max_pos)
+      : RopeDev(dec::rope_table(theta, D, max_pos)) {}
+  explicit RopeDev(const dec::RopeTableHost& t) : hi(t.hi), lo(t.lo) {
+    view = dec::RopeTableView{hi.p, lo.p, t.half, t.max_pos};
+  }
+};
+
+}  // namespace
+
+TEST_CASE("fused dense decode: attention, logits and lse against float64 RoPE attention") {
+  DKT_REQUIRE_CUDA();
+  const double theta = 10000.0;
+  for (const Shape s : {Shape{8, 2, 128, RopeStyle::half}, Shape{9, 3, 64, RopeStyle::interleaved},
+                        Shape{7, 1, 128, RopeStyle::half}}) {
+    CAPTURE(s.D);
+    CAPTURE(s.Hq);
+    const std::vector<std::int32_t> n = {1, 777, 2500};
+    const int B = int(n.size()), kvd = 2 * s.Hkv * s.D, qd = s.Hq * s.D;
+    const std::int64_t max_n = 2500, stride = max_n * kvd;
+    auto kv = random_bf16(std::size_t(B) * stride, 11 + s.D, -1.f, 1.f);
+    auto q = random_bf16(std::size_t(B) * qd, 12 + s.D, -1.f, 1.f);
+    const double scale = 1.0 / std::sqrt(double(s.D));
+    RopeDev rope(theta, s.D, max_n);
+    DBuf<bf> dkv(kv.b), dq(q.b), dout(std::size_t(B) * qd);
+    DBuf<std::int32_t> dn(n);
+    const auto sp = dec::dense_splits(max_n, B, s.Hkv, 132);
+    DBuf<float> part(dec::partials_floats(B, s.Hq, sp.n_splits, s.D)), logits(std::size_t(B) * s.Hq * max_n),
+        lse(std::size_t(B) * s.Hq);
+    dout.poison();
+    part.poison();
+    logits.poison();
+    lse.poison();
+    dec::DenseDecodeParams<bf> p{dq.p, qd, dkv.p, stride, dn.p, B, s.Hq, s.Hkv, s.D, float(scale), rope.view, s.style,
+                                 sp.split_len, sp.n_splits, part.p, logits.p, max_n};
+    dec::dense_partials(p, max_n, nullptr);
+    dec::combine(dec::CombineParams<bf>{part.p, sp.n_splits, B, s.Hq, s.D, dout.p, qd, lse.p}, nullptr);
+    const auto got = f64(dout.get());
+    const auto got_logits = logits.get();
+    const auto got_lse = lse.get();
+    for (int b = 0; b < B; ++b) {
+      std::vector<std::vector<double>> rows(n[b]);
+      std::vector<std::int64_t> pos(n[b]);
+      for (int t = 0; t < n[b]; ++t) {
+        rows[t].assign(kv.d.begin() + b * stride + std::int64_t(t) * kvd, kv.d.begin() + b * stride + std::int64_t(t + 1) * kvd);
+        pos[t] = t;
+      }
+      std::vector<double> wl, wlse;
+      const auto want = naive_attend(s, q.d.data() + b * qd, rows, pos, theta, scale, &wl, &wlse);
+      const std::vector<double> g(got.begin() + b * qd, got.begin() + (b + 1) * qd);
+      CHECK(rel_err(g, want) < 1e-2);  // bf16 output rounding (2^-9) dominates
+      std::vector<double> gl;
+      for (int h = 0; h < s.Hq; ++h)
+        for (int t = 0; t < n[b]; ++t) gl.push_back(got_logits[(std::size_t(b) * s.Hq + h) * max_n + t]);
+      CHECK(rel_err(gl, wl) < 1e-5);
+      for (int h = 0; h < s.Hq; ++h) CHECK(std::abs(got_lse[b * s.Hq + h] - wlse[h]) < 1e-4);
+    }
+  }
+}
+
+TEST_CASE("fused OmniKV selection: the k most attended middle positions, in order, ties to the lower") {
+  DKT_REQUIRE_CUDA();
+  const int Hq = 4, B = 3, K = 64, sinks = 4, window = 32;
+  const std::vector<std::int32_t> n = {3000, 90, 20};  // many candidates / fewer than k / none
+  const std::int64_t ld = 3000;
+  std::vector<float> lg(std::size_t(B) * Hq * ld, 0.f), lse(std::size_t(B) * Hq);
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (auto& x : lg) x = nd(rng);
+  for (int i = 0; i < B * Hq; ++i) lse[i] = 3.f + 0.1f * i;
+  // a block of exact ties in sequence 0 straddling the threshold: equal logits in every head
+  for (int t = 1000; t < 1100; ++t)
+    for (int h = 0; h < Hq; ++h) lg[(std::size_t(0) * Hq + h) * ld + t] = (h == 0 ? 6.f : -50.f);
+  for (int t = 1000; t < 1030; ++t) lg[t] = 9.f;  // 30 sure winners (head 0)
+  DBuf<float> dl(lg), dlse(lse);
+  DBuf<std::int32_t> dn(n), sel(std::size_t(B) * K), cnt(B);
+  DBuf<std::uint32_t> keys(std::size_t(B) * ld);
+  sel.poison();
+  cnt.poison();
+  dec::select_topk(dec::SelectParams{dl.p, ld, dlse.p, dn.p, B, Hq, sinks, window, K, keys.p, ld, sel.p, K, cnt.p},
+                   ld, nullptr);
+  const auto gs = sel.get();
+  const auto gc = cnt.get();
+  for (int b = 0; b < B; ++b) {
+    CAPTURE(b);
+    const int s_end = std::min(sinks, n[b]), w_begin = std::max(s_end, n[b] - window);
+    std::vector<std::pair<float, int>> sc;
+    for (int t = s_end; t < w_begin; ++t) {
+      float best = 0.f;
+      for (int h = 0; h < Hq; ++h) best = std::max(best, std::exp(lg[(std::size_t(b) * Hq + h) * ld + t] - lse[b * Hq + h]));
+      sc.push_back({best, t});
+    }
+    std::stable_sort(sc.begin(), sc.end(), [](auto& a, auto& c) { return a.first > c.first; });
+    const int kk = std::min<int>(K, int(sc.size()));
+    std::vector<int> want;
+    for (int i = 0; i < kk; ++i) want.push_back(sc[i].second);
+    std::sort(want.begin(), want.end());
+    REQUIRE(gc[b] == kk);
+    std::vector<int> got(gs.begin() + b * K, gs.begin() + b * K + kk);
+    CHECK(got == want);
+  }
+  // sequence 0: the 30 sure winners and then the lowest-positioned of the tied block
+  for (int i = 0; i < K; ++i) CHECK(gs[i] == 1000 + i);
+}
+
+namespace {
+
+// A compressed layer built on the host in the cache's layout (decode_params.hpp), its device copy,
+// and the float64 value of every position's reconstruction x = f_d(z) + mean(refs).
+struct CompressedFixture {
+  Shape s;
+  int B, S, ring, stride, DC, bits, k;
+  std::vector<std::int32_t> n, c;
+  std::vector<std::int32_t> code;  // pos_code
+  std::size_t seq_bytes = 0, off_sinks = 0, off_ring = 0, off_refs = 0, off_lat = 0, off_scale = 0, off_ids = 0;
+  std::int64_t lat_ld = 0, max_refs = 0, max_lat = 0;
+  std::vector<unsigned char> store;
+  std::vector<bf> w, bias;
+  std::vector<std::vector<std::vector<double>>> x;  // [b][p] reconstructed pre-RoPE row (f64)
+
+  static std::size_t al(std::size_t v) { return (v + 255) / 256 * 256; }
+
+  CompressedFixture(Shape sh, std::vector<std::int32_t> ns, int latent_bits, std::uint32_t seed)
+      : s(sh), B(int(ns.size())), S(4), ring(48), stride(10), DC(sh.D == 128 ? 64 : 32), bits(latent_bits), k(4), n(ns) {
+    const int kvd = 2 * s.Hkv * s.D;
+    const std::int64_t max_n = *std::max_element(n.begin(), n.end());
+    code.assign(max_n, 0);
+    std::vector<std::int32_t> refs_upto(max_n, 0);
+    std::int64_t refs = 0;
+    for (std::int64_t p = S; p < max_n; ++p) {
+      if ((p - S) % stride == 0) {
+        code[p] = std::int32_t(refs << 2 | 1);
+        ++refs;
+      } else {
+        code[p] = std::int32_t((p - S - refs) << 2 | 2);
+      }
+      refs_upto[p] = std::int32_t(refs);
+    }
+    max_refs = refs;
+    max_lat = std::max<std::int64_t>(1, max_n - S - refs);
+    lat_ld = bits == 0 ? DC * 2 : DC * bits / 8;
+    std::size_t o = 0;
+    off_sinks = o; o += al(std::size_t(S) * kvd * 2);
+    off_ring = o; o += al(std::size_t(ring) * kvd * 2);
+    off_refs = o; o += al(std::size_t(max_refs) * kvd * 2);
+    off_lat = o; o += al(std::size_t(max_lat) * lat_ld);
+    off_scale = o; o += al(std::size_t(max_lat) * 8);
+    off_ids = o; o += al(std::size_t(max_lat) * k * 4);
+    seq_bytes = o;
+    store.assign(seq_bytes * B, 0);
+    std::mt19937 rng(seed);
+    std::uniform_real_distribution<float> u(-1.f, 1.f);
+    auto rnd_bf = [&](float sc) { return vendor::from_float<bf>(u(rng) * sc); };
+    w.resize(std::size_t(kvd) * DC);
+    for (auto& v : w) v = rnd_bf(1.f / std::sqrt(float(DC)));
+    bias.resize(kvd);
+    for (auto& v : bias) v = rnd_bf(0.2f);
+    x.resize(B);
+    for (int b = 0; b < B; ++b) {
+      unsigned char* base = store.data() + seq_bytes * b;
+      auto row_ptr = [&](std::size_t off, std::int64_t r) { return reinterpret_cast<bf*>(base + off) + r * kvd; };
+      // compressed frontier: a multiple of 32 past the sinks, leaving 16..47 tokens in the ring
+      const int cf = n[b] <= S + ring ? std::min<int>(n[b], S) : S + ((n[b] - S - 16) / 32) * 32;
+      c.push_back(cf);
+      x[b].assign(n[b], std::vector<double>(kvd, 0.0));
+      auto fill_exact = [&](bf* dst, std::vector<double>& xv) {
+        for (int e = 0; e < kvd; ++e) {
+          dst[e] = rnd_bf(1.f);
+          xv[e] = vendor::to_float(dst[e]);
+        }
+      };
+      for (int p = 0; p < n[b]; ++p) {
+        if (p < S) {
+          fill_exact(row_ptr(off_sinks, p), x[b][p]);
+        } else if (p >= cf) {
+          fill_exact(row_ptr(off_ring, (p - S) % ring), x[b][p]);
+        } else if ((code[p] & 3) == 1) {
+          fill_exact(row_ptr(off_refs, code[p] >> 2), x[b][p]);
+        }
+      }
+      for (int p = S; p < cf; ++p) {
+        if ((code[p] & 3) != 2) continue;
+        const std::int64_t r = code[p] >> 2;
+        // references: k random among those visible (a -1 now and then)
+        auto* id = reinterpret_cast<std::int32_t*>(base + off_ids) + r * k;
+        std::vector<double> mean(kvd, 0.0);
+        int cnt = 0;
+        for (int j = 0; j < k; ++j) {
+          const int vis = refs_upto[p];
+          id[j] = (j == 3 && p % 7 == 0) ? -1 : int(rng() % std::uint32_t(vis));
+          if (id[j] < 0) continue;
+          const int rp = S + id[j] * stride;
+          for (int e = 0; e < kvd; ++e) mean[e] += x[b][rp][e];
+          ++cnt;
+        }
+        for (auto& m : mean) m /= cnt;
+        std::vector<double> z(DC);
+        if (bits == 0) {
+          bf* zr = reinterpret_cast<bf*>(base + off_lat + r * lat_ld);
+          for (int e = 0; e < DC; ++e) {
+            zr[e] = rnd_bf(1.f);
+            z[e] = vendor::to_float(zr[e]);
+          }
+        } else {
+          auto* q = base + off_lat + r * lat_ld;
+          auto* sm = reinterpret_cast<float*>(base + off_scale) + 2 * r;
+          sm[0] = 0.05f + 0.1f * (u(rng) + 1.f);
+          sm[1] = -0.5f + 0.2f * u(rng);
+          const int levels = (1 << bits) - 1;
+          for (int e = 0; e < DC; ++e) {
+            const int code_e = int(rng() % std::uint32_t(levels + 1));
+            if (bits == 8) q[e] = std::uint8_t(code_e);
+            else q[e / 2] = std::uint8_t((e % 2 == 0) ? code_e : (q[e / 2] | (code_e << 4)));
+            // the kernels round the dequantized value to the storage type, as CudaDevice<bf16> does
+            z[e] = vendor::to_float(vendor::from_float<bf>(float(code_e) * sm[0] + sm[1]));
+          }
+        }
+        for (int o2 = 0; o2 < kvd; ++o2) {
+          double acc = vendor::to_float(bias[o2]);
+          for (int e = 0; e < DC; ++e) acc += double(vendor::to_float(w[std::size_t(o2) * DC + e])) * z[e];
+          x[b][p][o2] = acc + mean[o2];
+        }
+      }
+    }
+  }
+};
+
+void run_sparse_case(const Shape& s, int bits, const std::vector<std::int32_t>& n, int n_select, int n_splits) {
+  CompressedFixture fx(s, n, bits, 77 + bits);
+  const int B = fx.B, qd = s.Hq * s.D, kvd = 2 * s.Hkv * s.D;
+  const int sinks = 3, window = 24;  // the policy's (attends fewer sinks than the cache keeps)
+  const double theta = 500000.0, scale = 1.0 / std::sqrt(double(s.D));
+  auto q = random_bf16(std::size_t(B) * qd, 31, -1.f, 1.f);
+  // selection: random middle positions, sorted, n_select or fewer per sequence
+  std::mt19937 rng(9);
+  const int ld_sel = std::max(1, n_select);
+  std::vector<std::int32_t> sel(std::size_t(B) * ld_sel, -1), cnt(B);
+  std::vector<std::vector<std::int64_t>> attended(B);
+  for (int b = 0; b < B; ++b) {
+    const int s_end = std::min(sinks, n[b]), w_begin = std::max(s_end, n[b] - window);
+    std::vector<std::int32_t> mid(w_begin - s_end);
+    std::iota(mid.begin(), mid.end(), s_end);
+    std::shuffle(mid.begin(), mid.end(), rng);
+    mid.resize(std::min<std::size_t>(mid.size(), n_select));
+    std::sort(mid.begin(), mid.end());
+    cnt[b] = int(mid.size());
+    std::copy(mid.begin(), mid.end(), sel.begin() + b * ld_sel);
+    for (int p = 0; p < s_end; ++p) attended[b].push_back(p);
+    for (auto p : mid) attended[b].push_back(p);
+    for (int p = w_begin; p < n[b]; ++p) attended[b].push_back(p);
+  }
+  RopeDev rope(theta, s.D, 8192);
+  DBuf<unsigned char> store(fx.store);
+  DBuf<bf> dw(fx.w), dbias(fx.bias), dq(q.b), dout(std::size_t(B) * qd);
+  DBuf<std::int32_t> dcode(fx.code), dn(n), dc(fx.c), dsel(sel), dcnt(cnt);
+  DBuf<float> part(dec::partials_floats(B, s.Hq, n_splits, s.D));
+  dout.poison();
+  part.poison();
+  dec::CompressedLayerView<bf> view{reinterpret_cast<const std::byte*>(store.p), fx.seq_bytes, fx.off_sinks, fx.off_ring,
+                                    fx.off_refs, fx.off_lat, fx.off_scale, fx.off_ids, fx.S, fx.ring, fx.DC, bits, fx.k,
+                                    fx.lat_ld, dcode.p, dw.p, dbias.p};
+  dec::SparseDecodeParams<bf> p{dq.p, qd, view, dn.p, dc.p, dsel.p, ld_sel, dcnt.p, B, s.Hq, s.Hkv, s.D,
+                                float(scale), rope.view, s.style, sinks, window, n_splits, part.p};
+  dec::sparse_partials(p, nullptr);
+  dec::combine(dec::CombineParams<bf>{part.p, n_splits, B, s.Hq, s.D, dout.p, qd, nullptr}, nullptr);
+  const auto got = f64(dout.get());
+  for (int b = 0; b < B; ++b) {
+    CAPTURE(b);
+    std::vector<std::vector<double>> rows;
+    for (auto pp : attended[b]) rows.push_back(fx.x[b][pp]);
+    const auto want = naive_attend(s, q.d.data() + b * qd, rows, attended[b], theta, scale);
+    const std::vector<double> g(got.begin() + b * qd, got.begin() + (b + 1) * qd);
+    CHECK(rel_err(g, want) < 1e-2);
+  }
+  (void)kvd;
+}
+
+}  // namespace
+
+TEST_CASE("fused sparse decode over a compressed layer: sinks + selection + window, rebuilt on chip") {
+  DKT_REQUIRE_CUDA();
+  for (int bits : {4, 8, 0}) {
+    CAPTURE(bits);
+    run_sparse_case(Shape{8, 2, 128, RopeStyle::half}, bits, {700, 1, 130, 1500}, 200, 3);
+  }
+  SUBCASE("head_dim 64, interleaved RoPE, GQA 3, one split") {
+    run_sparse_case(Shape{9, 3, 64, RopeStyle::interleaved}, 4, {600, 333}, 100, 1);
+  }
+  SUBCASE("GQA 7, many splits, empty selection") {
+    run_sparse_case(Shape{7, 1, 128, RopeStyle::half}, 4, {900, 64}, 0, 8);
+  }
+}
+
+TEST_CASE("fused decode: unsupported shapes are refused with ConfigError") {
+  DKT_REQUIRE_CUDA();
+  dec::DenseDecodeParams<bf> p{};
+  p.head_dim = 96;
+  p.n_q_heads = 4;
+  p.n_kv_heads = 1;
+  CHECK_THROWS_AS(dec::dense_partials(p, 10, nullptr), ConfigError);
+  p.head_dim = 128;
+  p.n_q_heads = 12;
+  p.n_kv_heads = 1;  // group 12
+  CHECK_THROWS_AS(dec::dense_partials(p, 10, nullptr), ConfigError);
+  dec::SparseDecodeParams<bf> sp{};
+  sp.head_dim = 128;
+  sp.n_q_heads = 4;
+  sp.n_kv_heads = 1;
+  sp.layer.latent_dim = 40;
+  CHECK_THROWS_AS(dec::sparse_partials(sp, nullptr), ConfigError);
+}
