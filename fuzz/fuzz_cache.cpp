@@ -859,7 +859,17 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       case 0: cfg.model.n_kv_heads = in.range(-1, 3); break;
       case 1: cfg.model.head_dim = in.range(-2, 3); break;
       case 2: cfg.comp.sinks = -in.range(1, 3); break;
-      case 3: cfg.comp.k_neighbors = in.range(-1, 0); break;
+      case 3: {  // k outside [1, kMaxNeighbors]: refused by the configuration check, up front
+        cfg.comp.k_neighbors = in.bit() ? in.range(-1, 0) : kMaxNeighbors + in.range(1, 2);
+        bool refused = false;
+        try {
+          validate(cfg);
+        } catch (const ConfigError&) {
+          refused = true;
+        }
+        FUZZ_CHECK(refused);
+        break;
+      }
       case 4: cfg.comp.latent_bits = in.range(0, 9); break;
       case 5: cfg.rope.rot_dim = in.range(-3, 20); break;
       case 6: cfg.rope.theta = in.bit() ? 0.0 : -1.0; break;

@@ -1,6 +1,7 @@
 #pragma once
 // Test helpers: independent naive references (RoPE, softmax attention), data generators, and a
-// small owner of a cache's buffers. Nothing here calls the code under test's math.
+// small owner of a cache's buffers, small cache configurations; file/byte helpers come from
+// support_io.hpp. Nothing here calls the code under test's math.
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -11,10 +12,27 @@
 #include "deltakv/cache.hpp"
 #include "deltakv/compressor.hpp"
 #include "deltakv/cpu/device.hpp"
+#include "support_io.hpp"
 
 namespace dkt {
 
 using namespace deltakv;
+
+// A small cache configuration for the identity codec (latent_dim = kv_dim), used by the cache and
+// regression tests; tests change the fields they are about.
+inline Config identity_config(ModelShape model, int sinks, int recent, Capacity cap) {
+  Config cfg;
+  cfg.model = model;
+  cfg.comp.sinks = sinks;
+  cfg.comp.recent = recent;
+  cfg.comp.latent_dim = model.kv_dim();
+  cfg.cap = cap;
+  return cfg;
+}
+// kv_dim 32 (GQA group 2), 4 sinks, a 16-token window, 3 sequences of up to 400 tokens.
+inline Config small_config(int layers = 2) { return identity_config({layers, 4, 2, 8}, 4, 16, {3, 400, 8}); }
+// kv_dim 8, 2 layers, 2 sinks, a 4-token window, 2 sequences of up to 64 tokens.
+inline Config tiny_config() { return identity_config({2, 2, 1, 4}, 2, 4, {2, 64, 1}); }
 
 template <class T>
 double rel_l2(const std::vector<T>& got, const std::vector<T>& want) {

@@ -11,21 +11,6 @@
 using namespace deltakv;
 using namespace dkt;
 
-namespace {
-
-Config small_config(int layers = 2) {
-  Config cfg;
-  cfg.model = {layers, 4, 2, 8};  // kv_dim 32, GQA group 2
-  cfg.comp.sinks = 4;
-  cfg.comp.recent = 16;
-  cfg.comp.latent_dim = 32;
-  cfg.cap = {3, 400, 8};
-  return cfg;
-}
-
-
-}  // namespace
-
 TEST_CASE("identity codec with d_c = kv_dim reconstructs every position exactly (f64)") {
   auto cfg = small_config();
   auto h = identity_harness<double>(cfg, FixedStride(10), DensePolicy{});

@@ -23,6 +23,7 @@
 #include "deltakv/cpu/device.hpp"
 #include "deltakv/io/checkpoint.hpp"
 #include "deltakv/io/safetensors.hpp"
+#include "support_io.hpp"
 
 #ifndef DELTAKV_TEST_DATA_DIR
 #error "DELTAKV_TEST_DATA_DIR must name tests/data"
@@ -31,30 +32,11 @@
 using namespace deltakv;
 using namespace deltakv::io;
 
+using dkt::data_path;
+using dkt::TempDir;
+using dkt::write_text;
+
 namespace {
-
-std::string data_path(const std::string& name) { return std::string(DELTAKV_TEST_DATA_DIR) + "/" + name; }
-
-// A fresh directory under the system temp dir, removed (best effort) when the test ends.
-struct TempDir {
-  std::filesystem::path path;
-  TempDir() {
-    std::random_device rd;
-    path = std::filesystem::temp_directory_path() /
-           ("deltakv_ckpt_test_" + std::to_string(rd()) + "_" + std::to_string(rd()));
-    std::filesystem::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
-
-void write_text(const std::string& path, const std::string& text) {
-  std::ofstream out(path, std::ios::binary);
-  out << text;
-}
 
 // A tensor to write as F32.
 struct W {

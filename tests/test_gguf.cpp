@@ -21,38 +21,17 @@
 #include <nlohmann/json.hpp>
 
 #include "deltakv/io/gguf.hpp"
+#include "support_io.hpp"
 
 using namespace deltakv;
 using namespace deltakv::io;
+using dkt::contains;
+using dkt::read_bytes;
+using dkt::TempDir;
 
 namespace {
 
 const std::string kDataDir = DELTAKV_TEST_DATA_DIR;
-
-std::vector<std::byte> read_all(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  REQUIRE_MESSAGE(in.good(), "cannot read " << path);
-  std::vector<char> c((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  std::vector<std::byte> out(c.size());
-  if (!c.empty()) std::memcpy(out.data(), c.data(), c.size());
-  return out;
-}
-
-template <class E, class F>
-std::string gg_thrown(F&& f) {
-  try {
-    f();
-  } catch (const E& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    FAIL("wrong exception type: " << e.what());
-    return {};
-  }
-  FAIL("no exception thrown");
-  return {};
-}
-
-bool contains(const std::string& s, const std::string& sub) { return s.find(sub) != std::string::npos; }
 
 // Writes GGUF bytes piece by piece (little-endian), for hand-made valid and invalid files.
 struct Builder {
@@ -226,8 +205,8 @@ TEST_CASE("gguf: fixture metadata of every value type (written by the gguf packa
 
   CHECK(f.has("test.u8"));
   CHECK_FALSE(f.has("test.missing"));
-  CHECK(contains(gg_thrown<FormatError>([&] { (void)f.get_int("test.missing"); }), "test.missing"));
-  CHECK(contains(gg_thrown<FormatError>([&] { (void)f.get_string("test.u8"); }), "test.u8"));
+  CHECK(contains(dkt::thrown<FormatError>([&] { (void)f.get_int("test.missing"); }), "test.missing"));
+  CHECK(contains(dkt::thrown<FormatError>([&] { (void)f.get_string("test.u8"); }), "test.u8"));
   CHECK_THROWS_AS((void)f.get_int("test.f32"), FormatError);
   CHECK_THROWS_AS((void)f.get_int("test.bool_true"), FormatError);
   CHECK_THROWS_AS((void)f.get_bool("test.u8"), FormatError);
@@ -241,7 +220,7 @@ TEST_CASE("gguf: fixture metadata of every value type (written by the gguf packa
 
 TEST_CASE("gguf: fixture tensors dequantize exactly like gguf.quants.dequantize") {
   const GgufFile f = GgufFile::open(kDataDir + "/small.gguf");
-  const auto bytes = read_all(kDataDir + "/small_expected.bin");
+  const auto bytes = read_bytes(kDataDir + "/small_expected.bin");
   std::ifstream js(kDataDir + "/small_expected.json");
   REQUIRE(js.good());
   const auto index = nlohmann::json::parse(js);
@@ -280,11 +259,11 @@ TEST_CASE("gguf: fixture tensors dequantize exactly like gguf.quants.dequantize"
     CHECK(mismatches == 0);
   }
   CHECK_FALSE(f.has_tensor("t.missing"));
-  CHECK(contains(gg_thrown<FormatError>([&] { (void)f.tensor("t.missing"); }), "t.missing"));
-  CHECK(contains(gg_thrown<FormatError>([&] { (void)f.dequantize("t.missing"); }), "t.missing"));
+  CHECK(contains(dkt::thrown<FormatError>([&] { (void)f.tensor("t.missing"); }), "t.missing"));
+  CHECK(contains(dkt::thrown<FormatError>([&] { (void)f.dequantize("t.missing"); }), "t.missing"));
 
   // from_bytes sees the same file.
-  const GgufFile g = GgufFile::from_bytes(read_all(kDataDir + "/small.gguf"));
+  const GgufFile g = GgufFile::from_bytes(read_bytes(kDataDir + "/small.gguf"));
   CHECK(g.tensors().size() == f.tensors().size());
   CHECK(g.dequantize("t.q4_1") == f.dequantize("t.q4_1"));
   // Copies share the bytes and stay valid after the original is gone.
@@ -322,7 +301,7 @@ TEST_CASE("gguf: a hand-made v2 file, custom alignment, zero tensors") {
     w.fill(32);
     w.f32(1.0f);
     w.f32(2.0f);
-    CHECK(contains(gg_thrown<FormatError>([&] { GgufFile::from_bytes(w.b); }), "aligned"));
+    CHECK(contains(dkt::thrown<FormatError>([&] { GgufFile::from_bytes(w.b); }), "aligned"));
   }
   {
     Builder w;  // metadata only, no padding after it
@@ -347,7 +326,7 @@ TEST_CASE("gguf: a hand-made v2 file, custom alignment, zero tensors") {
 }
 
 TEST_CASE("gguf: truncation at every cut point is a FormatError") {
-  const auto full = read_all(kDataDir + "/small.gguf");
+  const auto full = read_bytes(kDataDir + "/small.gguf");
   const GgufFile f = GgufFile::from_bytes(full);
   std::size_t data_end = 0;  // end of the last tensor's bytes: cuts after it only remove padding
   for (const auto& t : f.tensors()) data_end = std::max<std::size_t>(data_end, f.data_offset() + t.offset + t.nbytes);
@@ -375,12 +354,12 @@ TEST_CASE("gguf: header validation") {
   {
     auto b = good;
     b[0] = std::byte{'X'};
-    CHECK(contains(gg_thrown<FormatError>([&] { GgufFile::from_bytes(b); }), "magic"));
+    CHECK(contains(dkt::thrown<FormatError>([&] { GgufFile::from_bytes(b); }), "magic"));
   }
   for (std::uint32_t v : {0u, 1u, 4u, 0x03000000u}) {
     auto b = good;
     for (int k = 0; k < 4; ++k) b[4 + k] = static_cast<std::byte>((v >> (8 * k)) & 0xFF);
-    const std::string msg = gg_thrown<FormatError>([&] { GgufFile::from_bytes(b); });
+    const std::string msg = dkt::thrown<FormatError>([&] { GgufFile::from_bytes(b); });
     CHECK(contains(msg, "version"));
     if (v == 0x03000000u) CHECK(contains(msg, "big-endian"));
   }
@@ -461,14 +440,14 @@ TEST_CASE("gguf: metadata validation") {
     CHECK(f.array_type_of("k") == GgufValueType::ARRAY);
     CHECK_THROWS_AS((void)f.get_int_array("k"), FormatError);
   }
-  CHECK(contains(gg_thrown<FormatError>([&] { GgufFile::from_bytes(nested(100000)); }), "nested"));
+  CHECK(contains(dkt::thrown<FormatError>([&] { GgufFile::from_bytes(nested(100000)); }), "nested"));
   // duplicate keys
   {
     Builder w;
     w.header(3, 0, 2);
     w.kv_u32("k", 1);
     w.kv_u32("k", 2);
-    CHECK(contains(gg_thrown<FormatError>([&] { GgufFile::from_bytes(w.b); }), "duplicate"));
+    CHECK(contains(dkt::thrown<FormatError>([&] { GgufFile::from_bytes(w.b); }), "duplicate"));
   }
   // u64 beyond int64 through get_int, fine through get_float
   {
@@ -491,7 +470,7 @@ TEST_CASE("gguf: tensor info validation") {
   CHECK_NOTHROW(GgufFile::from_bytes(file({32, 2}, 8, 0, 68)));
   CHECK_THROWS_AS(GgufFile::from_bytes(file({32, 2}, 8, 0, 67)), FormatError);        // one byte short
   CHECK_THROWS_AS(GgufFile::from_bytes(file({32, 2}, 8, 32, 68)), FormatError);       // beyond the end
-  CHECK(contains(gg_thrown<FormatError>([&] { GgufFile::from_bytes(file({32, 2}, 8, 1, 200)); }), "aligned"));
+  CHECK(contains(dkt::thrown<FormatError>([&] { GgufFile::from_bytes(file({32, 2}, 8, 1, 200)); }), "aligned"));
   CHECK_THROWS_AS(GgufFile::from_bytes(file({32, 2}, 8, ~std::uint64_t{0} - 31, 68)), FormatError);  // offset overflow
   CHECK_THROWS_AS(GgufFile::from_bytes(file({33, 2}, 8, 0, 200)), FormatError);       // not a block multiple
   CHECK_THROWS_AS(GgufFile::from_bytes(file({32, 0}, 8, 0, 68)), FormatError);        // zero dimension
@@ -507,7 +486,7 @@ TEST_CASE("gguf: tensor info validation") {
     const GgufFile f = GgufFile::from_bytes(file({256}, 12, 0, 144));  // Q4_K: readable, not dequantizable
     CHECK(f.tensor("t").nbytes == 144);
     CHECK(f.tensor_data("t").size() == 144);
-    CHECK(contains(gg_thrown<DTypeError>([&] { (void)f.dequantize("t"); }), "Q4_K"));
+    CHECK(contains(dkt::thrown<DTypeError>([&] { (void)f.dequantize("t"); }), "Q4_K"));
   }
   // overlapping and duplicate tensors
   CHECK_THROWS_AS(GgufFile::from_bytes(two_tensor_file(0, 0)), FormatError);
@@ -518,7 +497,7 @@ TEST_CASE("gguf: tensor info validation") {
     w.tensor("a", {4}, 0, 32);
     w.pad(32);
     w.fill(64);
-    CHECK(contains(gg_thrown<FormatError>([&] { GgufFile::from_bytes(w.b); }), "duplicate"));
+    CHECK(contains(dkt::thrown<FormatError>([&] { GgufFile::from_bytes(w.b); }), "duplicate"));
   }
   {
     Builder w;  // b starts inside a's bytes
@@ -527,12 +506,12 @@ TEST_CASE("gguf: tensor info validation") {
     w.tensor("b", {4}, 0, 32);
     w.pad(32);
     w.fill(128);
-    CHECK(contains(gg_thrown<FormatError>([&] { GgufFile::from_bytes(w.b); }), "overlap"));
+    CHECK(contains(dkt::thrown<FormatError>([&] { GgufFile::from_bytes(w.b); }), "overlap"));
   }
 }
 
 TEST_CASE("gguf: random corruption ends in a typed error or a consistent file") {
-  const auto full = read_all(kDataDir + "/small.gguf");
+  const auto full = read_bytes(kDataDir + "/small.gguf");
   std::mt19937 rng(77);
   int opened = 0, rejected = 0;
   for (int it = 0; it < 3000; ++it) {
@@ -582,10 +561,10 @@ TEST_CASE("gguf: random corruption ends in a typed error or a consistent file") 
 TEST_CASE("gguf: OS errors are IoError") {
   CHECK_THROWS_AS(GgufFile::open(kDataDir + "/does_not_exist.gguf"), IoError);
   CHECK_THROWS_AS(GgufFile::open(kDataDir), IoError);  // a directory
-  const auto path = std::filesystem::temp_directory_path() / "deltakv_gguf_empty.gguf";
+  const TempDir tmp("gguf");
+  const std::string path = tmp.file("empty.gguf");
   { std::ofstream(path, std::ios::binary).flush(); }
-  CHECK_THROWS_AS(GgufFile::open(path.string()), FormatError);  // empty: not an OS failure
-  std::filesystem::remove(path);
+  CHECK_THROWS_AS(GgufFile::open(path), FormatError);  // empty: not an OS failure
 }
 
 TEST_CASE("gguf: the real model (SmolLM2-135M-Instruct Q4_1) when present") {

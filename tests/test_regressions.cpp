@@ -12,19 +12,6 @@
 using namespace deltakv;
 using namespace dkt;
 
-namespace {
-
-Config tiny_config() {
-  Config cfg;
-  cfg.model = {2, 2, 1, 4};  // kv_dim 8
-  cfg.comp.sinks = 2;
-  cfg.comp.recent = 4;
-  cfg.comp.latent_dim = 8;
-  cfg.cap = {2, 64, 1};
-  return cfg;
-}
-
-}  // namespace
 
 // fuzz_cache (plan + run append with a second plan_append in between). plan_append writes the
 // plan's items into one cache-owned array without changing the generation, so an older plan still
@@ -121,4 +108,103 @@ TEST_CASE("regression: validate() refuses a model whose kv_dim does not fit in i
   cfg.comp.sinks = 0;
   cfg.cap = {1, 16, 1};
   CHECK_THROWS_AS(validate(cfg), ConfigError);
+}
+
+// Review of the layout arithmetic. geometry() and workspace_plan() multiplied and summed byte
+// counts in size_t without checks: a geometry that validate() accepts (every size fits in int)
+// but whose buffers do not fit in size_t wrapped around, and layout() returned a small size
+// (here storage ~2^38 bytes per sequence times 2^31 - 1 sequences; the attention accumulator
+// (2^31 - 1 query rows) x (2^31 - 4 q-head dims) x 4 bytes). The constructor would then have
+// accepted a small buffer and written far beyond it. Sizes that overflow are a ConfigError.
+TEST_CASE("regression: layout() of a geometry whose byte counts overflow size_t is a ConfigError") {
+  using C = CompressedCache<float, cpu::CpuDevice<float>, FixedStride, LinearEncoder<float>, LinearDecoder<float>,
+                            DensePolicy>;
+  const int hd = (1 << 30) - 2;  // kv_dim = 2^31 - 4, n_q_heads * head_dim = 2^31 - 4: both fit in int
+  Config cfg = identity_config({1, 2, 1, hd}, 2, 4, {1, 64, 1});
+  cfg.comp.latent_dim = 16;
+  cfg.rope.style = RopeStyle::none;
+  validate(cfg);  // a valid configuration ...
+  const auto one = C::layout(cfg, FixedStride(3), DensePolicy{}, 0);
+  const std::size_t row = std::size_t(cfg.model.kv_dim()) * sizeof(float);
+  CHECK(one.storage_bytes >= (2 + 8) * row);  // ... whose sizes are still representable: sinks + ring rows at least
+
+  Config seqs = cfg;  // storage: per-sequence bytes times max_seqs
+  seqs.cap.max_seqs = std::numeric_limits<int>::max();
+  CHECK_THROWS_AS((void)C::layout(seqs, FixedStride(3), DensePolicy{}, 0), ConfigError);
+  seqs.cap.max_seqs = 1000;  // large but representable: no error, and exactly 1000 sequences' worth
+  CHECK(C::layout(seqs, FixedStride(3), DensePolicy{}, 0).storage_bytes == 1000 * one.storage_bytes);
+
+  Config queries = cfg;  // workspace: query rows x q heads x head_dim x accumulator bytes
+  queries.cap.max_query_rows = std::numeric_limits<int>::max();
+  CHECK_THROWS_AS((void)C::layout(queries, FixedStride(3), DensePolicy{}, 0), ConfigError);
+
+  // the encoder's scratch size comes from the caller: overflowing or negative is refused too
+  CHECK_THROWS_AS((void)C::layout(cfg, FixedStride(3), DensePolicy{}, std::numeric_limits<std::int64_t>::max()),
+                  ConfigError);
+  CHECK_THROWS_AS((void)C::layout(cfg, FixedStride(3), DensePolicy{}, -1), ConfigError);
+}
+
+// Review of run_append. A plan was checked only by its generation, which every cache counts
+// from 1: the newest plan of cache A, made when A and B had seen the same number of changes,
+// was accepted by B.run_append and run against B's sequences (here it copied 50 rows of a
+// 50-row batch planned for A into B, whose own newest plan was for 2 rows). A plan belongs
+// to the cache that made it.
+TEST_CASE("regression: run_append refuses a plan made by another cache") {
+  auto a = identity_harness<float>(tiny_config(), FixedStride(3), DensePolicy{});
+  auto b = identity_harness<float>(tiny_config(), FixedStride(3), DensePolicy{});
+  const int D = 8;
+  std::vector<float> xa(50 * D, 1.f), xb(2 * D, 2.f);
+  std::vector<std::int64_t> pa(50), pb{0, 1};
+  for (int i = 0; i < 50; ++i) pa[i] = i;
+  const std::int32_t sid[1] = {0};
+  const std::int32_t ipa[2] = {0, 50}, ipb[2] = {0, 2};
+  const RaggedBatch<const float> ba{matrix<const float>(xa.data(), 50, D), sid, ipa, pa};
+  const RaggedBatch<const float> bb{matrix<const float>(xb.data(), 2, D), sid, ipb, pb};
+  const AppendPlan plan_a = a.cache->plan_append(0, ba);
+  const AppendPlan plan_b = b.cache->plan_append(0, bb);
+  REQUIRE(plan_a.generation == plan_b.generation);  // the situation the generation alone cannot tell apart
+  CHECK_THROWS_AS(b.cache->run_append(plan_a, ba), OrderError);
+  CHECK_THROWS_AS(a.cache->run_append(plan_b, bb), OrderError);
+  CHECK_THROWS_AS(b.cache->run_append(AppendPlan{}, bb), OrderError);  // a default plan belongs to no cache
+  CHECK(a.cache->length(0, 0) == 0);
+  CHECK(b.cache->length(0, 0) == 0);
+  // the refusals changed nothing: each cache's own plan still runs
+  b.cache->run_append(plan_b, bb);
+  a.cache->run_append(plan_a, ba);
+  CHECK(a.cache->length(0, 0) == 50);
+  CHECK(b.cache->length(0, 0) == 2);
+  std::vector<float> out(2 * D);
+  b.cache->reconstruct(0, 0, pb, matrix(out.data(), 2, D), false);
+  CHECK(out == xb);
+}
+
+// Review of references_of. k_neighbors above 64 passed validate(), the constructor and every
+// append, and only references_of refused it (ConfigError, from a reader, long after the cache
+// had been built and filled). The limit is part of the configuration check now.
+TEST_CASE("regression: k_neighbors above kMaxNeighbors is refused by validate(), up front") {
+  using C = CompressedCache<float, cpu::CpuDevice<float>, FixedStride, LinearEncoder<float>, LinearDecoder<float>,
+                            DensePolicy>;
+  Config cfg = tiny_config();
+  cfg.comp.k_neighbors = kMaxNeighbors + 1;
+  CHECK_THROWS_AS(validate(cfg), ConfigError);
+  CHECK_THROWS_AS((void)C::layout(cfg, FixedStride(3), DensePolicy{}, 0), ConfigError);
+  CHECK_THROWS_AS((void)identity_harness<float>(cfg, FixedStride(3), DensePolicy{}), ConfigError);
+
+  // the largest accepted k works end to end, references_of included
+  cfg.comp.k_neighbors = kMaxNeighbors;
+  auto h = identity_harness<float>(cfg, FixedStride(3), DensePolicy{});
+  const auto x = structured_kv<float>(64, 8, 3);
+  h.append(0, 0, x, 0, 64);
+  std::vector<std::int64_t> refs(kMaxNeighbors);
+  int latents = 0;
+  for (std::int64_t p = 0; p < 64; ++p) {
+    const int c = h.cache->references_of(0, 0, p, refs);
+    if (c == 0) continue;
+    ++latents;
+    std::int64_t earlier = 0;  // every earlier reference is among the k = 64 nearest
+    for (std::int64_t q = cfg.comp.sinks; q < p; ++q) earlier += h.cache->position_class(q) == 1;
+    CHECK(c == earlier);
+    for (int j = 0; j < c; ++j) CHECK(h.cache->position_class(refs[j]) == 1);
+  }
+  CHECK(latents > 20);
 }

@@ -12,9 +12,12 @@
 #include <vector>
 
 #include "deltakv/io/safetensors.hpp"
+#include "support_io.hpp"
 
 using namespace deltakv;
 using namespace deltakv::io;
+using dkt::TempDir;
+using dkt::thrown;
 
 namespace {
 
@@ -44,33 +47,11 @@ std::vector<std::byte> make_file(const std::string& header, std::size_t data_len
   return out;
 }
 
-// Runs f, requires it to throw exactly-E-or-derived, and returns the message for inspection.
-template <class E, class F>
-std::string thrown(F&& f) {
-  try {
-    f();
-  } catch (const E& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    FAIL("wrong exception type: " << e.what());
-    return {};
-  }
-  FAIL("no exception thrown");
-  return {};
-}
-
 std::string format_error(const std::string& header, std::size_t data_len) {
   return thrown<FormatError>([&] { SafetensorsFile::from_bytes(make_file(header, data_len)); });
 }
 
-bool has(const std::string& s, const std::string& sub) { return s.find(sub) != std::string::npos; }
-
-std::filesystem::path scratch_dir(const std::string& name) {
-  auto dir = std::filesystem::temp_directory_path() / ("deltakv_st_test_" + name);
-  std::filesystem::remove_all(dir);
-  std::filesystem::create_directories(dir);
-  return dir;
-}
+bool has(const std::string& s, const std::string& sub) { return dkt::contains(s, sub); }
 
 }  // namespace
 
@@ -213,8 +194,9 @@ TEST_CASE("safetensors: round trip of several dtypes, shapes and metadata") {
 }
 
 TEST_CASE("safetensors: write_safetensors replaces the file atomically") {
-  const auto dir = scratch_dir("write");
-  const auto path = (dir / "ckpt.safetensors").string();
+  const TempDir tmp("safetensors");
+  const auto& dir = tmp.path;
+  const auto path = tmp.file("ckpt.safetensors");
   const std::vector<float> v1 = {1, 2, 3}, v2 = {4, 5};
   const auto b1 = f32_bytes(v1), b2 = f32_bytes(v2);
 
@@ -238,7 +220,6 @@ TEST_CASE("safetensors: write_safetensors replaces the file atomically") {
   CHECK_THROWS_AS(write_safetensors(missing_dir, {{"y", StDType::F32, {2}, b2}}), IoError);
   CHECK_THROWS_AS(SafetensorsFile::open((dir / "absent.safetensors").string()), IoError);
   CHECK_THROWS_AS(SafetensorsFile::open(dir.string()), IoError);  // a directory is not a file
-  std::filesystem::remove_all(dir);
 }
 
 TEST_CASE("safetensors: writer rejects inconsistent input") {

@@ -169,17 +169,6 @@ std::vector<std::function<std::vector<float>()>> policy_jobs(const Config& cfg, 
   return jobs;
 }
 
-#if DELTAKV_TEST_THREADS_GGUF
-std::vector<std::byte> read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  REQUIRE_MESSAGE(in.good(), "cannot read " << path);
-  std::vector<char> c((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  std::vector<std::byte> out(c.size());
-  if (!c.empty()) std::memcpy(out.data(), c.data(), c.size());
-  return out;
-}
-#endif
-
 }  // namespace
 
 TEST_CASE("thread: distinct caches with their own devices on 4 threads match serial use bit for bit") {
@@ -214,7 +203,7 @@ TEST_CASE("thread: one shared Compressor serves caches on 4 threads read-only") 
 }
 
 TEST_CASE("thread: a SafetensorsFile is read and loaded as a checkpoint from 4 threads at once") {
-  const io::SafetensorsFile file = io::SafetensorsFile::open(std::string(DELTAKV_TEST_DATA_DIR) + "/paper_linear.safetensors");
+  const io::SafetensorsFile file = io::SafetensorsFile::open(data_path("paper_linear.safetensors"));
   auto job = [&file]() {
     std::vector<float> all;
     for (const std::string& n : file.names()) {
@@ -234,7 +223,7 @@ TEST_CASE("thread: a SafetensorsFile is read and loaded as a checkpoint from 4 t
 
 #if DELTAKV_TEST_THREADS_GGUF
 TEST_CASE("thread: a GgufFile is read and dequantized from 4 threads at once") {
-  const io::GgufFile file = io::GgufFile::from_bytes(read_file(std::string(DELTAKV_TEST_DATA_DIR) + "/small.gguf"));
+  const io::GgufFile file = io::GgufFile::from_bytes(read_bytes(data_path("small.gguf")));
   auto job = [&file]() {
     std::vector<float> all;
     for (const auto& t : file.tensors()) {

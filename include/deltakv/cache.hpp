@@ -35,7 +35,31 @@
 
 namespace deltakv {
 
-// Host decisions of one append() call; valid until the cache changes (generation).
+namespace detail {
+// Byte arithmetic of CompressedCache::layout(): a size that does not fit in size_t is refused as
+// a ConfigError (an absurd geometry), never wrapped into a small buffer.
+[[noreturn]] inline void layout_overflow() {
+  throw ConfigError("cache layout: buffer sizes overflow size_t (absurd geometry or capacity)");
+}
+inline std::size_t bytes_mul(std::size_t a) { return a; }
+template <class... Rest>
+std::size_t bytes_mul(std::size_t a, std::size_t b, Rest... rest) {
+  if (a != 0 && b > std::numeric_limits<std::size_t>::max() / a) layout_overflow();
+  return bytes_mul(a * b, static_cast<std::size_t>(rest)...);
+}
+inline std::size_t bytes_add(std::size_t a, std::size_t b) {
+  if (b > std::numeric_limits<std::size_t>::max() - a) layout_overflow();
+  return a + b;
+}
+// A count that must be >= 0 (a negative one is a configuration error, not a huge size_t).
+inline std::size_t count_of(std::int64_t n) {
+  if (n < 0) throw ConfigError("cache layout: negative element count " + std::to_string(n));
+  return static_cast<std::size_t>(n);
+}
+}  // namespace detail
+
+// Host decisions of one append() call; valid until the cache changes (generation), and only for
+// the cache that made it (`items` points into that cache's own array, which identifies it).
 struct AppendPlan {
   struct Item {
     std::int32_t seq;
@@ -45,7 +69,7 @@ struct AppendPlan {
   };
   int layer = 0;
   int n_items = 0;
-  const Item* items = nullptr;  // cache-owned, n_items entries
+  const Item* items = nullptr;  // owned by the cache that made the plan, n_items entries
   std::uint64_t generation = 0;
 };
 
@@ -173,6 +197,9 @@ class CompressedCache {
   }
 
   void run_append(const AppendPlan& p, const RaggedBatch<const T>& x) {
+    // Generations count per cache, so a plan of another cache can carry this cache's generation:
+    // the items pointer says whose plan it is (the array moves with the cache; copies get their own).
+    if (p.items != items_.data()) throw OrderError("append plan was made by another cache");
     if (p.generation != generation_) throw OrderError("stale append plan: the cache changed since plan_append");
     const LayerPlan& lp = g_.plans[p.layer];
     for (int i = 0; i < p.n_items; ++i) {
@@ -252,11 +279,10 @@ class CompressedCache {
     check_seq(seq);
     const LayerSeq& s = at(layer, seq);
     if (pos < 0 || pos >= s.n) throw OrderError("references_of: position " + std::to_string(pos) + " not cached");
-    const int k = cfg_.comp.k_neighbors;
+    const int k = cfg_.comp.k_neighbors;  // <= kMaxNeighbors: validate() ran in the constructor
     if (static_cast<int>(out.size()) < k) throw ShapeError("references_of: out needs k_neighbors entries");
     if (g_.plans[layer].exact || pos < cfg_.comp.sinks || pos >= s.c || g_.cls[pos] != 2) return 0;
-    std::int32_t ids[64];
-    if (k > 64) throw ConfigError("references_of supports k_neighbors <= 64");
+    std::int32_t ids[kMaxNeighbors];
     dev_.to_host(ids, reinterpret_cast<const std::int32_t*>(region_bytes(layer, seq, Region::ids)) + std::int64_t(g_.row_of[pos]) * k,
                  sizeof(std::int32_t) * k);
     int c = 0;
@@ -354,7 +380,7 @@ class CompressedCache {
     std::size_t total;
   };
 
-  static constexpr std::size_t align(std::size_t x) { return (x + 255) & ~std::size_t{255}; }
+  static std::size_t align(std::size_t x) { return detail::bytes_add(x, 255) & ~std::size_t{255}; }
 
   static Geometry geometry(const Config& cfg, const Sel& sel, const Pol& pol) {
     validate(cfg);
@@ -406,11 +432,12 @@ class CompressedCache {
     }
     g.max_refs = refs;
     g.max_lat = std::max<std::int64_t>(0, N - S - refs);
-    g.ring = cfg.comp.recent + cfg.block();
+    g.ring = std::int64_t(cfg.comp.recent) + cfg.block();
     const int bits = cfg.comp.latent_bits;
     g.lat_ld = bits == 0 ? std::int64_t(cfg.latent_dim()) * sizeof(T) : (std::int64_t(cfg.latent_dim()) * bits + 7) / 8;
 
-    const std::size_t row = std::size_t(cfg.model.kv_dim()) * sizeof(T);
+    using detail::bytes_mul;
+    const std::size_t row = bytes_mul(std::size_t(cfg.model.kv_dim()), sizeof(T));
     g.layer_off.resize(L);
     g.seq_bytes.resize(L);
     g.reg.resize(L);
@@ -421,25 +448,25 @@ class CompressedCache {
       std::size_t o = 0;
       auto put = [&](Region which, std::size_t bytes) {
         r[static_cast<int>(which)] = o;
-        o += align(bytes);
+        o = detail::bytes_add(o, align(bytes));
       };
       if (g.plans[l].exact) {
-        put(Region::rows, N * row);
+        put(Region::rows, bytes_mul(std::size_t(N), row));
       } else {
-        put(Region::sinks, std::size_t(std::min<std::int64_t>(S, N)) * row);
-        put(Region::ring, std::size_t(g.ring) * row);
-        put(Region::refs, std::size_t(g.max_refs) * row);
-        put(Region::lat, std::size_t(g.max_lat) * g.lat_ld);
-        put(Region::scale, bits == 0 ? 0 : std::size_t(g.max_lat) * 2 * sizeof(float));
-        put(Region::ids, std::size_t(g.max_lat) * cfg.comp.k_neighbors * sizeof(std::int32_t));
+        put(Region::sinks, bytes_mul(std::size_t(std::min<std::int64_t>(S, N)), row));
+        put(Region::ring, bytes_mul(std::size_t(g.ring), row));
+        put(Region::refs, bytes_mul(std::size_t(g.max_refs), row));
+        put(Region::lat, bytes_mul(std::size_t(g.max_lat), std::size_t(g.lat_ld)));
+        put(Region::scale, bits == 0 ? 0 : bytes_mul(std::size_t(g.max_lat), 2 * sizeof(float)));
+        put(Region::ids, bytes_mul(std::size_t(g.max_lat), std::size_t(cfg.comp.k_neighbors), sizeof(std::int32_t)));
       }
       if (g.plans[l].attend == Attend::pages) {
-        put(Region::pmin, std::size_t(g.max_pages) * cfg.model.k_dim() * sizeof(T));
-        put(Region::pmax, std::size_t(g.max_pages) * cfg.model.k_dim() * sizeof(T));
+        put(Region::pmin, bytes_mul(std::size_t(g.max_pages), std::size_t(cfg.model.k_dim()), sizeof(T)));
+        put(Region::pmax, bytes_mul(std::size_t(g.max_pages), std::size_t(cfg.model.k_dim()), sizeof(T)));
       }
       g.layer_off[l] = off;
       g.seq_bytes[l] = o;
-      off += o * cfg.cap.max_seqs;
+      off = detail::bytes_add(off, bytes_mul(o, std::size_t(cfg.cap.max_seqs)));
     }
     g.storage_bytes = off;
     return g;
@@ -450,31 +477,34 @@ class CompressedCache {
     std::size_t o = 0;
     auto put = [&](std::size_t& at, std::size_t bytes) {
       at = o;
-      o += align(bytes);
+      o = detail::bytes_add(o, align(bytes));
     };
+    using detail::bytes_mul;
+    // All of these are positive ints (validate()) except the encoder's scratch, an int64.
     const std::size_t D = cfg.model.kv_dim(), dc = cfg.latent_dim(), B = cfg.block();
     const std::size_t hq = std::size_t(cfg.model.n_q_heads), hd = cfg.model.head_dim, mq = cfg.cap.max_query_rows;
-    put(w.tile_a, kTile * D * sizeof(T));
-    put(w.tile_b, kTile * D * sizeof(T));
-    put(w.tile_z, kTile * dc * sizeof(T));
-    put(w.tile_pos, kTile * sizeof(std::int64_t));
-    put(w.tile_rows, kTile * sizeof(std::int64_t));
-    put(w.tile_rows2, kTile * sizeof(std::int64_t));
-    put(w.blk_x, B * D * sizeof(T));
-    put(w.blk_r, B * D * sizeof(T));
-    put(w.blk_zx, B * dc * sizeof(T));
-    put(w.blk_zr, B * dc * sizeof(T));
-    put(w.blk_enc, std::size_t(enc_scratch) * sizeof(T));
-    put(w.blk_vis, B * sizeof(std::int32_t));
-    put(w.blk_rows, B * sizeof(std::int64_t));
-    put(w.blk_rows2, B * sizeof(std::int64_t));
-    put(w.att_rows, kTile * D * sizeof(T));
-    put(w.att_m, mq * hq * sizeof(accum_t<T>));
-    put(w.att_l, mq * hq * sizeof(accum_t<T>));
-    put(w.att_acc, mq * hq * hd * sizeof(accum_t<T>));
-    put(w.att_qpos, mq * sizeof(std::int64_t));
-    put(w.scores, std::size_t(std::max<std::int64_t>(cfg.cap.max_tokens, g.max_pages)) * sizeof(float));
-    put(w.topk, std::size_t(cfg.cap.max_tokens) * sizeof(std::int32_t));
+    const std::size_t tile = kTile;
+    put(w.tile_a, bytes_mul(tile, D, sizeof(T)));
+    put(w.tile_b, bytes_mul(tile, D, sizeof(T)));
+    put(w.tile_z, bytes_mul(tile, dc, sizeof(T)));
+    put(w.tile_pos, bytes_mul(tile, sizeof(std::int64_t)));
+    put(w.tile_rows, bytes_mul(tile, sizeof(std::int64_t)));
+    put(w.tile_rows2, bytes_mul(tile, sizeof(std::int64_t)));
+    put(w.blk_x, bytes_mul(B, D, sizeof(T)));
+    put(w.blk_r, bytes_mul(B, D, sizeof(T)));
+    put(w.blk_zx, bytes_mul(B, dc, sizeof(T)));
+    put(w.blk_zr, bytes_mul(B, dc, sizeof(T)));
+    put(w.blk_enc, bytes_mul(detail::count_of(enc_scratch), sizeof(T)));
+    put(w.blk_vis, bytes_mul(B, sizeof(std::int32_t)));
+    put(w.blk_rows, bytes_mul(B, sizeof(std::int64_t)));
+    put(w.blk_rows2, bytes_mul(B, sizeof(std::int64_t)));
+    put(w.att_rows, bytes_mul(tile, D, sizeof(T)));
+    put(w.att_m, bytes_mul(mq, hq, sizeof(accum_t<T>)));
+    put(w.att_l, bytes_mul(mq, hq, sizeof(accum_t<T>)));
+    put(w.att_acc, bytes_mul(mq, hq, hd, sizeof(accum_t<T>)));
+    put(w.att_qpos, bytes_mul(mq, sizeof(std::int64_t)));
+    put(w.scores, bytes_mul(std::size_t(std::max<std::int64_t>(cfg.cap.max_tokens, g.max_pages)), sizeof(float)));
+    put(w.topk, bytes_mul(std::size_t(cfg.cap.max_tokens), sizeof(std::int32_t)));
     w.total = o;
     return w;
   }

@@ -29,11 +29,15 @@ struct RopeConfig {
 
 enum class Metric { l2, dot, cosine };
 
+// Largest k_neighbors a cache accepts (validate() refuses more): the reference ids of one token are
+// read back into a fixed-size host array, and k beyond a few dozen only costs id bytes.
+inline constexpr int kMaxNeighbors = 64;
+
 struct CompressionConfig {
   int sinks = 8;         // first tokens kept exact
   int recent = 128;      // last tokens kept exact (at least this many)
   int block = 0;         // tokens compressed at once when they leave the window; 0: = recent
-  int k_neighbors = 4;   // references averaged per token
+  int k_neighbors = 4;   // references averaged per token, in [1, kMaxNeighbors]
   int latent_dim = 0;    // d_c; 0: kv_dim / 4
   int latent_bits = 0;   // 0 (store latents in the cache's element type), 8 or 4: token-wise min/scale
   Metric metric = Metric::l2;
@@ -66,7 +70,8 @@ inline void validate(const Config& c) {
   if (2 * std::int64_t(m.n_kv_heads) * m.head_dim > kIntMax || std::int64_t(m.n_q_heads) * m.head_dim > kIntMax)
     bad("model shape too large: kv_dim and n_q_heads * head_dim must fit in int");
   if (c.comp.sinks < 0 || c.comp.recent < 0) bad("sinks and recent must be >= 0");
-  if (c.comp.k_neighbors <= 0) bad("k_neighbors must be >= 1");
+  if (c.comp.k_neighbors <= 0 || c.comp.k_neighbors > kMaxNeighbors)
+    bad("k_neighbors must be in [1, " + std::to_string(kMaxNeighbors) + "]");
   if (c.latent_dim() <= 0) bad("latent_dim must be >= 1");
   if (c.comp.latent_bits != 0 && c.comp.latent_bits != 8 && c.comp.latent_bits != 4)
     bad("latent_bits must be 0, 8 or 4");
