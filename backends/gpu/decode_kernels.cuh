@@ -71,15 +71,19 @@ DELTAKV_GPU_D int head_dim_of(int lane, bool half, int reg) {
 }
 
 // cos, sin of position p for frequencies f0 .. f0 + H - 1 (H a multiple of 2 or 1).
+// H even: the table entries of a lane are 16-byte aligned (f0 = lane * H), read as float4.
 template <int H>
 DELTAKV_GPU_D void rope_cs(const RopeTableView& t, std::int64_t p, int f0, float* c, float* s) {
-  const float* hi = t.hi + ((p >> 6) * t.half + f0) * 2;
-  const float* lo = t.lo + ((p & 63) * t.half + f0) * 2;
+  static_assert(H % 2 == 0, "rope_cs: pairs of frequencies per load");
+  const float4* hi = reinterpret_cast<const float4*>(t.hi + ((p >> 6) * t.half + f0) * 2);
+  const float4* lo = reinterpret_cast<const float4*>(t.lo + ((p & 63) * t.half + f0) * 2);
 #pragma unroll
-  for (int i = 0; i < H; ++i) {
-    const float ca = hi[2 * i], sa = hi[2 * i + 1], cb = lo[2 * i], sb = lo[2 * i + 1];
-    c[i] = ca * cb - sa * sb;
-    s[i] = sa * cb + ca * sb;
+  for (int i = 0; i < H / 2; ++i) {
+    const float4 a = hi[i], b = lo[i];
+    c[2 * i] = a.x * b.x - a.y * b.y;
+    s[2 * i] = a.y * b.x + a.x * b.y;
+    c[2 * i + 1] = a.z * b.z - a.w * b.w;
+    s[2 * i + 1] = a.w * b.z + a.z * b.w;
   }
 }
 
@@ -105,16 +109,17 @@ DELTAKV_GPU_D float group16_sum(float v) {
 }
 
 // =============================================================================================
-// dense_decode_kernel<T, D, G, W, NT>: grid (n_splits, Hkv, B), NT threads = NT/16 token groups.
+// dense_decode_kernel<T, D, G, W, NT>: grid (Hkv, n_splits, B), NT threads = NT/16 token groups.
 // Each group streams U tokens at a time of its block's split (K and V slices of kv head h), keeps
 // an online softmax per q head of the GQA group, and the groups merge in shared memory at the end.
 // =============================================================================================
 template <class T, int D, int G, int W, int NT>
-__global__ void DELTAKV_LAUNCH_BOUNDS(NT) dense_decode_kernel(DenseDecodeParams<T> p) {
+__global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, (G <= 4 ? 3 : 2)) dense_decode_kernel(DenseDecodeParams<T> p) {
   constexpr int E = D / 16, H = E / 2, NG = NT / 16, U = 4;
   __shared__ float s_acc[NG][G][D];
   __shared__ float s_m[NG][G], s_l[NG][G];
-  const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  // kv head fastest: the blocks of one token range run together and share whole rows.
+  const int h = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
   const int grp = threadIdx.x / 16, lane = threadIdx.x % 16;
   const bool half = p.style != RopeStyle::interleaved, rope = p.style != RopeStyle::none;
   const int n = p.n[b];
@@ -186,14 +191,15 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) dense_decode_kernel(DenseDecodeParams<
 #pragma unroll
       for (int u = 0; u < U; ++u)
         if (t + u < t1) mx = fmaxf(mx, sc[u][g]);
-      const float alpha = expf(m[g] - mx);  // m = -inf on the first tile: alpha = 0
+      // First tokens: m = -inf gives alpha = 0; a fully masked step (mx = -inf) changes nothing.
+      const float alpha = mx == kNegInf ? 1.f : __expf(m[g] - mx);
       m[g] = mx;
       l[g] *= alpha;
 #pragma unroll
       for (int e = 0; e < E; ++e) acc[g][e] *= alpha;
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        const float pu = t + u < t1 ? expf(sc[u][g] - mx) : 0.f;
+        const float pu = t + u < t1 ? __expf(sc[u][g] - mx) : 0.f;
         l[g] += pu;
 #pragma unroll
         for (int e = 0; e < E; ++e) acc[g][e] += pu * v[u][e];
@@ -374,62 +380,67 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_kernel(SelectParams p) {
 }
 
 // =============================================================================================
-// sparse_decode_kernel<T, D, G, W, NT>: grid (n_splits, Hkv, B). The block walks its share of the
-// attended list in tiles of 32 tokens:
-//   1. resolve positions to storage rows (sink / ring / reference: exact; latent: z + references)
-//   2. dequantize the latents of the tile into shared memory (zeros for exact tokens)
-//   3. K_tile = Z W_k,h^T on tensor cores (W_k,h kept in shared memory for the whole block)
-//   4. K += mean of the references' K (the exact row for exact tokens) + bias; RoPE
-//   5. logits, online softmax per q head
-//   6. acc_z += p Z; acc_v += p (mean of references' V, or the exact V)
-// and at the end writes acc_v + W_v,h acc_z + mass * b_v as its split's partial.
-// Dynamic shared memory: see sparse_smem_bytes().
+// sparse_decode_kernel<T, D, G, W, NT>: grid (n_splits, Hkv, B). The block keeps W_k,h (f_d's K
+// rows of kv head h) in shared memory and walks its share of the attended list:
+//   per chunk of NT items: resolve positions to storage rows, one item per thread (sink / ring /
+//     reference: one exact row; latent: its code row and its k references)
+//   per tile of 32 items:
+//     1. dequantize the latents into shared memory (zeros for exact items)
+//     2. K_tile = Z W_k,h^T on tensor cores
+//     3. K += mean of the references' K (the exact row for exact items) + bias; RoPE. In the same
+//        pass V_tile = mean of the references' V (the exact V) -- loads of both in flight at once
+//     4. logits; online softmax per q head (a warp per head)
+//     5. acc_z += p Z; acc_v += p V_tile; mass += p over latent items
+//   and at the end writes acc_v + W_v,h acc_z + mass * b_v as its split's partial.
+// Dynamic shared memory: sparse_smem_bytes().
 // =============================================================================================
 inline constexpr int kSparseTile = 32;
+inline constexpr int kSparseThreadsPerBlock = 256;
 
 inline std::size_t sparse_smem_bytes(int head_dim, int group, int latent_dim, int k) {
-  const std::size_t ldz = std::size_t(latent_dim) + 8;        // 16-bit elements
+  const std::size_t ldz = std::size_t(latent_dim) + 8;  // 16-bit elements
+  const std::size_t NT = kSparseThreadsPerBlock;
   std::size_t b = 0;
-  b += std::size_t(head_dim) * ldz * 2;                        // W_k,h
-  b += std::size_t(kSparseTile) * ldz * 2;                     // Z tile
-  b += std::size_t(kSparseTile) * (head_dim + 4) * 4;          // K / V tile (f32)
-  b += std::size_t(group) * latent_dim * 4;                    // acc_z
-  b += std::size_t(group) * head_dim * 4;                      // acc_v
-  b += std::size_t(group) * (head_dim + 2) * 4;                // q (scaled)
-  b += std::size_t(group) * kSparseTile * 4;                   // probabilities
-  b += std::size_t(kSparseTile) * (k + 1) * 8;                 // row offsets per token
-  b += std::size_t(kSparseTile) * 4 * 4;                       // pos, latent row, nref, -
-  b += std::size_t(kSparseTile) * 2 * 4;                       // scale, min
-  b += std::size_t(group) * 4 * 4;                             // m, l, alpha, mass
+  b += std::size_t(head_dim) * ldz * 2;                  // W_k,h
+  b += std::size_t(kSparseTile) * ldz * 2;               // Z tile
+  b += 2 * std::size_t(kSparseTile) * (head_dim + 4) * 4;  // K and V tiles (f32)
+  b += std::size_t(group) * latent_dim * 4;              // acc_z
+  b += std::size_t(group) * head_dim * 4;                // acc_v
+  b += std::size_t(group) * (head_dim + 2) * 4;          // q (scaled)
+  b += std::size_t(group) * kSparseTile * 4;             // probabilities
+  b += NT * (std::size_t(k) + 3) * 4;                    // chunk: row codes, pos, latent row, nref
+  b += NT * 2 * 4;                                       // chunk: scale, min
+  b += std::size_t(group) * 4 * 4;                       // m, l, alpha, mass
   return b + 64;
 }
 
 template <class T, int D, int G, int W, int NT>
 __global__ void DELTAKV_LAUNCH_BOUNDS(NT) sparse_decode_kernel(SparseDecodeParams<T> p) {
-  constexpr int TT = kSparseTile, NW = NT / W;
-  static_assert(NT >= TT * 4 && NT % W == 0, "sparse_decode_kernel: at least 128 threads");
+  constexpr int TT = kSparseTile, NW = NT / W, E = D / 16, H = E / 2;
+  constexpr int KT = TT * 16 / NT, VT = TT * (D / 8) / NT;  // K / V tasks per thread
+  static_assert(NT == kSparseThreadsPerBlock && KT >= 1 && VT >= 1 && NT % W == 0, "sparse_decode_kernel: shape");
   const auto& L = p.layer;
   const int DC = L.latent_dim, K = L.k, ldz = DC + 8, ldk = D + 4;
   const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int Hkv = p.n_kv_heads, kvd = 2 * Hkv * D;
   const bool half = p.style != RopeStyle::interleaved, rope = p.style != RopeStyle::none;
+  const int warp = threadIdx.x / W, lane_w = threadIdx.x % W;
 
   DELTAKV_DYNAMIC_SMEM(unsigned char, smem_raw);
-  T* s_w = reinterpret_cast<T*>(smem_raw);                      // [D][ldz]
-  T* s_z = s_w + std::size_t(D) * ldz;                           // [TT][ldz]
-  float* s_kv = reinterpret_cast<float*>(s_z + std::size_t(TT) * ldz);  // [TT][ldk]
-  float* s_accz = s_kv + TT * ldk;                               // [G][DC]
-  float* s_accv = s_accz + G * DC;                               // [G][D]
-  float* s_q = s_accv + G * D;                                   // [G][D + 2]
-  float* s_p = s_q + G * (D + 2);                                // [G][TT]
-  std::int64_t* s_off = reinterpret_cast<std::int64_t*>(s_p + G * TT);  // [TT][K + 1] element offsets
-  std::int32_t* s_pos = reinterpret_cast<std::int32_t*>(s_off + TT * (K + 1));  // [TT]
-  std::int32_t* s_lrow = s_pos + TT;                             // [TT] latent row or -1
-  std::int32_t* s_nref = s_lrow + TT;                            // [TT]
-  std::int32_t* s_pad = s_nref + TT;                             // [TT]
-  float* s_sm = reinterpret_cast<float*>(s_pad + TT);            // [TT][2]
-  float* s_stat = s_sm + 2 * TT;                                 // [G][4]: m, l, alpha, mass
-  (void)s_pad;
+  T* s_w = reinterpret_cast<T*>(smem_raw);                             // [D][ldz]
+  T* s_z = s_w + std::size_t(D) * ldz;                                  // [TT][ldz]
+  float* s_k = reinterpret_cast<float*>(s_z + std::size_t(TT) * ldz);  // [TT][ldk]
+  float* s_v = s_k + TT * ldk;                                          // [TT][ldk]
+  float* s_accz = s_v + TT * ldk;                                       // [G][DC]
+  float* s_accv = s_accz + G * DC;                                      // [G][D]
+  float* s_q = s_accv + G * D;                                          // [G][D + 2]
+  float* s_p = s_q + G * (D + 2);                                       // [G][TT]
+  std::int32_t* s_row = reinterpret_cast<std::int32_t*>(s_p + G * TT);  // [NT][K]: row * 4 + region
+  std::int32_t* s_pos = s_row + NT * K;                                 // [NT]
+  std::int32_t* s_lrow = s_pos + NT;                                    // [NT] latent row or -1
+  std::int32_t* s_nref = s_lrow + NT;                                   // [NT]
+  float* s_sm = reinterpret_cast<float*>(s_nref + NT);                  // [NT][2]
+  float* s_stat = s_sm + 2 * NT;                                        // [G][4]: m, l, alpha, mass
 
   const int n = p.n[b], cfront = p.c[b];
   const int s_end = min(p.sinks, n), w_begin = max(s_end, n - p.window);
@@ -439,21 +450,22 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) sparse_decode_kernel(SparseDecodeParam
   const int i0 = split * per, i1 = min(total, i0 + per);
 
   const std::byte* seq = L.base + std::size_t(b) * L.seq_bytes;
-  const T* sinks = reinterpret_cast<const T*>(seq + L.off_sinks);
-  const T* ring = reinterpret_cast<const T*>(seq + L.off_ring);
-  const T* refs = reinterpret_cast<const T*>(seq + L.off_refs);
+  const T* region[3] = {reinterpret_cast<const T*>(seq + L.off_sinks), reinterpret_cast<const T*>(seq + L.off_ring),
+                        reinterpret_cast<const T*>(seq + L.off_refs)};
   const std::uint8_t* lat = reinterpret_cast<const std::uint8_t*>(seq + L.off_lat);
   const float* scl = reinterpret_cast<const float*>(seq + L.off_scale);
   const std::int32_t* ids = reinterpret_cast<const std::int32_t*>(seq + L.off_ids);
-  // Offsets are in elements from `sinks`, so one base serves every region.
-  const std::int64_t ring0 = reinterpret_cast<const T*>(ring) - sinks;
-  const std::int64_t refs0 = reinterpret_cast<const T*>(refs) - sinks;
+  auto row_ptr = [&](std::int32_t code) { return region[code & 3] + std::int64_t(code >> 2) * kvd; };
 
-  // W_k,h into shared memory: rows h*D .. h*D + D - 1 of f_d's weight, [D][DC] -> ld ldz.
-  for (int i = threadIdx.x; i < D * DC / 8; i += NT) {
-    const int r = i / (DC / 8), c8 = (i % (DC / 8)) * 8;
-    *reinterpret_cast<uint4*>(s_w + r * ldz + c8) =
-        *reinterpret_cast<const uint4*>(L.w_dec + std::int64_t(h * D + r) * DC + c8);
+  // W_k,h into shared memory ([D][DC] -> ld ldz), 8 loads in flight per thread.
+  {
+    const int chunks = D * DC / 8;
+#pragma unroll 8
+    for (int i = threadIdx.x; i < chunks; i += NT) {
+      const int r = i / (DC / 8), c8 = (i % (DC / 8)) * 8;
+      *reinterpret_cast<uint4*>(s_w + r * ldz + c8) =
+          *reinterpret_cast<const uint4*>(L.w_dec + std::int64_t(h * D + r) * DC + c8);
+    }
   }
   for (int i = threadIdx.x; i < G * DC; i += NT) s_accz[i] = 0.f;
   for (int i = threadIdx.x; i < G * D; i += NT) {
@@ -466,13 +478,13 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) sparse_decode_kernel(SparseDecodeParam
     s_stat[threadIdx.x * 4 + 1] = 0.f;
     s_stat[threadIdx.x * 4 + 3] = 0.f;
   }
-  __syncthreads();
 
-  for (int tile = i0; tile < i1; tile += TT) {
-    // 1. resolve
-    if (threadIdx.x < TT) {
-      const int i = tile + threadIdx.x;
+  for (int chunk = i0; chunk < i1; chunk += NT) {
+    __syncthreads();  // the previous chunk's tiles are done with s_row ...
+    {  // resolve: one item per thread
+      const int i = chunk + threadIdx.x;
       int pos = -1, lrow = -1, nref = 0;
+      std::int32_t* rows = s_row + threadIdx.x * K;
       if (i < i1) {
         if (i < s_end) {
           pos = i;
@@ -483,25 +495,24 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) sparse_decode_kernel(SparseDecodeParam
           pos = w_begin + (i - s_end - n_sel);
         }
       }
-      std::int64_t* off = s_off + threadIdx.x * (K + 1);
       if (pos >= 0) {
         if (pos < L.sinks) {
-          off[0] = std::int64_t(pos) * kvd;
+          rows[0] = pos * 4 + 0;
           nref = 1;
         } else if (pos >= cfront) {
-          off[0] = ring0 + std::int64_t((pos - L.sinks) % L.ring) * kvd;
+          rows[0] = ((pos - L.sinks) % L.ring) * 4 + 1;
           nref = 1;
         } else {
           const std::int32_t code = L.pos_code[pos];
           const int row = code >> 2;
           if ((code & 3) == 1) {
-            off[0] = refs0 + std::int64_t(row) * kvd;
+            rows[0] = row * 4 + 2;
             nref = 1;
           } else {
             lrow = row;
             for (int j = 0; j < K; ++j) {
               const std::int32_t r = ids[std::int64_t(row) * K + j];
-              if (r >= 0) off[nref++] = refs0 + std::int64_t(r) * kvd;
+              if (r >= 0) rows[nref++] = r * 4 + 2;
             }
             if (L.latent_bits > 0) {
               s_sm[2 * threadIdx.x] = scl[2 * std::int64_t(row)];
@@ -515,157 +526,224 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) sparse_decode_kernel(SparseDecodeParam
       s_nref[threadIdx.x] = nref;
     }
     __syncthreads();
-    // 2. dequantize: 8 values per task
-    for (int task = threadIdx.x; task < TT * DC / 8; task += NT) {
-      const int i = task / (DC / 8), c8 = (task % (DC / 8)) * 8;
-      const int r = s_lrow[i];
-      float z[8];
-      if (r < 0) {
+    const int chunk_end = min(i1, chunk + NT);
+    for (int tile = chunk; tile < chunk_end; tile += TT) {
+      const int c0 = tile - chunk;  // first item of the tile within the chunk
+      // 1. dequantize: 8 values per task
+      for (int task = threadIdx.x; task < TT * DC / 8; task += NT) {
+        const int i = task / (DC / 8), c8 = (task % (DC / 8)) * 8, ci = c0 + i;
+        const int r = s_lrow[ci];
+        float z[8];
+        if (r < 0) {
 #pragma unroll
-        for (int e = 0; e < 8; ++e) z[e] = 0.f;
-      } else if (L.latent_bits == 0) {
-        load_vec<T, 8>(reinterpret_cast<const T*>(lat + std::int64_t(r) * L.lat_ld) + c8, z);
-      } else {
-        const float sc = s_sm[2 * i], mn = s_sm[2 * i + 1];
-        const std::uint8_t* q = lat + std::int64_t(r) * L.lat_ld;
-        if (L.latent_bits == 8) {
-          const uint2 raw = *reinterpret_cast<const uint2*>(q + c8);
-          const std::uint8_t* c = reinterpret_cast<const std::uint8_t*>(&raw);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) z[e] = vendor::add_rn(vendor::mul_rn(float(c[e]), sc), mn);
+          for (int e = 0; e < 8; ++e) z[e] = 0.f;
+        } else if (L.latent_bits == 0) {
+          load_vec<T, 8>(reinterpret_cast<const T*>(lat + std::int64_t(r) * L.lat_ld) + c8, z);
         } else {
-          const unsigned raw = *reinterpret_cast<const unsigned*>(q + c8 / 2);
+          const float sc = s_sm[2 * ci], mn = s_sm[2 * ci + 1];
+          const std::uint8_t* q = lat + std::int64_t(r) * L.lat_ld;
+          if (L.latent_bits == 8) {
+            const uint2 raw = *reinterpret_cast<const uint2*>(q + c8);
+            const std::uint8_t* c = reinterpret_cast<const std::uint8_t*>(&raw);
 #pragma unroll
-          for (int e = 0; e < 8; ++e) z[e] = vendor::add_rn(vendor::mul_rn(float((raw >> (4 * e)) & 0xFu), sc), mn);
+            for (int e = 0; e < 8; ++e) z[e] = vendor::add_rn(vendor::mul_rn(float(c[e]), sc), mn);
+          } else {
+            const unsigned raw = *reinterpret_cast<const unsigned*>(q + c8 / 2);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) z[e] = vendor::add_rn(vendor::mul_rn(float((raw >> (4 * e)) & 0xFu), sc), mn);
+          }
+        }
+        T zt[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) zt[e] = from_float<T>(z[e]);
+        *reinterpret_cast<uint4*>(s_z + i * ldz + c8) = *reinterpret_cast<const uint4*>(zt);
+      }
+      __syncthreads();
+      // 2. K tile on tensor cores: [TT x DC] x [DC x D]
+      {
+        // TT = 32: both row tiles of one column tile per warp step (B fragment loaded once).
+        static_assert(TT == 32, "two row tiles per column tile");
+        for (int tc = warp; tc < D / 16; tc += NW) {
+          vendor::mma16<T> acc0, acc1;
+          acc0.zero();
+          acc1.zero();
+          for (int kk = 0; kk < DC; kk += 16)
+            acc0.mac_pair(acc1, s_z + kk, s_z + 16 * ldz + kk, ldz, s_w + tc * 16 * ldz + kk, ldz);
+          acc0.store(s_k + tc * 16, ldk);
+          acc1.store(s_k + 16 * ldk + tc * 16, ldk);
         }
       }
-      T zt[8];
+      __syncthreads();
+      // 3. K: + reference mean (+ bias for latents), RoPE; V: reference mean. All loads first.
+      {
+        float kx[KT][E], vx[VT][8];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) zt[e] = from_float<T>(z[e]);
-      *reinterpret_cast<uint4*>(s_z + i * ldz + c8) = *reinterpret_cast<const uint4*>(zt);
-    }
-    __syncthreads();
-    // 3. K tile on tensor cores: [TT x DC] x [DC x D]
-    {
-      const int warp = threadIdx.x / W;
-      constexpr int tiles = (TT / 16) * (D / 16);
-      for (int t = warp; t < tiles; t += NW) {
-        const int tr = t / (D / 16), tc = t % (D / 16);
-        vendor::mma16<T> acc;
-        acc.zero();
-        for (int kk = 0; kk < DC; kk += 16) acc.mac(s_z + tr * 16 * ldz + kk, ldz, s_w + tc * 16 * ldz + kk, ldz);
-        acc.store(s_kv + tr * 16 * ldk + tc * 16, ldk);
+        for (int kt = 0; kt < KT; ++kt)
+#pragma unroll
+          for (int e = 0; e < E; ++e) kx[kt][e] = 0.f;
+#pragma unroll
+        for (int vt = 0; vt < VT; ++vt)
+#pragma unroll
+          for (int e = 0; e < 8; ++e) vx[vt][e] = 0.f;
+        for (int j0 = 0; j0 < K; j0 += 4) {
+#pragma unroll
+          for (int kt = 0; kt < KT; ++kt) {
+            const int task = threadIdx.x + kt * NT, ci = c0 + task / 16, lane = task % 16;
+            const int nref = s_nref[ci];
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+              if (j0 + j < nref) {
+                float x[E];
+                load_head<T, D>(row_ptr(s_row[ci * K + j0 + j]) + h * D, lane, half, x);
+#pragma unroll
+                for (int e = 0; e < E; ++e) kx[kt][e] += x[e];
+              }
+          }
+#pragma unroll
+          for (int vt = 0; vt < VT; ++vt) {
+            const int task = threadIdx.x + vt * NT, ci = c0 + task / (D / 8), d8 = (task % (D / 8)) * 8;
+            const int nref = s_nref[ci];
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+              if (j0 + j < nref) {
+                float x[8];
+                load_vec<T, 8>(row_ptr(s_row[ci * K + j0 + j]) + (Hkv + h) * D + d8, x);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) vx[vt][e] += x[e];
+              }
+          }
+        }
+#pragma unroll
+        for (int kt = 0; kt < KT; ++kt) {
+          const int task = threadIdx.x + kt * NT, i = task / 16, ci = c0 + i, lane = task % 16;
+          const int nref = s_nref[ci], pos = s_pos[ci];
+          const float inv = nref > 0 ? 1.f / float(nref) : 0.f;
+          const bool latent = s_lrow[ci] >= 0;
+          float x[E];
+#pragma unroll
+          for (int e = 0; e < E; ++e) {
+            const int d = head_dim_of<D>(lane, half, e);
+            float v = s_k[i * ldk + d] + kx[kt][e] * inv;
+            if (latent && L.b_dec) v += to_float(L.b_dec[h * D + d]);
+            x[e] = v;
+          }
+          if (rope && pos >= 0) {
+            float c[H], s[H];
+            rope_cs<H>(p.rope, pos, lane * H, c, s);
+            rotate<E>(x, c, s);
+          }
+#pragma unroll
+          for (int e = 0; e < E; ++e) s_k[i * ldk + head_dim_of<D>(lane, half, e)] = x[e];
+        }
+#pragma unroll
+        for (int vt = 0; vt < VT; ++vt) {
+          const int task = threadIdx.x + vt * NT, i = task / (D / 8), ci = c0 + i, d8 = (task % (D / 8)) * 8;
+          const int nref = s_nref[ci];
+          const float inv = nref > 0 ? 1.f / float(nref) : 0.f;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) s_v[i * ldk + d8 + e] = vx[vt][e] * inv;
+        }
       }
-    }
-    __syncthreads();
-    // 4. K += reference mean (+ bias for latents); RoPE. Task: (token, lane of 16) -> E dims.
-    {
-      constexpr int E = D / 16, H = E / 2;
-      for (int task = threadIdx.x; task < TT * 16; task += NT) {
-        const int i = task / 16, lane = task % 16;
-        const int nref = s_nref[i];
-        float x[E], sum[E];
-#pragma unroll
-        for (int e = 0; e < E; ++e) sum[e] = 0.f;
-        for (int j = 0; j < nref; ++j) {
-          load_head<T, D>(sinks + s_off[i * (K + 1) + j] + h * D, lane, half, x);
-#pragma unroll
-          for (int e = 0; e < E; ++e) sum[e] += x[e];
-        }
-        const float inv = nref > 0 ? 1.f / float(nref) : 0.f;
-        const bool latent = s_lrow[i] >= 0;
-#pragma unroll
-        for (int e = 0; e < E; ++e) {
-          const int d = head_dim_of<D>(lane, half, e);
-          float v = s_kv[i * ldk + d] + sum[e] * inv;
-          if (latent && L.b_dec) v += to_float(L.b_dec[h * D + d]);
-          x[e] = v;
-        }
-        if (rope && s_pos[i] >= 0) {
-          float c[H], s[H];
-          rope_cs<H>(p.rope, s_pos[i], lane * H, c, s);
-          rotate<E>(x, c, s);
-        }
-#pragma unroll
-        for (int e = 0; e < E; ++e) s_kv[i * ldk + head_dim_of<D>(lane, half, e)] = x[e];
+      __syncthreads();
+      // 4. logits: (item, head) pairs, 4 threads each; then a warp per head for the softmax
+      for (int task = threadIdx.x; task < TT * G * 4; task += NT) {
+        const int i = task / (G * 4), g = (task / 4) % G, part = task % 4;
+        float d = 0.f;
+#pragma unroll 8
+        for (int e = part; e < D; e += 4) d += s_q[g * (D + 2) + e] * s_k[i * ldk + e];
+        d += vendor::shfl_xor<W>(d, 1);
+        d += vendor::shfl_xor<W>(d, 2);
+        if (part == 0) s_p[i * G + g] = s_pos[c0 + i] >= 0 ? d : kNegInf;
       }
-    }
-    __syncthreads();
-    // 5. logits: (token, head) pairs, 4 threads each
-    for (int task = threadIdx.x; task < TT * G * 4; task += NT) {
-      const int i = task / (G * 4), g = (task / 4) % G, part = task % 4;
-      float d = 0.f;
-      for (int e = part; e < D; e += 4) d += s_q[g * (D + 2) + e] * s_kv[i * ldk + e];
-      d += vendor::shfl_xor<W>(d, 1);
-      d += vendor::shfl_xor<W>(d, 2);
-      if (part == 0) s_p[g * TT + i] = s_pos[i] >= 0 ? d : kNegInf;
-    }
-    __syncthreads();
-    //    online softmax: one thread per head (TT values)
-    if (threadIdx.x < G) {
-      const int g = threadIdx.x;
-      float* st = s_stat + g * 4;
-      float mx = st[0];
-      for (int i = 0; i < TT; ++i) mx = fmaxf(mx, s_p[g * TT + i]);
-      if (mx == kNegInf) {
-        st[2] = 1.f;
-        for (int i = 0; i < TT; ++i) s_p[g * TT + i] = 0.f;
-      } else {
-        const float alpha = expf(st[0] - mx);
-        float sum = 0.f, mass = 0.f;
+      __syncthreads();
+      for (int g = warp; g < G; g += NW) {
+        float* st = s_stat + g * 4;
+        const float sc = lane_w < TT ? s_p[lane_w * G + g] : kNegInf;
+        float mx = sc;
+#pragma unroll
+        for (int o = W / 2; o > 0; o >>= 1) mx = fmaxf(mx, vendor::shfl_xor<W>(mx, o));
+        mx = fmaxf(mx, st[0]);
+        const float pr = mx == kNegInf ? 0.f : expf(sc - mx);
+        float sum = pr, mass = lane_w < TT && s_lrow[c0 + lane_w] >= 0 ? pr : 0.f;
+#pragma unroll
+        for (int o = W / 2; o > 0; o >>= 1) {
+          sum += vendor::shfl_xor<W>(sum, o);
+          mass += vendor::shfl_xor<W>(mass, o);
+        }
+        if (lane_w < TT) s_p[lane_w * G + g] = pr;
+        if (lane_w == 0) {
+          const float alpha = mx == kNegInf ? 1.f : expf(st[0] - mx);
+          st[0] = mx;
+          st[1] = st[1] * alpha + sum;
+          st[2] = alpha;
+          st[3] = st[3] * alpha + mass;
+        }
+      }
+      __syncthreads();
+      // 5. accumulate, two columns of every head per thread (one z load feeds 2G FMAs)
+      for (int cp = threadIdx.x; cp < DC / 2; cp += NT) {
+        float a0[G], a1[G];
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          const float alpha = s_stat[g * 4 + 2];
+          a0[g] = s_accz[g * DC + 2 * cp] * alpha;
+          a1[g] = s_accz[g * DC + 2 * cp + 1] * alpha;
+        }
+#pragma unroll 4
         for (int i = 0; i < TT; ++i) {
-          const float pr = expf(s_p[g * TT + i] - mx);
-          s_p[g * TT + i] = pr;
-          sum += pr;
-          if (s_lrow[i] >= 0) mass += pr;
+          const unsigned zz = *reinterpret_cast<const unsigned*>(s_z + i * ldz + 2 * cp);
+          const T* zp = reinterpret_cast<const T*>(&zz);
+          const float z0 = to_float(zp[0]), z1 = to_float(zp[1]);
+#pragma unroll
+          for (int g = 0; g < G; ++g) {
+            const float pg = s_p[i * G + g];
+            a0[g] += pg * z0;
+            a1[g] += pg * z1;
+          }
         }
-        st[0] = mx;
-        st[1] = st[1] * alpha + sum;
-        st[2] = alpha;
-        st[3] = st[3] * alpha + mass;
-      }
-    }
-    // 6a. V tile: mean of references' V (exact V for exact tokens), 8 dims per task (s_kv reused)
-    __syncthreads();
-    for (int task = threadIdx.x; task < TT * (D / 8); task += NT) {
-      const int i = task / (D / 8), d8 = (task % (D / 8)) * 8;
-      const int nref = s_nref[i];
-      float sum[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, x[8];
-      for (int j = 0; j < nref; ++j) {
-        load_vec<T, 8>(sinks + s_off[i * (K + 1) + j] + (Hkv + h) * D + d8, x);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) sum[e] += x[e];
+        for (int g = 0; g < G; ++g) {
+          s_accz[g * DC + 2 * cp] = a0[g];
+          s_accz[g * DC + 2 * cp + 1] = a1[g];
+        }
       }
-      const float inv = nref > 0 ? 1.f / float(nref) : 0.f;
+      for (int dp = threadIdx.x; dp < D / 2; dp += NT) {
+        float a0[G], a1[G];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) s_kv[i * ldk + d8 + e] = sum[e] * inv;
+        for (int g = 0; g < G; ++g) {
+          const float alpha = s_stat[g * 4 + 2];
+          a0[g] = s_accv[g * D + 2 * dp] * alpha;
+          a1[g] = s_accv[g * D + 2 * dp + 1] * alpha;
+        }
+#pragma unroll 4
+        for (int i = 0; i < TT; ++i) {
+          const float v0 = s_v[i * ldk + 2 * dp], v1 = s_v[i * ldk + 2 * dp + 1];
+#pragma unroll
+          for (int g = 0; g < G; ++g) {
+            const float pg = s_p[i * G + g];
+            a0[g] += pg * v0;
+            a1[g] += pg * v1;
+          }
+        }
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          s_accv[g * D + 2 * dp] = a0[g];
+          s_accv[g * D + 2 * dp + 1] = a1[g];
+        }
+      }
+      __syncthreads();
     }
-    __syncthreads();
-    // 6b. accumulate
-    for (int e = threadIdx.x; e < G * DC; e += NT) {
-      const int g = e / DC, c = e % DC;
-      float a = s_accz[e] * s_stat[g * 4 + 2];
-      for (int i = 0; i < TT; ++i) a += s_p[g * TT + i] * to_float(s_z[i * ldz + c]);
-      s_accz[e] = a;
-    }
-    for (int e = threadIdx.x; e < G * D; e += NT) {
-      const int g = e / D, d = e % D;
-      float a = s_accv[e] * s_stat[g * 4 + 2];
-      for (int i = 0; i < TT; ++i) a += s_p[g * TT + i] * s_kv[i * ldk + d];
-      s_accv[e] = a;
-    }
-    __syncthreads();
   }
+  __syncthreads();
   // partial: acc_v + W_v,h acc_z + mass * b_v; a warp per output dim d, lanes over DC
   float* part = p.part + ((std::int64_t(b) * p.n_q_heads + h * G) * p.n_splits + split) * (D + 2);
   const std::int64_t head_stride = std::int64_t(p.n_splits) * (D + 2);
-  const int warp = threadIdx.x / W, lane = threadIdx.x % W;
   for (int d = warp; d < D; d += NW) {
     const T* wrow = L.w_dec + std::int64_t(Hkv * D + h * D + d) * DC;
     float dot[G];
 #pragma unroll
     for (int g = 0; g < G; ++g) dot[g] = 0.f;
-    for (int c = lane; c < DC; c += W) {
+    for (int c = lane_w; c < DC; c += W) {
       const float w = to_float(wrow[c]);
 #pragma unroll
       for (int g = 0; g < G; ++g) dot[g] += w * s_accz[g * DC + c];
@@ -675,7 +753,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) sparse_decode_kernel(SparseDecodeParam
       float v = dot[g];
 #pragma unroll
       for (int o = W / 2; o > 0; o >>= 1) v += vendor::shfl_xor<W>(v, o);
-      if (lane == 0) {
+      if (lane_w == 0) {
         const float bias = L.b_dec ? to_float(L.b_dec[(Hkv + h) * D + d]) : 0.f;
         part[g * head_stride + d] = s_accv[g * D + d] + v + s_stat[g * 4 + 3] * bias;
       }

@@ -23,7 +23,7 @@
 namespace deltakv::gpu::decode {
 
 inline constexpr int kDenseThreads = 128;
-inline constexpr int kSparseThreads = 256;
+inline constexpr int kSparseThreads = kSparseThreadsPerBlock;
 inline constexpr int kSelectThreads = 1024;
 
 // The two RoPE tables (host, f32 pairs), covering positions < max_pos; see RopeTableView.
@@ -73,7 +73,7 @@ inline SplitPlan dense_splits(std::int64_t max_n, int batch, int n_kv_heads, int
 // memory), at least one tile of work per block.
 inline int sparse_splits(std::int64_t max_attended, int batch, int n_kv_heads, int sms) {
   const std::int64_t pairs = std::max<std::int64_t>(1, std::int64_t(batch) * n_kv_heads);
-  const std::int64_t by_sms = std::max<std::int64_t>(1, (sms + pairs - 1) / pairs);
+  const std::int64_t by_sms = std::max<std::int64_t>(1, sms / pairs);  // one wave, no ragged second
   const std::int64_t by_work = std::max<std::int64_t>(1, (max_attended + kSparseTile - 1) / kSparseTile);
   return int(std::min(by_sms, by_work));
 }
@@ -125,7 +125,7 @@ void dense_partials(const DenseDecodeParams<T>& p, std::int64_t max_n, vendor::s
   constexpr int W = vendor::kWarpSize;
   detail::dispatch(p.head_dim, p.n_q_heads / p.n_kv_heads, [&](auto d, auto g) {
     dense_decode_kernel<T, decltype(d)::value, decltype(g)::value, W, kDenseThreads>
-        <<<dim3(p.n_splits, p.n_kv_heads, p.batch), kDenseThreads, 0, stream>>>(p);
+        <<<dim3(p.n_kv_heads, p.n_splits, p.batch), kDenseThreads, 0, stream>>>(p);
   });
   vendor::check_launch("dense_decode_kernel");
 }

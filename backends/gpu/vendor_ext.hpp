@@ -14,6 +14,14 @@
 #include <mma.h>
 #endif
 
+// Launch bounds with a minimum of resident blocks per multiprocessor (CUDA's second argument;
+// HIP's second argument means something else, so it is left out there).
+#if defined(__HIPCC__)
+#define DELTAKV_LAUNCH_BOUNDS_MIN(threads, blocks) __launch_bounds__(threads)
+#else
+#define DELTAKV_LAUNCH_BOUNDS_MIN(threads, blocks) __launch_bounds__(threads, blocks)
+#endif
+
 namespace deltakv::gpu::vendor {
 
 #if defined(__CUDACC__) && !defined(__HIPCC__)
@@ -29,6 +37,16 @@ struct mma16 {
     nvcuda::wmma::load_matrix_sync(fa, a, lda);
     nvcuda::wmma::load_matrix_sync(fb, b, ldb);
     nvcuda::wmma::mma_sync(c, fa, fb, c);
+  }
+  // this += A0 B and other += A1 B, loading B once (two independent accumulation chains).
+  DELTAKV_GPU_D void mac_pair(mma16& other, const T* a0, const T* a1, int lda, const T* b, int ldb) {
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major> fa0, fa1;
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::col_major> fb;
+    nvcuda::wmma::load_matrix_sync(fb, b, ldb);
+    nvcuda::wmma::load_matrix_sync(fa0, a0, lda);
+    nvcuda::wmma::load_matrix_sync(fa1, a1, lda);
+    nvcuda::wmma::mma_sync(c, fa0, fb, c);
+    nvcuda::wmma::mma_sync(other.c, fa1, fb, other.c);
   }
   // C row-major at out (ldo in floats, a multiple of 4; 32-byte aligned).
   DELTAKV_GPU_D void store(float* out, int ldo) const {
@@ -51,6 +69,10 @@ struct mma16 {  // lane-parallel fallback: each lane owns 256 / warp-size entrie
       for (int k = 0; k < 16; ++k) s += to_float(a[r * lda + k]) * to_float(b[n * ldb + k]);
       c[e] = s;
     }
+  }
+  DELTAKV_GPU_D void mac_pair(mma16& other, const T* a0, const T* a1, int lda, const T* b, int ldb) {
+    mac(a0, lda, b, ldb);
+    other.mac(a1, lda, b, ldb);
   }
   DELTAKV_GPU_D void store(float* out, int ldo) const {
     const int lane = threadIdx.x % kWarpSize;

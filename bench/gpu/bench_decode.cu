@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <set>
 #include <string>
@@ -308,10 +309,19 @@ int main(int argc, char** argv) {
   std::fflush(stdout);
   const std::vector<Model> models = {{"Llama-3.1-8B", 32, 32, 8, 128, {0, 1, 2, 8, 18}},
                                      {"Qwen2.5-7B", 28, 28, 4, 128, {0, 1, 2, 4, 7, 14}}};
-  const std::vector<std::int64_t> ctxs = quick ? std::vector<std::int64_t>{4096} : std::vector<std::int64_t>{32768, 131072};
-  for (const auto& m : models)
+  std::vector<std::int64_t> ctxs = quick ? std::vector<std::int64_t>{4096} : std::vector<std::int64_t>{32768, 131072};
+  std::vector<int> batches = {1, 8};
+  std::size_t m_begin = 0, m_end = models.size();
+  if (argc > 4 && std::strcmp(argv[1], "--only") == 0) {  // --only MODEL_INDEX CTX BATCH (profiling)
+    m_begin = std::min<std::size_t>(std::size_t(std::atoi(argv[2])), models.size() - 1);
+    m_end = m_begin + 1;
+    ctxs = {std::atoll(argv[3])};
+    batches = {std::atoi(argv[4])};
+  }
+  for (std::size_t mi = m_begin; mi < m_end; ++mi)
     for (auto N : ctxs)
-      for (int B : {1, 8}) {
+      for (int B : batches) {
+        const Model& m = models[mi];
         const Result r = run(m, N, B, sms, s);
         std::printf("{\"model\": \"%s\", \"ctx\": %lld, \"batch\": %d, \"dense_ms\": %.5f, \"deltakv_ms\": %.5f, "
                     "\"dense_bytes\": %.6e, \"deltakv_bytes\": %.6e, \"resident_bytes\": %.6e, \"bf16_bytes\": %.6e, "
