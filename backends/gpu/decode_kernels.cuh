@@ -362,19 +362,28 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_kernel(SelectParams p) {
     thresh = prefix;
     need_eq = remaining;
   }
-  int written = 0, eq_seen = 0;
-  for (int start = 0; start < n && kk > 0; start += NT) {
-    const int t = start + threadIdx.x;
-    const std::uint32_t key = t < n ? keys[t] : 0u;
-    const bool eq = key != 0u && key == thresh;
-    int eq_total = 0;
-    const int eq_rank = eq_seen + block_exclusive_scan<W, NT>(eq ? 1 : 0, scratch, &eq_total);
-    const bool take = key != 0u && (key > thresh || (eq && eq_rank < need_eq));
-    int take_total = 0;
-    const int at = written + block_exclusive_scan<W, NT>(take ? 1 : 0, scratch, &take_total);
-    if (take) p.sel[b * p.ld_sel + at] = t;
-    written += take_total;
-    eq_seen += eq_total;
+  // Ordered write: every thread owns a contiguous segment; one scan of the per-segment counts.
+  if (kk > 0) {
+    const int seg = (n + NT - 1) / NT, a = threadIdx.x * seg, e = min(n, a + seg);
+    int gt = 0, eq = 0;
+    for (int t = a; t < e; ++t) {
+      const std::uint32_t key = keys[t];
+      gt += key > thresh;
+      eq += key != 0u && key == thresh;
+    }
+    int eq_total = 0, unused = 0;
+    int eq_before = block_exclusive_scan<W, NT>(eq, scratch, &eq_total);
+    const int eq_take = max(0, min(eq, need_eq - eq_before));
+    int at = block_exclusive_scan<W, NT>(gt + eq_take, scratch, &unused);
+    for (int t = a; t < e; ++t) {
+      const std::uint32_t key = keys[t];
+      if (key > thresh) {
+        p.sel[b * p.ld_sel + at++] = t;
+      } else if (key != 0u && key == thresh && eq_before < need_eq) {
+        p.sel[b * p.ld_sel + at++] = t;
+        ++eq_before;
+      }
+    }
   }
   if (threadIdx.x == 0) p.sel_count[b] = kk > 0 ? kk : 0;
 }
@@ -529,34 +538,51 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) sparse_decode_kernel(SparseDecodeParam
     const int chunk_end = min(i1, chunk + NT);
     for (int tile = chunk; tile < chunk_end; tile += TT) {
       const int c0 = tile - chunk;  // first item of the tile within the chunk
-      // 1. dequantize: 8 values per task
-      for (int task = threadIdx.x; task < TT * DC / 8; task += NT) {
-        const int i = task / (DC / 8), c8 = (task % (DC / 8)) * 8, ci = c0 + i;
-        const int r = s_lrow[ci];
-        float z[8];
-        if (r < 0) {
+      // 1. dequantize: 16-byte pieces of latent rows, every load of the tile issued before any use
+      {
+        constexpr int MAXL = 8;  // pieces per thread: 2 (int4), 4 (int8) or 8 (raw) for DC = 512
+        const int pieces = int(L.lat_ld / 16), tasks = TT * pieces;
+        const int vals = L.latent_bits == 0 ? 8 : (L.latent_bits == 8 ? 16 : 32);  // values per piece
+        uint4 raw[MAXL];
 #pragma unroll
-          for (int e = 0; e < 8; ++e) z[e] = 0.f;
-        } else if (L.latent_bits == 0) {
-          load_vec<T, 8>(reinterpret_cast<const T*>(lat + std::int64_t(r) * L.lat_ld) + c8, z);
-        } else {
-          const float sc = s_sm[2 * ci], mn = s_sm[2 * ci + 1];
-          const std::uint8_t* q = lat + std::int64_t(r) * L.lat_ld;
-          if (L.latent_bits == 8) {
-            const uint2 raw = *reinterpret_cast<const uint2*>(q + c8);
-            const std::uint8_t* c = reinterpret_cast<const std::uint8_t*>(&raw);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) z[e] = vendor::add_rn(vendor::mul_rn(float(c[e]), sc), mn);
-          } else {
-            const unsigned raw = *reinterpret_cast<const unsigned*>(q + c8 / 2);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) z[e] = vendor::add_rn(vendor::mul_rn(float((raw >> (4 * e)) & 0xFu), sc), mn);
+        for (int j = 0; j < MAXL; ++j) {
+          const int task = threadIdx.x + j * NT;
+          raw[j] = make_uint4(0u, 0u, 0u, 0u);
+          if (task < tasks) {
+            const int r = s_lrow[c0 + task / pieces];
+            if (r >= 0) raw[j] = *reinterpret_cast<const uint4*>(lat + std::int64_t(r) * L.lat_ld + (task % pieces) * 16);
           }
         }
-        T zt[8];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) zt[e] = from_float<T>(z[e]);
-        *reinterpret_cast<uint4*>(s_z + i * ldz + c8) = *reinterpret_cast<const uint4*>(zt);
+        for (int j = 0; j < MAXL; ++j) {
+          const int task = threadIdx.x + j * NT;
+          if (task >= tasks) continue;
+          const int i = task / pieces, ci = c0 + i, col = (task % pieces) * vals;
+          T* dst = s_z + i * ldz + col;
+          if (L.latent_bits == 0) {
+            *reinterpret_cast<uint4*>(dst) = raw[j];
+            continue;
+          }
+          const bool lat_row = s_lrow[ci] >= 0;
+          const float sc = lat_row ? s_sm[2 * ci] : 0.f, mn = lat_row ? s_sm[2 * ci + 1] : 0.f;
+          const unsigned w4[4] = {raw[j].x, raw[j].y, raw[j].z, raw[j].w};
+#pragma unroll
+          for (int part = 0; part < 4; ++part) {  // 8 values (int4) or 4 values (int8) per word
+            if (L.latent_bits == 4) {
+              T zt[8];
+#pragma unroll
+              for (int e = 0; e < 8; ++e)
+                zt[e] = from_float<T>(vendor::add_rn(vendor::mul_rn(float((w4[part] >> (4 * e)) & 0xFu), sc), mn));
+              *reinterpret_cast<uint4*>(dst + part * 8) = *reinterpret_cast<const uint4*>(zt);
+            } else {
+              T zt[4];
+#pragma unroll
+              for (int e = 0; e < 4; ++e)
+                zt[e] = from_float<T>(vendor::add_rn(vendor::mul_rn(float((w4[part] >> (8 * e)) & 0xFFu), sc), mn));
+              *reinterpret_cast<uint2*>(dst + part * 4) = *reinterpret_cast<const uint2*>(zt);
+            }
+          }
+        }
       }
       __syncthreads();
       // 2. K tile on tensor cores: [TT x DC] x [DC x D]
@@ -743,6 +769,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) sparse_decode_kernel(SparseDecodeParam
     float dot[G];
 #pragma unroll
     for (int g = 0; g < G; ++g) dot[g] = 0.f;
+#pragma unroll 8
     for (int c = lane_w; c < DC; c += W) {
       const float w = to_float(wrow[c]);
 #pragma unroll
