@@ -403,7 +403,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_kernel(SelectParams p) {
 //   and at the end writes acc_v + W_v,h acc_z + mass * b_v as its split's partial.
 // Dynamic shared memory: sparse_smem_bytes().
 // =============================================================================================
-inline constexpr int kSparseTile = 32;
+inline constexpr int kSparseTile = 32;  // gpu-check: allow(tokens per tile, not lanes)
 inline constexpr int kSparseThreadsPerBlock = 256;
 
 inline std::size_t sparse_smem_bytes(int head_dim, int group, int latent_dim, int k) {
@@ -542,7 +542,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) sparse_decode_kernel(SparseDecodeParam
       {
         constexpr int MAXL = 8;  // pieces per thread: 2 (int4), 4 (int8) or 8 (raw) for DC = 512
         const int pieces = int(L.lat_ld / 16), tasks = TT * pieces;
-        const int vals = L.latent_bits == 0 ? 8 : (L.latent_bits == 8 ? 16 : 32);  // values per piece
+        const int vals = L.latent_bits == 0 ? 8 : (L.latent_bits == 8 ? 16 : 32);  // gpu-check: allow(int4 values per 16 bytes, not lanes)
         uint4 raw[MAXL];
 #pragma unroll
         for (int j = 0; j < MAXL; ++j) {
@@ -588,7 +588,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) sparse_decode_kernel(SparseDecodeParam
       // 2. K tile on tensor cores: [TT x DC] x [DC x D]
       {
         // TT = 32: both row tiles of one column tile per warp step (B fragment loaded once).
-        static_assert(TT == 32, "two row tiles per column tile");
+        static_assert(TT == 2 * 16, "two row tiles per column tile");
         for (int tc = warp; tc < D / 16; tc += NW) {
           vendor::mma16<T> acc0, acc1;
           acc0.zero();
