@@ -4,6 +4,7 @@
 # instantiated) plus its tests for gfx90a and gfx1030. Nothing runs: CI has no AMD GPU.
 #   JOBS=<n>       parallel compile jobs (default: the number of cores)
 #   BUILD_DIR=...  build directory (default: build-hip)
+#   HIP_TEST_ARCHS="gfx90a;gfx1030"  targets the tests and GPU benchmarks are built for (fewer: faster)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -21,10 +22,11 @@ jobs="${JOBS:-$(nproc)}"
 dir="${BUILD_DIR:-build-hip}"
 start=$(date +%s)
 cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release -DDELTAKV_ENABLE_HIP=ON -DDELTAKV_ENABLE_TESTS=ON \
-  -DDELTAKV_ENABLE_EXAMPLES=OFF -DDELTAKV_INSTALL=OFF -DDELTAKV_HIP_BUILD_JOBS="$jobs"
+  -DDELTAKV_ENABLE_EXAMPLES=OFF -DDELTAKV_INSTALL=OFF -DDELTAKV_HIP_BUILD_JOBS="$jobs" \
+  -DDELTAKV_HIP_TEST_ARCHITECTURES="${HIP_TEST_ARCHS:-gfx90a;gfx1030}"
 cmake --build "$dir" --target deltakv_hip_build
 echo "build-hip: built in $(( $(date +%s) - start )) s with $jobs job(s):"
-ls "$dir/backends/hip/hipcc"/deltakv_hip_tests_* 2>/dev/null || true
+ls "$dir/backends/hip/hipcc"/deltakv_hip_tests_* "$dir/backends/hip/hipcc"/bench_* 2>/dev/null || true
 find "$dir/backends/hip/hipcc" -name '*.hip.o' | sort
 if [[ $check -ne 0 ]]; then
   echo "build-hip: FAILED: scripts/check-gpu-source.sh found problems (see its output above)" >&2
