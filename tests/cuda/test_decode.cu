@@ -37,7 +37,6 @@ std::vector<double> f64(const std::vector<bf>& v) {
   for (std::size_t i = 0; i < v.size(); ++i) o[i] = vendor::to_float(v[i]);
   return o;
 }
-std::vector<double> f64(const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); }
 
 // bf16 values drawn uniformly in [lo, hi), and their exact f64 values.
 struct Bf16Data {
