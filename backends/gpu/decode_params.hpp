@@ -72,7 +72,8 @@ struct SelectParams {
 };
 
 // One compressed layer of the cache, all sequences: sequence b's regions start at
-// base + b * seq_bytes, each at its byte offset (CompressedCache::storage_view()):
+// base + b * seq_bytes, each at its byte offset (the layout CompressedCache::layout() sizes; the
+// cache does not hand out this view yet, so the tests and the benchmark build it themselves):
 //   sinks [sinks, kv_dim] T   ring [ring, kv_dim] T (slot (p - sinks) % ring)   refs [., kv_dim] T
 //   lat [., lat_ld bytes] (latent_bits 0: T values; 8 / 4: codes, int4 low nibble first)
 //   scale [., 2] f32 (scale, min; latent_bits > 0)   ids [., k] int32 (-1: fewer references)
