@@ -17,8 +17,11 @@
 
 namespace dkt {
 
-// tests/data/<name> (the directory is compiled in as DELTAKV_TEST_DATA_DIR).
+#ifdef DELTAKV_TEST_DATA_DIR
+// tests/data/<name> (the build compiles the directory in as DELTAKV_TEST_DATA_DIR; a test program
+// without it simply has no data_path).
 inline std::string data_path(const std::string& name) { return std::string(DELTAKV_TEST_DATA_DIR) + "/" + name; }
+#endif
 
 // The whole file as bytes; fails the test (REQUIRE) if it cannot be read.
 inline std::vector<std::byte> read_bytes(const std::string& path) {
