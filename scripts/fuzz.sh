@@ -9,7 +9,8 @@
 #   FUZZ_TARGETS   space-separated subset of: safetensors gguf cache (default: all available)
 #   FUZZ_CXX       clang++ to use (default: clang++, else clang++-14)
 #   FUZZ_CXXFLAGS  extra compile flags (e.g. -DDELTAKV_FUZZ_SKIP_OPEN_FINDINGS)
-#   FUZZ_ARGS      extra libFuzzer flags (e.g. -jobs=2 or -use_value_profile=1)
+#   FUZZ_ARGS      extra libFuzzer flags (e.g. -use_value_profile=1)
+#   FUZZ_JOBS      targets run at once (default: nproc)
 # Needs clang with libFuzzer: on Debian 12, apt-get install clang libclang-rt-14-dev.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -70,30 +71,49 @@ echo "== fuzz: built in $(( $(date +%s) - build_start )) s"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/deltakv-fuzz.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
-failed=()
-for t in "${targets[@]}"; do
-  corpus="$WORK/corpus_$t"
-  mkdir -p "$corpus"
+# One target: its corpus copy, its own temp dir and artifacts; the exit status goes to $WORK/rc_<t>.
+run_one() {
+  local t=$1
+  local corpus="$WORK/corpus_$t" tmp="$WORK/tmp_$t" artifacts="$ROOT/$OUT/artifacts/$t"
+  mkdir -p "$corpus" "$tmp"
   if [[ -d "fuzz/corpus/$t" ]]; then cp -R "fuzz/corpus/$t/." "$corpus/"; fi
   find "$corpus" -name '*.py' -delete
-  artifacts="$ROOT/$OUT/artifacts/$t"
   rm -rf "$artifacts"
   mkdir -p "$artifacts"
-  log="$OUT/fuzz_$t.log"
-  echo "== fuzz: fuzz_$t for ${SECONDS_PER_TARGET} s (log: $log)"
-  set +e
-  (cd "$WORK" && TMPDIR="$WORK" "$ROOT/$OUT/fuzz_$t" "$corpus" \
+  local rc=0
+  (cd "$tmp" && TMPDIR="$tmp" "$ROOT/$OUT/fuzz_$t" "$corpus" \
       -max_total_time="$SECONDS_PER_TARGET" -timeout=10 -rss_limit_mb=2048 -detect_leaks=1 \
-      -print_final_stats=1 -artifact_prefix="$artifacts/" ${FUZZ_ARGS:-}) >"$log" 2>&1
-  rc=$?
-  set -e
+      -print_final_stats=1 -artifact_prefix="$artifacts/" ${FUZZ_ARGS:-}) >"$OUT/fuzz_$t.log" 2>&1 || rc=$?
+  echo "$rc" >"$WORK/rc_$t"
+}
+
+# Targets run FUZZ_JOBS at a time (default: one per core; each fuzzer is single-threaded), each for
+# the full FUZZ_SECONDS.
+JOBS_FUZZ=${FUZZ_JOBS:-$(nproc)}
+running=0
+for t in "${targets[@]}"; do
+  if [[ $running -ge $JOBS_FUZZ ]]; then
+    wait -n || true
+    running=$((running - 1))
+  fi
+  echo "== fuzz: fuzz_$t for ${SECONDS_PER_TARGET} s (log: $OUT/fuzz_$t.log)"
+  run_one "$t" &
+  running=$((running + 1))
+done
+wait
+
+failed=()
+for t in "${targets[@]}"; do
+  log="$OUT/fuzz_$t.log"
+  rc=$(cat "$WORK/rc_$t" 2>/dev/null || echo 99)
+  echo "== fuzz: fuzz_$t: exit $rc"
   grep -E '^#[0-9]+[[:space:]]+DONE' "$log" | tail -1 || true
   grep -E '^stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb)' "$log" | tr '\n' ' ' || true
   echo
   if [[ $rc -ne 0 ]]; then
     echo "fuzz: fuzz_$t FAILED (exit $rc)" >&2
     grep -E 'ERROR|FUZZ_CHECK|runtime error|SUMMARY|Test unit written|terminate called|what\(\)' "$log" | head -20 >&2 || true
-    for a in "$artifacts"/*; do
+    for a in "$ROOT/$OUT/artifacts/$t"/*; do
       [[ -e "$a" ]] && echo "fuzz: replay with: $OUT/fuzz_$t $a" >&2
     done
     failed+=("$t")
