@@ -70,6 +70,44 @@ DELTAKV_GPU_D int head_dim_of(int lane, bool half, int reg) {
   return half ? hi * (D / 2) + lane * H + i : lane * E + 2 * i + hi;
 }
 
+// The same E values as load_head, kept packed (16-bit) until used: half the registers, so twice
+// the tokens can be in flight.
+template <class T, int D>
+using RawHead = std::conditional_t<D / 16 * sizeof(T) == 16, uint4, uint2>;
+
+template <class T, int D>
+DELTAKV_GPU_D RawHead<T, D> load_head_raw(const T* head, int lane, bool half) {
+  constexpr int E = D / 16, H = E / 2;
+  using R = RawHead<T, D>;
+  static_assert(sizeof(R) == E * sizeof(T), "RawHead holds one lane's E values");
+  using P = std::conditional_t<sizeof(R) == 16, uint2, unsigned>;  // half of R
+  R r;
+  P* pr = reinterpret_cast<P*>(&r);
+  if (half) {
+    pr[0] = *reinterpret_cast<const P*>(head + lane * H);
+    pr[1] = *reinterpret_cast<const P*>(head + D / 2 + lane * H);
+  } else {
+    r = *reinterpret_cast<const R*>(head + lane * E);
+  }
+  return r;
+}
+
+template <class T, int D>
+DELTAKV_GPU_D void unpack_head(const RawHead<T, D>& r, bool half, float* x) {
+  constexpr int E = D / 16, H = E / 2;
+  const T* e = reinterpret_cast<const T*>(&r);
+  if (half) {
+#pragma unroll
+    for (int i = 0; i < E; ++i) x[i] = to_float(e[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < H; ++i) {
+      x[i] = to_float(e[2 * i]);
+      x[i + H] = to_float(e[2 * i + 1]);
+    }
+  }
+}
+
 // cos, sin of position p for frequencies f0 .. f0 + H - 1 (H a multiple of 2 or 1).
 // H even: the table entries of a lane are 16-byte aligned (f0 = lane * H), read as float4.
 template <int H>
@@ -115,7 +153,7 @@ DELTAKV_GPU_D float group16_sum(float v) {
 // =============================================================================================
 template <class T, int D, int G, int W, int NT>
 __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, (G <= 4 ? 3 : 2)) dense_decode_kernel(DenseDecodeParams<T> p) {
-  constexpr int E = D / 16, H = E / 2, NG = NT / 16, U = 4;
+  constexpr int E = D / 16, H = E / 2, NG = NT / 16, U = 8;
   __shared__ float s_acc[NG][G][D];
   __shared__ float s_m[NG][G], s_l[NG][G];
   // kv head fastest: the blocks of one token range run together and share whole rows.
@@ -147,36 +185,32 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, (G <= 4 ? 3 : 2)) dense_decode_ker
   const int gw = grp % (W / 16);
   for (int tw = t0 + (grp - gw) * U; tw < t1; tw += NG * U) {
     const int t = tw + gw * U;
-    float k[U][E], v[U][E];
+    RawHead<T, D> kr[U], vr[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      if (t + u < t1) {
-        const T* row = base + std::int64_t(t + u) * ld;
-        load_head<T, D>(row + h * D, lane, half, k[u]);
-        load_head<T, D>(row + (p.n_kv_heads + h) * D, lane, half, v[u]);
-      } else {
-#pragma unroll
-        for (int e = 0; e < E; ++e) k[u][e] = v[u][e] = 0.f;
-      }
-    }
-    if (rope) {
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        float c[H], s[H];
-        rope_cs<H>(p.rope, t + u, lane * H, c, s);
-        rotate<E>(k[u], c, s);
-      }
+      // Rows past t1 re-read the split's first row (always valid) and are masked below.
+      const T* row = base + std::int64_t(t + u < t1 ? t + u : t0) * ld;
+      kr[u] = load_head_raw<T, D>(row + h * D, lane, half);
+      vr[u] = load_head_raw<T, D>(row + (p.n_kv_heads + h) * D, lane, half);
     }
     float sc[U][G];
 #pragma unroll
-    for (int u = 0; u < U; ++u)
+    for (int u = 0; u < U; ++u) {
+      float k[E];
+      unpack_head<T, D>(kr[u], half, k);
+      if (rope) {
+        float c[H], s[H];
+        rope_cs<H>(p.rope, t + u, lane * H, c, s);
+        rotate<E>(k, c, s);
+      }
 #pragma unroll
       for (int g = 0; g < G; ++g) {
         float d = 0.f;
 #pragma unroll
-        for (int e = 0; e < E; ++e) d += q[g][e] * k[u][e];
+        for (int e = 0; e < E; ++e) d += q[g][e] * k[e];
         sc[u][g] = group16_sum<W>(d);
       }
+    }
     if (p.logits && lane < G) {
 #pragma unroll
       for (int g = 0; g < G; ++g)
@@ -198,11 +232,17 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, (G <= 4 ? 3 : 2)) dense_decode_ker
 #pragma unroll
       for (int e = 0; e < E; ++e) acc[g][e] *= alpha;
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const float pu = t + u < t1 ? __expf(sc[u][g] - mx) : 0.f;
-        l[g] += pu;
+      for (int u = 0; u < U; ++u) sc[u][g] = t + u < t1 ? __expf(sc[u][g] - mx) : 0.f;  // now p
+    }
 #pragma unroll
-        for (int e = 0; e < E; ++e) acc[g][e] += pu * v[u][e];
+    for (int u = 0; u < U; ++u) {
+      float v[E];
+      unpack_head<T, D>(vr[u], half, v);
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        l[g] += sc[u][g];
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[g][e] += sc[u][g] * v[e];
       }
     }
   }
@@ -451,6 +491,16 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) sparse_decode_kernel(SparseDecodeParam
   float* s_sm = reinterpret_cast<float*>(s_nref + NT);                  // [NT][2]
   float* s_stat = s_sm + 2 * NT;                                        // [G][4]: m, l, alpha, mass
 
+  // Optional per-phase cycle counters (p.profile, for tuning): thread 0 adds the cycles since the
+  // previous mark, right after a barrier, so each phase's count is the block's time in it.
+  long long last_mark = p.profile ? clock64() : 0;
+  auto mark = [&](int phase) {
+    if (p.profile && threadIdx.x == 0) {
+      const long long now = clock64();
+      atomicAdd(p.profile + phase, static_cast<unsigned long long>(now - last_mark));
+      last_mark = now;
+    }
+  };
   const int n = p.n[b], cfront = p.c[b];
   const int s_end = min(p.sinks, n), w_begin = max(s_end, n - p.window);
   const int n_sel = p.sel_count ? p.sel_count[b] : 0;
@@ -459,12 +509,18 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) sparse_decode_kernel(SparseDecodeParam
   const int i0 = split * per, i1 = min(total, i0 + per);
 
   const std::byte* seq = L.base + std::size_t(b) * L.seq_bytes;
-  const T* region[3] = {reinterpret_cast<const T*>(seq + L.off_sinks), reinterpret_cast<const T*>(seq + L.off_ring),
-                        reinterpret_cast<const T*>(seq + L.off_refs)};
+  const T* sinks_p = reinterpret_cast<const T*>(seq + L.off_sinks);
+  const T* ring_p = reinterpret_cast<const T*>(seq + L.off_ring);
+  const T* refs_p = reinterpret_cast<const T*>(seq + L.off_refs);
   const std::uint8_t* lat = reinterpret_cast<const std::uint8_t*>(seq + L.off_lat);
   const float* scl = reinterpret_cast<const float*>(seq + L.off_scale);
   const std::int32_t* ids = reinterpret_cast<const std::int32_t*>(seq + L.off_ids);
-  auto row_ptr = [&](std::int32_t code) { return region[code & 3] + std::int64_t(code >> 2) * kvd; };
+  // code = row * 4 + region (0 sinks, 1 ring, 2 references); selects, not an indexed array (which
+  // would live in local memory).
+  auto row_ptr = [&](std::int32_t code) {
+    const int r = code & 3;
+    return (r == 0 ? sinks_p : (r == 1 ? ring_p : refs_p)) + std::int64_t(code >> 2) * kvd;
+  };
 
   // W_k,h into shared memory ([D][DC] -> ld ldz), 8 loads in flight per thread.
   {
@@ -488,8 +544,33 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) sparse_decode_kernel(SparseDecodeParam
     s_stat[threadIdx.x * 4 + 3] = 0.f;
   }
 
+  // Reference rows of one tile, loaded ahead into registers: K slices (packed) and V slices, up to
+  // four references per item; a missing reference reads ring row 0 and gets weight 0, so every
+  // load is unconditional and all of them are in flight together.
+  RawHead<T, D> g_k[KT][4];
+  uint4 g_v[VT][4];
+  auto gather_issue = [&](int c0) {
+#pragma unroll
+    for (int kt = 0; kt < KT; ++kt) {
+      const int task = threadIdx.x + kt * NT, ci = c0 + task / 16, lane = task % 16;
+      const int nref = s_nref[ci];
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        g_k[kt][j] = load_head_raw<T, D>(row_ptr(j < nref ? s_row[ci * K + j] : 1) + h * D, lane, half);
+    }
+#pragma unroll
+    for (int vt = 0; vt < VT; ++vt) {
+      const int task = threadIdx.x + vt * NT, ci = c0 + task / (D / 8), d8 = (task % (D / 8)) * 8;
+      const int nref = s_nref[ci];
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        g_v[vt][j] = *reinterpret_cast<const uint4*>(row_ptr(j < nref ? s_row[ci * K + j] : 1) + (Hkv + h) * D + d8);
+    }
+  };
+
   for (int chunk = i0; chunk < i1; chunk += NT) {
     __syncthreads();  // the previous chunk's tiles are done with s_row ...
+    mark(0);
     {  // resolve: one item per thread
       const int i = chunk + threadIdx.x;
       int pos = -1, lrow = -1, nref = 0;
@@ -535,6 +616,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) sparse_decode_kernel(SparseDecodeParam
       s_nref[threadIdx.x] = nref;
     }
     __syncthreads();
+    mark(1);
     const int chunk_end = min(i1, chunk + NT);
     for (int tile = chunk; tile < chunk_end; tile += TT) {
       const int c0 = tile - chunk;  // first item of the tile within the chunk
@@ -585,71 +667,59 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) sparse_decode_kernel(SparseDecodeParam
         }
       }
       __syncthreads();
+      mark(2);
       // 2. K tile on tensor cores: [TT x DC] x [DC x D]
       {
         // TT = 32: both row tiles of one column tile per warp step (B fragment loaded once).
         static_assert(TT == 2 * 16, "two row tiles per column tile");
+        // Two halves of the latent dimension in separate accumulators: four independent chains.
         for (int tc = warp; tc < D / 16; tc += NW) {
-          vendor::mma16<T> acc0, acc1;
-          acc0.zero();
-          acc1.zero();
-          for (int kk = 0; kk < DC; kk += 16)
-            acc0.mac_pair(acc1, s_z + kk, s_z + 16 * ldz + kk, ldz, s_w + tc * 16 * ldz + kk, ldz);
-          acc0.store(s_k + tc * 16, ldk);
-          acc1.store(s_k + 16 * ldk + tc * 16, ldk);
+          vendor::mma16<T> a0, a1, b0, b1;
+          a0.zero();
+          a1.zero();
+          b0.zero();
+          b1.zero();
+          const int half_k = (DC / 32) * 16;  // a multiple of 16; the second half takes the rest
+          const T* wcol = s_w + tc * 16 * ldz;
+          for (int kk = 0; kk < half_k; kk += 16) {
+            a0.mac_pair(a1, s_z + kk, s_z + 16 * ldz + kk, ldz, wcol + kk, ldz);
+            if (half_k + kk < DC)
+              b0.mac_pair(b1, s_z + half_k + kk, s_z + 16 * ldz + half_k + kk, ldz, wcol + half_k + kk, ldz);
+          }
+          for (int kk = 2 * half_k; kk < DC; kk += 16)
+            b0.mac_pair(b1, s_z + kk, s_z + 16 * ldz + kk, ldz, wcol + kk, ldz);
+          a0.add(b0);
+          a1.add(b1);
+          a0.store(s_k + tc * 16, ldk);
+          a1.store(s_k + 16 * ldk + tc * 16, ldk);
         }
       }
       __syncthreads();
-      // 3. K: + reference mean (+ bias for latents), RoPE; V: reference mean. All loads first.
+      mark(3);
+      // 3. K: + reference mean (+ bias for latents), RoPE; V: reference mean. The loads were issued
+      //    ahead (prefetch, below) unless this is the first tile of its chunk.
+      if (tile == chunk) gather_issue(c0);
       {
-        float kx[KT][E], vx[VT][8];
-#pragma unroll
-        for (int kt = 0; kt < KT; ++kt)
-#pragma unroll
-          for (int e = 0; e < E; ++e) kx[kt][e] = 0.f;
-#pragma unroll
-        for (int vt = 0; vt < VT; ++vt)
-#pragma unroll
-          for (int e = 0; e < 8; ++e) vx[vt][e] = 0.f;
-        for (int j0 = 0; j0 < K; j0 += 4) {
-#pragma unroll
-          for (int kt = 0; kt < KT; ++kt) {
-            const int task = threadIdx.x + kt * NT, ci = c0 + task / 16, lane = task % 16;
-            const int nref = s_nref[ci];
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
-              if (j0 + j < nref) {
-                float x[E];
-                load_head<T, D>(row_ptr(s_row[ci * K + j0 + j]) + h * D, lane, half, x);
-#pragma unroll
-                for (int e = 0; e < E; ++e) kx[kt][e] += x[e];
-              }
-          }
-#pragma unroll
-          for (int vt = 0; vt < VT; ++vt) {
-            const int task = threadIdx.x + vt * NT, ci = c0 + task / (D / 8), d8 = (task % (D / 8)) * 8;
-            const int nref = s_nref[ci];
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
-              if (j0 + j < nref) {
-                float x[8];
-                load_vec<T, 8>(row_ptr(s_row[ci * K + j0 + j]) + (Hkv + h) * D + d8, x);
-#pragma unroll
-                for (int e = 0; e < 8; ++e) vx[vt][e] += x[e];
-              }
-          }
-        }
 #pragma unroll
         for (int kt = 0; kt < KT; ++kt) {
           const int task = threadIdx.x + kt * NT, i = task / 16, ci = c0 + i, lane = task % 16;
           const int nref = s_nref[ci], pos = s_pos[ci];
           const float inv = nref > 0 ? 1.f / float(nref) : 0.f;
           const bool latent = s_lrow[ci] >= 0;
-          float x[E];
+          float sum[E], x[E];
+#pragma unroll
+          for (int e = 0; e < E; ++e) sum[e] = 0.f;
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            unpack_head<T, D>(g_k[kt][j], half, x);
+            const float w = j < nref ? 1.f : 0.f;
+#pragma unroll
+            for (int e = 0; e < E; ++e) sum[e] += w * x[e];
+          }
 #pragma unroll
           for (int e = 0; e < E; ++e) {
             const int d = head_dim_of<D>(lane, half, e);
-            float v = s_k[i * ldk + d] + kx[kt][e] * inv;
+            float v = s_k[i * ldk + d] + sum[e] * inv;
             if (latent && L.b_dec) v += to_float(L.b_dec[h * D + d]);
             x[e] = v;
           }
@@ -666,11 +736,28 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) sparse_decode_kernel(SparseDecodeParam
           const int task = threadIdx.x + vt * NT, i = task / (D / 8), ci = c0 + i, d8 = (task % (D / 8)) * 8;
           const int nref = s_nref[ci];
           const float inv = nref > 0 ? 1.f / float(nref) : 0.f;
+          float sum[8], x[8];
 #pragma unroll
-          for (int e = 0; e < 8; ++e) s_v[i * ldk + d8 + e] = vx[vt][e] * inv;
+          for (int e = 0; e < 8; ++e) sum[e] = 0.f;
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const T* ev = reinterpret_cast<const T*>(&g_v[vt][j]);
+            const float w = j < nref ? 1.f : 0.f;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+              x[e] = to_float(ev[e]);
+              sum[e] += w * x[e];
+            }
+          }
+#pragma unroll
+          for (int e = 0; e < 8; ++e) s_v[i * ldk + d8 + e] = sum[e] * inv;
         }
       }
+      // The next tile of this chunk: issue its reference loads now, so that they are in flight
+      // during this tile's logits, softmax, accumulation, dequantization and K product.
+      if (tile + TT < chunk_end) gather_issue(c0 + TT);
       __syncthreads();
+      mark(4);
       // 4. logits: (item, head) pairs, 4 threads each; then a warp per head for the softmax
       for (int task = threadIdx.x; task < TT * G * 4; task += NT) {
         const int i = task / (G * 4), g = (task / 4) % G, part = task % 4;
@@ -682,6 +769,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) sparse_decode_kernel(SparseDecodeParam
         if (part == 0) s_p[i * G + g] = s_pos[c0 + i] >= 0 ? d : kNegInf;
       }
       __syncthreads();
+      mark(5);
       for (int g = warp; g < G; g += NW) {
         float* st = s_stat + g * 4;
         const float sc = lane_w < TT ? s_p[lane_w * G + g] : kNegInf;
@@ -706,6 +794,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) sparse_decode_kernel(SparseDecodeParam
         }
       }
       __syncthreads();
+      mark(6);
       // 5. accumulate, two columns of every head per thread (one z load feeds 2G FMAs)
       for (int cp = threadIdx.x; cp < DC / 2; cp += NT) {
         float a0[G], a1[G];
@@ -758,37 +847,52 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) sparse_decode_kernel(SparseDecodeParam
         }
       }
       __syncthreads();
+      mark(7);
     }
   }
   __syncthreads();
   // partial: acc_v + W_v,h acc_z + mass * b_v; a warp per output dim d, lanes over DC
   float* part = p.part + ((std::int64_t(b) * p.n_q_heads + h * G) * p.n_splits + split) * (D + 2);
   const std::int64_t head_stride = std::int64_t(p.n_splits) * (D + 2);
-  for (int d = warp; d < D; d += NW) {
-    const T* wrow = L.w_dec + std::int64_t(Hkv * D + h * D + d) * DC;
-    float dot[G];
+  static_assert(D % (4 * NW) == 0, "four output rows per warp step");
+  for (int d0 = warp * 4; d0 < D; d0 += NW * 4) {  // four rows at a time: their loads in flight together
+    float dot[4][G];
 #pragma unroll
-    for (int g = 0; g < G; ++g) dot[g] = 0.f;
-#pragma unroll 8
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int g = 0; g < G; ++g) dot[r][g] = 0.f;
     for (int c = lane_w; c < DC; c += W) {
-      const float w = to_float(wrow[c]);
+      float w[4];
 #pragma unroll
-      for (int g = 0; g < G; ++g) dot[g] += w * s_accz[g * DC + c];
-    }
+      for (int r = 0; r < 4; ++r) w[r] = to_float(L.w_dec[std::int64_t(Hkv * D + h * D + d0 + r) * DC + c]);
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
-      float v = dot[g];
+      for (int g = 0; g < G; ++g) {
+        const float a = s_accz[g * DC + c];
 #pragma unroll
-      for (int o = W / 2; o > 0; o >>= 1) v += vendor::shfl_xor<W>(v, o);
-      if (lane_w == 0) {
-        const float bias = L.b_dec ? to_float(L.b_dec[(Hkv + h) * D + d]) : 0.f;
-        part[g * head_stride + d] = s_accv[g * D + d] + v + s_stat[g * 4 + 3] * bias;
+        for (int r = 0; r < 4; ++r) dot[r][g] += w[r] * a;
       }
     }
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        float v = dot[r][g];
+#pragma unroll
+        for (int o = W / 2; o > 0; o >>= 1) v += vendor::shfl_xor<W>(v, o);
+        if (lane_w == 0) {
+          const int d = d0 + r;
+          const float bias = L.b_dec ? to_float(L.b_dec[(Hkv + h) * D + d]) : 0.f;
+          part[g * head_stride + d] = s_accv[g * D + d] + v + s_stat[g * 4 + 3] * bias;
+        }
+      }
   }
   if (threadIdx.x < G) {
     part[threadIdx.x * head_stride + D] = s_stat[threadIdx.x * 4 + 0];
     part[threadIdx.x * head_stride + D + 1] = s_stat[threadIdx.x * 4 + 1];
+  }
+  if (p.profile) {
+    __syncthreads();
+    mark(8);
   }
 }
 

@@ -107,6 +107,7 @@ struct SparseDecodeParams {
   int sinks = 0, window = 0;                       // the policy's attended sinks and recent window
   int n_splits = 0;                                // blocks per (sequence, kv head)
   float* part = nullptr;                           // partials_floats(B, Hq, n_splits, D)
+  unsigned long long* profile = nullptr;           // optional [9] cycles per phase, summed over blocks
 };
 
 }  // namespace deltakv::gpu::decode

@@ -164,7 +164,7 @@ void sparse_partials(const SparseDecodeParams<T>& p, vendor::stream_t stream) {
     throw ConfigError("sparse_decode: latent_dim must be a positive multiple of 16");
   if (L.latent_bits != 0 && L.latent_bits != 4 && L.latent_bits != 8)
     throw ConfigError("sparse_decode: latent_bits must be 0, 4 or 8");
-  if (L.k < 1 || L.k > 8) throw ConfigError("sparse_decode: 1 to 8 references per latent");
+  if (L.k < 1 || L.k > 4) throw ConfigError("sparse_decode: 1 to 4 references per latent (the paper uses 4)");
   if (L.lat_ld % 16 != 0 || L.lat_ld * 8 != std::int64_t(L.latent_dim) * (L.latent_bits == 0 ? 8 * int(sizeof(T)) : L.latent_bits) ||
       L.lat_ld / 16 * kSparseTile > 8 * kSparseThreads)
     throw ConfigError("sparse_decode: latent rows must be packed, a multiple of 16 bytes and at most 8 KiB per 32 tokens");

@@ -48,6 +48,9 @@ struct mma16 {
     nvcuda::wmma::mma_sync(c, fa0, fb, c);
     nvcuda::wmma::mma_sync(other.c, fa1, fb, other.c);
   }
+  DELTAKV_GPU_D void add(const mma16& o) {  // same fragment layout: elementwise
+    for (int i = 0; i < c.num_elements; ++i) c.x[i] += o.c.x[i];
+  }
   // C row-major at out (ldo in floats, a multiple of 4; 32-byte aligned).
   DELTAKV_GPU_D void store(float* out, int ldo) const {
     nvcuda::wmma::store_matrix_sync(out, c, ldo, nvcuda::wmma::mem_row_major);
@@ -73,6 +76,9 @@ struct mma16 {  // lane-parallel fallback: each lane owns 256 / warp-size entrie
   DELTAKV_GPU_D void mac_pair(mma16& other, const T* a0, const T* a1, int lda, const T* b, int ldb) {
     mac(a0, lda, b, ldb);
     other.mac(a1, lda, b, ldb);
+  }
+  DELTAKV_GPU_D void add(const mma16& o) {
+    for (int e = 0; e < kPer; ++e) c[e] += o.c[e];
   }
   DELTAKV_GPU_D void store(float* out, int ldo) const {
     const int lane = threadIdx.x % kWarpSize;

@@ -214,14 +214,14 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
                        N, s);
     }
   };
-  auto sparse_layer = [&](int ci, int filter_layer) {
+  auto sparse_layer = [&](int ci, int filter_layer, unsigned long long* profile = nullptr) {
     dec::CompressedLayerView<bf> v{reinterpret_cast<const std::byte*>(comp_buf[ci]->p), seq_bytes, off_sinks, off_ring, off_refs,
                                    off_lat, off_scale, off_ids, SINKS, RING, DC, bits, K_REF, lat_ld, code_d.as<std::int32_t>(),
                                    wdec[ci]->as<bf>(), nullptr};
     dec::SparseDecodeParams<bf> p{q.as<bf>(), qd, v, n_d.as<std::int32_t>(), c_d.as<std::int32_t>(),
                                   sel[filter_layer]->as<std::int32_t>(), TOPK,
                                   sel_count_all.as<std::int32_t>() + filter_layer * B, B, Hq, Hkv, D, scale, rope,
-                                  deltakv::RopeStyle::half, SINKS, RECENT, ssplits, part.as<float>()};
+                                  deltakv::RopeStyle::half, SINKS, RECENT, ssplits, part.as<float>(), profile};
     dec::sparse_partials(p, s);
     dec::combine(dec::CombineParams<bf>{part.as<float>(), ssplits, B, Hq, D, out.as<bf>(), qd, nullptr}, s);
   };
@@ -257,6 +257,21 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
   while (is_full[first_sparse]) ++first_sparse;
   r.sparse_layer_ms = time_graph([&] { sparse_layer(0, filter_of[first_sparse]); }, s, reps * 4);
 
+  if (std::getenv("DELTAKV_PHASES")) {  // where a sparse layer's block time goes (cycles per phase)
+    Dev prof(9 * 8);
+    vendor::memset_async(prof.p, 0, 9 * 8, s);
+    sparse_layer(0, filter_of[first_sparse], prof.as<unsigned long long>());
+    unsigned long long h[9];
+    vendor::memcpy_async(h, prof.p, sizeof h, s);
+    vendor::stream_sync(s);
+    double tot = 0;
+    for (auto v : h) tot += double(v);
+    std::printf("{\"phases\": \"%s %lldK x %d\", \"blocks\": %d, \"cycles_per_block\": %.0f, \"share\": [", m.name,
+                (long long)(N / 1024), B, B * Hkv * ssplits, tot / (B * Hkv * ssplits));
+    const char* names[9] = {"start", "resolve", "dequant", "mma", "gather", "logits", "softmax", "accumulate", "final"};
+    for (int i = 0; i < 9; ++i) std::printf("%s\"%s %.1f%%\"", i ? ", " : "", names[i], 100.0 * double(h[i]) / tot);
+    std::printf("]}\n");
+  }
   // bytes the step must read
   const double dense_layer_bytes = double(B) * N * kvd * 2 + 2.0 * B * qd * 2;
   r.dense_bytes = m.layers * dense_layer_bytes;

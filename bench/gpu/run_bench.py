@@ -87,6 +87,10 @@ def main():
         print(proc.stdout, proc.stderr)
         sys.exit(proc.returncode)
     rows = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+    for r in rows:
+        if "phases" in r:
+            print(f"# sparse-layer phases, {r['phases']}: {r['blocks']} blocks, {r['cycles_per_block']:.0f} cycles each: "
+                  + ", ".join(r["share"]))
     bw = next(r["copy_bandwidth"] for r in rows if "copy_bandwidth" in r)
     print(f"\ndevice: {dev}; device-copy bandwidth (read + write): ours {bw / 1e12:.2f} TB/s, torch {tbw / 1e12:.2f} TB/s")
     print("| model | ctx | batch | SDPA ms/step | our dense ms/step | DeltaKV+OmniKV ms/step | speedup vs SDPA | resident KV / bf16 "
