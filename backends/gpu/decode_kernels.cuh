@@ -179,6 +179,8 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, (G <= 4 ? 3 : 2)) dense_decode_ker
 #pragma unroll
     for (int e = 0; e < E; ++e) acc[g][e] = 0.f;
   }
+  float step_c[H], step_s[H];  // rotation by one position, per frequency of this lane
+  if (rope) rope_cs<H>(p.rope, 1, lane * H, step_c, step_s);
   const T* base = p.kv + b * p.seq_stride;
   // The loop bound is the warp's (its first group's), so every lane of a warp runs the same
   // iterations and the group shuffles never diverge; tokens past t1 are masked.
@@ -194,14 +196,22 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, (G <= 4 ? 3 : 2)) dense_decode_ker
       vr[u] = load_head_raw<T, D>(row + (p.n_kv_heads + h) * D, lane, half);
     }
     float sc[U][G];
+    // cos/sin at t from the tables, then stepped one position at a time (angle addition with the
+    // one-position rotation): U consecutive tokens cost one table read.
+    float rc[H], rs[H];
+    if (rope) rope_cs<H>(p.rope, t, lane * H, rc, rs);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       float k[E];
       unpack_head<T, D>(kr[u], half, k);
       if (rope) {
-        float c[H], s[H];
-        rope_cs<H>(p.rope, t + u, lane * H, c, s);
-        rotate<E>(k, c, s);
+        rotate<E>(k, rc, rs);
+#pragma unroll
+        for (int i = 0; i < H; ++i) {
+          const float c = rc[i] * step_c[i] - rs[i] * step_s[i];
+          rs[i] = rs[i] * step_c[i] + rc[i] * step_s[i];
+          rc[i] = c;
+        }
       }
 #pragma unroll
       for (int g = 0; g < G; ++g) {
@@ -549,6 +559,22 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) sparse_decode_kernel(SparseDecodeParam
   // load is unconditional and all of them are in flight together.
   RawHead<T, D> g_k[KT][4];
   uint4 g_v[VT][4];
+  // The first kZPrefetch 16-byte pieces per thread of a tile's latent codes (all of them for int4
+  // at d_c <= 512), loaded ahead like the references.
+  constexpr int kZPrefetch = 2;
+  uint4 z_pf[kZPrefetch];
+  auto z_issue = [&](int c0) {
+    const int pieces = int(L.lat_ld / 16), tasks = TT * pieces;
+#pragma unroll
+    for (int j = 0; j < kZPrefetch; ++j) {
+      const int task = threadIdx.x + j * NT;
+      z_pf[j] = make_uint4(0u, 0u, 0u, 0u);
+      if (task < tasks) {
+        const int r = s_lrow[c0 + task / pieces];
+        if (r >= 0) z_pf[j] = *reinterpret_cast<const uint4*>(lat + std::int64_t(r) * L.lat_ld + (task % pieces) * 16);
+      }
+    }
+  };
   auto gather_issue = [&](int c0) {
 #pragma unroll
     for (int kt = 0; kt < KT; ++kt) {
@@ -625,9 +651,14 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) sparse_decode_kernel(SparseDecodeParam
         constexpr int MAXL = 8;  // pieces per thread: 2 (int4), 4 (int8) or 8 (raw) for DC = 512
         const int pieces = int(L.lat_ld / 16), tasks = TT * pieces;
         const int vals = L.latent_bits == 0 ? 8 : (L.latent_bits == 8 ? 16 : 32);  // gpu-check: allow(int4 values per 16 bytes, not lanes)
+        if (tile == chunk) z_issue(c0);
         uint4 raw[MAXL];
 #pragma unroll
         for (int j = 0; j < MAXL; ++j) {
+          if (j < kZPrefetch) {  // loaded ahead (z_issue)
+            raw[j] = z_pf[j];
+            continue;
+          }
           const int task = threadIdx.x + j * NT;
           raw[j] = make_uint4(0u, 0u, 0u, 0u);
           if (task < tasks) {
@@ -755,7 +786,10 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) sparse_decode_kernel(SparseDecodeParam
       }
       // The next tile of this chunk: issue its reference loads now, so that they are in flight
       // during this tile's logits, softmax, accumulation, dequantization and K product.
-      if (tile + TT < chunk_end) gather_issue(c0 + TT);
+      if (tile + TT < chunk_end) {
+        gather_issue(c0 + TT);
+        z_issue(c0 + TT);
+      }
       __syncthreads();
       mark(4);
       // 4. logits: (item, head) pairs, 4 threads each; then a warp per head for the softmax
