@@ -389,6 +389,9 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_kernel(SelectParams p) {
     for (int shift = 24; shift >= 0; shift -= 8) {
       for (int i = threadIdx.x; i < 256; i += NT) hist[i] = 0;
       __syncthreads();
+      // One block walks the whole sequence: keep 8 loads in flight per thread (latency, not
+      // bandwidth, bounds a single block).
+#pragma unroll 8
       for (int t = threadIdx.x; t < n; t += NT) {
         const std::uint32_t key = keys[t];
         if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1);
@@ -416,6 +419,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_kernel(SelectParams p) {
   if (kk > 0) {
     const int seg = (n + NT - 1) / NT, a = threadIdx.x * seg, e = min(n, a + seg);
     int gt = 0, eq = 0;
+#pragma unroll 8
     for (int t = a; t < e; ++t) {
       const std::uint32_t key = keys[t];
       gt += key > thresh;
@@ -425,6 +429,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_kernel(SelectParams p) {
     int eq_before = block_exclusive_scan<W, NT>(eq, scratch, &eq_total);
     const int eq_take = max(0, min(eq, need_eq - eq_before));
     int at = block_exclusive_scan<W, NT>(gt + eq_take, scratch, &unused);
+#pragma unroll 4
     for (int t = a; t < e; ++t) {
       const std::uint32_t key = keys[t];
       if (key > thresh) {
@@ -710,7 +715,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) sparse_decode_kernel(SparseDecodeParam
           a1.zero();
           b0.zero();
           b1.zero();
-          const int half_k = (DC / 32) * 16;  // a multiple of 16; the second half takes the rest
+          const int half_k = (DC / 16 / 2) * 16;  // a multiple of 16; the second half takes the rest
           const T* wcol = s_w + tc * 16 * ldz;
           for (int kk = 0; kk < half_k; kk += 16) {
             a0.mac_pair(a1, s_z + kk, s_z + 16 * ldz + kk, ldz, wcol + kk, ldz);

@@ -96,7 +96,7 @@ double copy_bandwidth(vendor::stream_t s) {  // bytes read + written per second,
 
 struct Result {
   double dense_ms = 0, deltakv_ms = 0, dense_bytes = 0, deltakv_bytes = 0, resident_bytes = 0, bf16_bytes = 0;
-  double dense_layer_ms = 0, sparse_layer_ms = 0, select_ms = 0, full_layer_ms = 0;
+  double dense_layer_ms = 0, sparse_layer_ms = 0, select_ms = 0, full_layer_ms = 0, topk_ms = 0;
 };
 
 template <class F>
@@ -253,6 +253,12 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
   r.full_layer_ms = time_graph([&] { dense_layer(full_buf[0]->as<bf>(), false, 0); }, s, reps * 4);
   const int f0 = filter_of[m.layers - 1];
   r.select_ms = time_graph([&] { dense_layer(full_buf[0]->as<bf>(), true, f0); }, s, reps * 4) - r.full_layer_ms;
+  r.topk_ms = time_graph([&] {  // scores + top-K alone, from the logits and lse left by the warm-up
+    dec::select_topk(dec::SelectParams{logits.as<float>(), N, lse.as<float>(), n_d.as<std::int32_t>(), B, Hq, SINKS, RECENT,
+                                       TOPK, keys.as<std::uint32_t>(), N, sel[f0]->as<std::int32_t>(), TOPK,
+                                       sel_count_all.as<std::int32_t>() + f0 * B},
+                     N, s);
+  }, s, reps * 4);
   int first_sparse = 0;
   while (is_full[first_sparse]) ++first_sparse;
   r.sparse_layer_ms = time_graph([&] { sparse_layer(0, filter_of[first_sparse]); }, s, reps * 4);
@@ -340,9 +346,9 @@ int main(int argc, char** argv) {
         const Result r = run(m, N, B, sms, s);
         std::printf("{\"model\": \"%s\", \"ctx\": %lld, \"batch\": %d, \"dense_ms\": %.5f, \"deltakv_ms\": %.5f, "
                     "\"dense_bytes\": %.6e, \"deltakv_bytes\": %.6e, \"resident_bytes\": %.6e, \"bf16_bytes\": %.6e, "
-                    "\"full_layer_ms\": %.5f, \"sparse_layer_ms\": %.5f, \"select_ms\": %.5f, \"layers\": %d, \"copy_bw\": %.4e}\n",
+                    "\"full_layer_ms\": %.5f, \"sparse_layer_ms\": %.5f, \"select_ms\": %.5f, \"topk_ms\": %.5f, \"layers\": %d, \"copy_bw\": %.4e}\n",
                     m.name, (long long)N, B, r.dense_ms, r.deltakv_ms, r.dense_bytes, r.deltakv_bytes, r.resident_bytes,
-                    r.bf16_bytes, r.full_layer_ms, r.sparse_layer_ms, r.select_ms, m.layers, bw);
+                    r.bf16_bytes, r.full_layer_ms, r.sparse_layer_ms, r.select_ms, r.topk_ms, m.layers, bw);
         std::fflush(stdout);
       }
   vendor::stream_destroy(s);
