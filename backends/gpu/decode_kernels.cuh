@@ -321,10 +321,12 @@ __global__ void combine_kernel(CombineParams<T> p) {
 // score_keys_kernel: grid (chunks, B); key = float bits of max_h exp(logit - lse_h) plus one for
 // middle positions (probabilities are >= 0, so the bits order like the values), 0 elsewhere.
 // =============================================================================================
-__global__ void score_keys_kernel(SelectParams p) {
+// A template (of the block size) so that the header can be included by several translation units.
+template <int NT>
+__global__ void DELTAKV_LAUNCH_BOUNDS(NT) score_keys_kernel(SelectParams p) {
   const int b = blockIdx.y, n = p.n[b];
   const int s_end = min(p.sinks, n), w_begin = max(s_end, n - p.window);
-  for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < n; t += gridDim.x * blockDim.x) {
+  for (int t = blockIdx.x * NT + threadIdx.x; t < n; t += gridDim.x * NT) {
     std::uint32_t key = 0;
     if (t >= s_end && t < w_begin) {
       float best = 0.f;

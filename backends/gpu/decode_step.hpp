@@ -18,6 +18,7 @@
 #include "decode_kernels.cuh"
 #include "decode_params.hpp"
 #include "deltakv/error.hpp"
+#include "deltakv/layer_storage.hpp"
 #include "vendor.hpp"
 
 namespace deltakv::gpu::decode {
@@ -113,6 +114,24 @@ void dispatch(int head_dim, int group, F&& f) {
 }
 }  // namespace detail
 
+// Views of a CompressedCache's own storage (CompressedCache::storage(layer)).
+// Exact layer: its rows and the elements between sequences.
+template <class T>
+const T* exact_rows(const LayerStorage& s, std::int64_t* seq_stride) {
+  if (!s.exact) throw ConfigError("exact_rows: the layer is compressed");
+  if (s.seq_bytes % sizeof(T) != 0 || s.rows % sizeof(T) != 0) throw ConfigError("exact_rows: storage not aligned to T");
+  *seq_stride = std::int64_t(s.seq_bytes / sizeof(T));
+  return reinterpret_cast<const T*>(s.base + s.rows);
+}
+// Compressed layer: pos_code is the device copy of CompressedCache::position_codes(); w_dec / b_dec
+// the layer's decoder weight [kv_dim, latent_dim] and bias (or nullptr) in device memory.
+template <class T>
+CompressedLayerView<T> compressed_view(const LayerStorage& s, const std::int32_t* pos_code, const T* w_dec, const T* b_dec) {
+  if (s.exact) throw ConfigError("compressed_view: the layer is exact");
+  return CompressedLayerView<T>{s.base, s.seq_bytes, s.sinks, s.ring, s.refs, s.lat, s.scale, s.ids, s.n_sinks,
+                                s.ring_rows, s.latent_dim, s.latent_bits, s.k, s.lat_ld, pos_code, w_dec, b_dec};
+}
+
 // Dense split-KV pass (partials in p.part). max_n: an upper bound of p.n[] (host-known).
 template <class T>
 void dense_partials(const DenseDecodeParams<T>& p, std::int64_t max_n, vendor::stream_t stream) {
@@ -144,7 +163,7 @@ inline void select_topk(const SelectParams& p, std::int64_t max_n, vendor::strea
   if (p.ld_keys < max_n) throw ShapeError("select_topk: ld_keys < longest sequence");
   if (p.batch == 0) return;
   const int chunks = int(std::min<std::int64_t>(1024, (max_n + 255) / 256));
-  score_keys_kernel<<<dim3(std::max(1, chunks), p.batch), 256, 0, stream>>>(p);
+  score_keys_kernel<256><<<dim3(std::max(1, chunks), p.batch), 256, 0, stream>>>(p);
   vendor::check_launch("score_keys_kernel");
   select_kernel<vendor::kWarpSize, kSelectThreads><<<p.batch, kSelectThreads, 0, stream>>>(p);
   vendor::check_launch("select_kernel");

@@ -27,6 +27,7 @@
 #include "deltakv/device.hpp"
 #include "deltakv/error.hpp"
 #include "deltakv/latent_decoder.hpp"
+#include "deltakv/layer_storage.hpp"
 #include "deltakv/memory.hpp"
 #include "deltakv/reference_selector.hpp"
 #include "deltakv/residual_encoder.hpp"
@@ -155,6 +156,49 @@ class CompressedCache {
     if (pos < 0 || pos >= cfg_.cap.max_tokens)
       throw OrderError("position_class: position " + std::to_string(pos) + " not in [0, max_tokens)");
     return g_.cls[pos];
+  }
+
+  // ---- direct access (kernels that read the cache's storage themselves) ----------------------
+  // The layout of one layer in the storage buffer (layer_storage.hpp).
+  LayerStorage storage(int layer) const {
+    check_layer(layer);
+    LayerStorage s;
+    s.base = store_ + g_.layer_off[layer];
+    s.seq_bytes = g_.seq_bytes[layer];
+    s.exact = g_.plans[layer].exact;
+    const auto& r = g_.reg[layer];
+    s.rows = r[int(Region::rows)];
+    s.sinks = r[int(Region::sinks)];
+    s.ring = r[int(Region::ring)];
+    s.refs = r[int(Region::refs)];
+    s.lat = r[int(Region::lat)];
+    s.scale = r[int(Region::scale)];
+    s.ids = r[int(Region::ids)];
+    s.n_sinks = cfg_.comp.sinks;
+    s.ring_rows = static_cast<int>(g_.ring);
+    s.kv_dim = kv();
+    s.latent_dim = cfg_.latent_dim();
+    s.latent_bits = cfg_.comp.latent_bits;
+    s.k = cfg_.comp.k_neighbors;
+    s.lat_ld = g_.lat_ld;
+    return s;
+  }
+  // Per position p < max_tokens: (row << 2) | class, class 1 = reference (row in refs), 2 = latent
+  // (row in lat), 0 = sink. Depends on positions only: one table serves every layer and sequence.
+  std::vector<std::int32_t> position_codes() const {
+    if (cfg_.cap.max_tokens >= (std::int64_t(1) << 29))
+      throw CapacityError("position_codes: max_tokens must be below 2^29 for (row << 2) codes");
+    std::vector<std::int32_t> code(std::size_t(cfg_.cap.max_tokens));
+    for (std::size_t p = 0; p < code.size(); ++p)
+      code[p] = g_.cls[p] == 0 ? 0 : (g_.row_of[p] << 2) | g_.cls[p];
+    return code;
+  }
+  // Compressed frontier of a sequence in a layer: positions in [sinks, frontier) are references or
+  // latents, [frontier, length) are still exact in the ring (exact layers: the length).
+  std::int64_t frontier(int layer, int seq) const {
+    check_layer(layer);
+    check_seq(seq);
+    return g_.plans[layer].exact ? at(layer, seq).n : at(layer, seq).c;
   }
 
   // Forget a sequence in every layer (its slot can take a new sequence).

@@ -10,79 +10,13 @@
 #include <numeric>
 #include <type_traits>
 
-#include "cuda_test_util.cuh"
+#include "gpu_harness.cuh"
 
 using namespace deltakv;
 using namespace dkt;
 using namespace dkt_cuda;
 
 namespace {
-
-Compressor<float> grid_codec(int n_layers, int kv_dim, int dc, std::uint32_t seed) {
-  Compressor<float> c;
-  c.kv_dim = kv_dim;
-  c.latent_dim = dc;
-  c.layers.resize(static_cast<std::size_t>(n_layers));
-  for (int l = 0; l < n_layers; ++l) {
-    c.layers[std::size_t(l)].down = {grid_values(std::size_t(dc) * kv_dim, seed + 2 * l, -8, 8, 16.f), {}, kv_dim, dc};
-    c.layers[std::size_t(l)].up = {grid_values(std::size_t(kv_dim) * dc, seed + 2 * l + 1, -4, 4, 16.f), {}, dc, kv_dim};
-  }
-  return c;
-}
-
-template <class T>
-std::vector<T> convert(const std::vector<float>& v) {
-  if constexpr (std::is_same_v<T, float>) return v;
-  else return to_bf16(v);
-}
-
-// The GPU twin of dkt::Harness: device buffers for storage, workspace and the codec's weights.
-template <class T, class Pol>
-struct GpuHarness {
-  using Dev = cuda::CudaDevice<T>;
-  using Cache = CompressedCache<T, Dev, FixedStride, LinearEncoder<T>, LinearDecoder<T>, Pol>;
-  Dev dev{nullptr, 0, true};  // its own stream: results are read after dev.synchronize()
-  std::vector<std::unique_ptr<DBuf<T>>> weights;
-  std::vector<LinearEncoder<T>> enc;
-  std::vector<LinearDecoder<T>> dec;
-  std::unique_ptr<DBuf<std::byte>> storage, workspace;
-  std::unique_ptr<Cache> cache;
-
-  GpuHarness(const Config& cfg, FixedStride sel, const Compressor<float>& codec, Pol pol) {
-    auto up = [&](const OwnedLinear<float>& o) {
-      LinearMap<T> m{nullptr, nullptr, o.in, o.out};
-      if (o.empty()) return m;
-      weights.push_back(std::make_unique<DBuf<T>>(convert<T>(o.w)));
-      m.w = weights.back()->p;
-      if (!o.b.empty()) {
-        weights.push_back(std::make_unique<DBuf<T>>(convert<T>(o.b)));
-        m.b = weights.back()->p;
-      }
-      return m;
-    };
-    for (const auto& l : codec.layers) {
-      enc.push_back({up(l.down)});
-      dec.push_back({up(l.up)});
-    }
-    auto lay = Cache::layout(cfg, sel, pol, 0);
-    storage = std::make_unique<DBuf<std::byte>>(lay.storage_bytes);
-    workspace = std::make_unique<DBuf<std::byte>>(lay.workspace_bytes);
-    storage->poison();
-    workspace->poison();
-    cache = std::make_unique<Cache>(dev, cfg, sel, std::span<const LinearEncoder<T>>(enc),
-                                    std::span<const LinearDecoder<T>>(dec), pol,
-                                    std::span<std::byte>(storage->p, storage->n), std::span<std::byte>(workspace->p, workspace->n));
-  }
-};
-
-template <class Cache, class T>
-void append_rows(Cache& cache, int layer, int seq, const T* rows, std::int64_t count, int D) {
-  std::vector<std::int64_t> pos(static_cast<std::size_t>(count));
-  for (std::int64_t i = 0; i < count; ++i) pos[std::size_t(i)] = cache.length(layer, seq) + i;
-  const std::int32_t sid[1] = {seq};
-  const std::int32_t ip[2] = {0, std::int32_t(count)};
-  cache.append(layer, RaggedBatch<const T>{MatrixView<const T>{rows, count, D, D}, sid, ip, pos});
-}
 
 struct Shape {
   int hq, hkv, hd, dc;
