@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <set>
+#include <string>
 #include <vector>
 
 #include "decode_step.hpp"
@@ -128,7 +129,7 @@ TEST_CASE("fused decode on a CompressedCache's own storage equals the cache's at
       dec::combine(dec::CombineParams<bf>{part.p, 4, 2, Hq, HD, got.p, qd, nullptr}, nullptr);
     }
     const double e = rel(to_f32(got.get()), to_f32(want.get()));
-    MESSAGE("layer " << l << (st.exact ? " (exact, dense)" : " (compressed, sparse)") << ": rel L2 " << e);
+    MESSAGE("layer " << l << std::string(st.exact ? " (exact, dense)" : " (compressed, sparse)") << ": rel L2 " << e);
     CHECK(e < 2e-2);
   }
 }
