@@ -283,7 +283,7 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
   r.dense_bytes = m.layers * dense_layer_bytes;
   r.deltakv_bytes = 0;
   std::vector<std::int32_t> hsel(std::size_t(B) * TOPK), hcnt(B);
-  for (int l = 0, ci = 0; l < m.layers; ++l) {
+  for (int l = 0; l < m.layers; ++l) {
     if (is_full[l]) {
       r.deltakv_bytes += dense_layer_bytes + (is_filter[l] ? double(B) * Hq * N * 4 * 2 + double(B) * N * 4 * 6 : 0.0);
       continue;
@@ -306,7 +306,6 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
       bytes += double(exact + std::int64_t(uniq.size())) * kvd * 2 + double(lat) * (lat_ld + 8 + K_REF * 4);
     }
     r.deltakv_bytes += bytes;
-    ++ci;
   }
   for (auto* p : full_buf) delete p;
   for (auto* p : comp_buf) delete p;
