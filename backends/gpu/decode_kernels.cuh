@@ -708,28 +708,31 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) sparse_decode_kernel(SparseDecodeParam
       mark(2);
       // 2. K tile on tensor cores: [TT x DC] x [DC x D]
       {
-        // TT = 32: both row tiles of one column tile per warp step (B fragment loaded once).
         static_assert(TT == 2 * 16, "two row tiles per column tile");
-        // Two halves of the latent dimension in separate accumulators: four independent chains.
-        for (int tc = warp; tc < D / 16; tc += NW) {
-          vendor::mma16<T> a0, a1, b0, b1;
-          a0.zero();
-          a1.zero();
-          b0.zero();
-          b1.zero();
-          const int half_k = (DC / 16 / 2) * 16;  // a multiple of 16; the second half takes the rest
-          const T* wcol = s_w + tc * 16 * ldz;
-          for (int kk = 0; kk < half_k; kk += 16) {
-            a0.mac_pair(a1, s_z + kk, s_z + 16 * ldz + kk, ldz, wcol + kk, ldz);
-            if (half_k + kk < DC)
-              b0.mac_pair(b1, s_z + half_k + kk, s_z + 16 * ldz + half_k + kk, ldz, wcol + half_k + kk, ldz);
+        // Work unit = (pair of column tiles, half of the latent dimension): 2 x 2 output tiles per
+        // warp, so each k-step loads 2 A + 2 B fragments for 4 products (shared-memory reads are what
+        // bounds this phase). The second half's partial sums go to s_v (free until step 3), and step
+        // 3 adds them.
+        const int half_k = (DC / 16 / 2) * 16;
+        constexpr int pairs = D / 32, units = 2 * pairs;
+        for (int u = warp; u < units; u += NW) {
+          const int cp = u % pairs, kh = u / pairs;
+          const int k0 = kh == 0 ? 0 : half_k, k1 = kh == 0 ? half_k : DC;
+          vendor::mma16<T> a00, a01, a10, a11;  // [row tile][column tile]
+          a00.zero();
+          a01.zero();
+          a10.zero();
+          a11.zero();
+          const T* w0 = s_w + (2 * cp) * 16 * ldz;
+          const T* w1 = w0 + 16 * ldz;
+          for (int kk = k0; kk < k1; kk += 16) {
+            a00.mac_2x2(a01, a10, a11, s_z + kk, s_z + 16 * ldz + kk, ldz, w0 + kk, w1 + kk, ldz);
           }
-          for (int kk = 2 * half_k; kk < DC; kk += 16)
-            b0.mac_pair(b1, s_z + kk, s_z + 16 * ldz + kk, ldz, wcol + kk, ldz);
-          a0.add(b0);
-          a1.add(b1);
-          a0.store(s_k + tc * 16, ldk);
-          a1.store(s_k + 16 * ldk + tc * 16, ldk);
+          float* out = kh == 0 ? s_k : s_v;
+          a00.store(out + (2 * cp) * 16, ldk);
+          a01.store(out + (2 * cp + 1) * 16, ldk);
+          a10.store(out + 16 * ldk + (2 * cp) * 16, ldk);
+          a11.store(out + 16 * ldk + (2 * cp + 1) * 16, ldk);
         }
       }
       __syncthreads();
@@ -757,7 +760,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) sparse_decode_kernel(SparseDecodeParam
 #pragma unroll
           for (int e = 0; e < E; ++e) {
             const int d = head_dim_of<D>(lane, half, e);
-            float v = s_k[i * ldk + d] + sum[e] * inv;
+            float v = s_k[i * ldk + d] + s_v[i * ldk + d] + sum[e] * inv;
             if (latent && L.b_dec) v += to_float(L.b_dec[h * D + d]);
             x[e] = v;
           }
@@ -769,6 +772,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) sparse_decode_kernel(SparseDecodeParam
 #pragma unroll
           for (int e = 0; e < E; ++e) s_k[i * ldk + head_dim_of<D>(lane, half, e)] = x[e];
         }
+        __syncthreads();  // every K task has read its half of the product from s_v
 #pragma unroll
         for (int vt = 0; vt < VT; ++vt) {
           const int task = threadIdx.x + vt * NT, i = task / (D / 8), ci = c0 + i, d8 = (task % (D / 8)) * 8;

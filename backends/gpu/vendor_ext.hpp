@@ -48,6 +48,20 @@ struct mma16 {
     nvcuda::wmma::mma_sync(c, fa0, fb, c);
     nvcuda::wmma::mma_sync(other.c, fa1, fb, other.c);
   }
+  // 2 x 2 block: this += A0 B0, c01 += A0 B1, c10 += A1 B0, c11 += A1 B1; each fragment loaded once.
+  DELTAKV_GPU_D void mac_2x2(mma16& c01, mma16& c10, mma16& c11, const T* a0, const T* a1, int lda, const T* b0,
+                             const T* b1, int ldb) {
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major> fa0, fa1;
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::col_major> fb0, fb1;
+    nvcuda::wmma::load_matrix_sync(fa0, a0, lda);
+    nvcuda::wmma::load_matrix_sync(fa1, a1, lda);
+    nvcuda::wmma::load_matrix_sync(fb0, b0, ldb);
+    nvcuda::wmma::load_matrix_sync(fb1, b1, ldb);
+    nvcuda::wmma::mma_sync(c, fa0, fb0, c);
+    nvcuda::wmma::mma_sync(c01.c, fa0, fb1, c01.c);
+    nvcuda::wmma::mma_sync(c10.c, fa1, fb0, c10.c);
+    nvcuda::wmma::mma_sync(c11.c, fa1, fb1, c11.c);
+  }
   DELTAKV_GPU_D void add(const mma16& o) {  // same fragment layout: elementwise
     for (int i = 0; i < c.num_elements; ++i) c.x[i] += o.c.x[i];
   }
@@ -79,6 +93,13 @@ struct mma16 {  // lane-parallel fallback: each lane owns 256 / warp-size entrie
   }
   DELTAKV_GPU_D void add(const mma16& o) {
     for (int e = 0; e < kPer; ++e) c[e] += o.c[e];
+  }
+  DELTAKV_GPU_D void mac_2x2(mma16& c01, mma16& c10, mma16& c11, const T* a0, const T* a1, int lda, const T* b0,
+                             const T* b1, int ldb) {
+    mac(a0, lda, b0, ldb);
+    c01.mac(a0, lda, b1, ldb);
+    c10.mac(a1, lda, b0, ldb);
+    c11.mac(a1, lda, b1, ldb);
   }
   DELTAKV_GPU_D void store(float* out, int ldo) const {
     const int lane = threadIdx.x % kWarpSize;
