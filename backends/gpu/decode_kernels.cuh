@@ -714,7 +714,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) sparse_decode_kernel(SparseDecodeParam
         // bounds this phase). The second half's partial sums go to s_v (free until step 3), and step
         // 3 adds them.
         const int half_k = (DC / 16 / 2) * 16;
-        constexpr int pairs = D / 32, units = 2 * pairs;
+        constexpr int pairs = D / 16 / 2, units = 2 * pairs;  // pairs of 16-column tiles
         for (int u = warp; u < units; u += NW) {
           const int cp = u % pairs, kh = u / pairs;
           const int k0 = kh == 0 ? 0 : half_k, k1 = kh == 0 ? half_k : DC;
