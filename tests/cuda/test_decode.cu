@@ -22,16 +22,6 @@ using namespace dkt_cuda;
 namespace dec = deltakv::gpu::decode;
 using bf = deltakv::cuda::bf16;
 
-double rel_err(const std::vector<double>& got, const std::vector<double>& want) {
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < want.size(); ++i) {
-    if (!std::isfinite(got[i])) return INFINITY;
-    num += (got[i] - want[i]) * (got[i] - want[i]);
-    den += want[i] * want[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-300));
-}
-
 std::vector<double> f64(const std::vector<bf>& v) {
   std::vector<double> o(v.size());
   for (std::size_t i = 0; i < v.size(); ++i) o[i] = vendor::to_float(v[i]);
@@ -160,11 +150,11 @@ TEST_CASE("fused dense decode: attention, logits and lse against float64 RoPE at
       std::vector<double> wl, wlse;
       const auto want = naive_attend(s, q.d.data() + b * qd, rows, pos, theta, scale, &wl, &wlse);
       const std::vector<double> g(got.begin() + b * qd, got.begin() + (b + 1) * qd);
-      CHECK(rel_err(g, want) < 1e-2);  // bf16 output rounding (2^-9) dominates
+      CHECK(dkt::rel_l2(g, want) < 1e-2);  // bf16 output rounding (2^-9) dominates
       std::vector<double> gl;
       for (int h = 0; h < s.Hq; ++h)
         for (int t = 0; t < n[b]; ++t) gl.push_back(got_logits[(std::size_t(b) * s.Hq + h) * max_n + t]);
-      CHECK(rel_err(gl, wl) < 1e-5);
+      CHECK(dkt::rel_l2(gl, wl) < 1e-5);
       for (int h = 0; h < s.Hq; ++h) CHECK(std::abs(got_lse[b * s.Hq + h] - wlse[h]) < 1e-4);
     }
   }
@@ -382,7 +372,7 @@ void run_sparse_case(const Shape& s, int bits, const std::vector<std::int32_t>& 
     for (auto pp : attended[b]) rows.push_back(fx.x[b][pp]);
     const auto want = naive_attend(s, q.d.data() + b * qd, rows, attended[b], theta, scale);
     const std::vector<double> g(got.begin() + b * qd, got.begin() + (b + 1) * qd);
-    CHECK(rel_err(g, want) < 1e-2);
+    CHECK(dkt::rel_l2(g, want) < 1e-2);
   }
   (void)kvd;
 }
