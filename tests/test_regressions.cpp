@@ -208,3 +208,16 @@ TEST_CASE("regression: k_neighbors above kMaxNeighbors is refused by validate(),
   }
   CHECK(latents > 20);
 }
+
+// A copied cache would share the caller's storage and workspace with the original (the two would
+// overwrite each other's rows): copying does not compile; moving does.
+TEST_CASE("regression: CompressedCache cannot be copied, only moved") {
+  using Cache = Harness<double, FixedStride, LinearEncoder<double>, DensePolicy>::Cache;
+  static_assert(!std::is_copy_constructible_v<Cache>);
+  static_assert(!std::is_copy_assignable_v<Cache>);
+  static_assert(std::is_move_constructible_v<Cache>);
+  auto h = identity_harness<double>(identity_config({1, 2, 1, 8}, 2, 4, {1, 64, 4}), FixedStride(4), DensePolicy{});
+  Cache moved(std::move(*h.cache));
+  CHECK(moved.length(0, 0) == 0);
+  CHECK(moved.config().model.head_dim == 8);
+}

@@ -94,6 +94,13 @@ class CompressedCache {
     return l;
   }
 
+  // Not copyable: a copy would share the caller's storage and workspace with the original and the
+  // two would overwrite each other. (Moving is fine: the moved-from cache is not used again.)
+  CompressedCache(const CompressedCache&) = delete;
+  CompressedCache& operator=(const CompressedCache&) = delete;
+  CompressedCache(CompressedCache&&) = default;
+  CompressedCache& operator=(CompressedCache&&) = delete;
+
   // encoders/decoders: one per layer (entries of exact layers are not used; they may be empty maps).
   CompressedCache(Dev& dev, Config cfg, Sel sel, std::span<const Enc> encoders, std::span<const Dec> decoders,
                   Pol pol, std::span<std::byte> storage, std::span<std::byte> workspace)
