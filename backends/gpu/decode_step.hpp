@@ -192,6 +192,11 @@ void sparse_partials(const SparseDecodeParams<T>& p, vendor::stream_t stream) {
   detail::check_rope(p.rope, p.style, p.head_dim, 0, "sparse_decode");
   if (p.batch == 0) return;
   const std::size_t smem = sparse_smem(p.head_dim, p.n_q_heads, p.n_kv_heads, L.latent_dim, L.k);
+  const int smem_max = vendor::max_smem_per_block(vendor::current_device());
+  if (smem > std::size_t(smem_max))
+    throw CapacityError("sparse_decode: this shape needs " + std::to_string(smem) + " bytes of shared memory per block (W_k,h of " +
+                        "head_dim x latent_dim and the tiles); the device allows " + std::to_string(smem_max) +
+                        " (a smaller latent_dim fits; the cache's tiled attend() serves any shape)");
   constexpr int W = vendor::kWarpSize;
   detail::dispatch(p.head_dim, p.n_q_heads / p.n_kv_heads, [&](auto d, auto g) {
     auto kernel = sparse_decode_kernel<T, decltype(d)::value, decltype(g)::value, W, kSparseThreads>;

@@ -138,6 +138,12 @@ inline graph_exec_t capture_end(stream_t s) {
   return x;
 }
 inline void graph_launch(graph_exec_t x, stream_t s) { check(hipGraphLaunch(x, s), "hipGraphLaunch"); }
+// Largest dynamic shared memory one block may ask for on this device.
+inline int max_smem_per_block(int device) {
+  int v = 0;
+  check(hipDeviceGetAttribute(&v, hipDeviceAttributeMaxSharedMemoryPerBlock, device), "hipDeviceGetAttribute");
+  return v;
+}
 inline void graph_destroy(graph_exec_t x) noexcept { (void)hipGraphExecDestroy(x); }
 inline void memcpy_d2d_async(void* dst, const void* src, std::size_t bytes, stream_t s) {
   check(hipMemcpyAsync(dst, src, bytes, hipMemcpyDeviceToDevice, s), "hipMemcpyAsync");
@@ -168,6 +174,12 @@ inline graph_exec_t capture_end(stream_t s) {
   return x;
 }
 inline void graph_launch(graph_exec_t x, stream_t s) { check(cudaGraphLaunch(x, s), "cudaGraphLaunch"); }
+// Largest dynamic shared memory one block may opt in to on this device (227 KB on H100, 163 KB on A100).
+inline int max_smem_per_block(int device) {
+  int v = 0;
+  check(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "cudaDeviceGetAttribute");
+  return v;
+}
 inline void graph_destroy(graph_exec_t x) noexcept { (void)cudaGraphExecDestroy(x); }
 inline void memcpy_d2d_async(void* dst, const void* src, std::size_t bytes, stream_t s) {
   check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s), "cudaMemcpyAsync");

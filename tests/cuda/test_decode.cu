@@ -410,4 +410,19 @@ TEST_CASE("fused decode: unsupported shapes are refused with ConfigError") {
   sp.n_kv_heads = 1;
   sp.layer.latent_dim = 40;
   CHECK_THROWS_AS(dec::sparse_partials(sp, nullptr), ConfigError);
+  // a valid shape whose W_k,h and tiles do not fit in one block's shared memory (d_c 768: ~250 KB)
+  DBuf<bf> w(1);
+  DBuf<std::int32_t> codes(1);
+  sp.batch = 1;
+  sp.n_splits = 1;
+  sp.style = RopeStyle::none;
+  sp.layer = dec::CompressedLayerView<bf>{};
+  sp.layer.latent_dim = 768;
+  sp.layer.latent_bits = 4;
+  sp.layer.lat_ld = 384;
+  sp.layer.k = 4;
+  sp.layer.w_dec = w.p;
+  sp.layer.pos_code = codes.p;
+  CHECK(dec::sparse_smem(128, 4, 1, 768, 4) > std::size_t(vendor::max_smem_per_block(vendor::current_device())));
+  CHECK_THROWS_AS(dec::sparse_partials(sp, nullptr), CapacityError);
 }
