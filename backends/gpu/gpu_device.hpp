@@ -80,6 +80,12 @@ class GpuDevice {
   GpuDevice(const GpuDevice&) = delete;
   GpuDevice& operator=(const GpuDevice&) = delete;
 
+  // linear() on tensor cores (bf16/f16, >= 64 rows; linear_mma_kernel) instead of the CUDA-core
+  // tiled GEMM. Off by default until the kernel has been run on a GPU: it was written in a session
+  // without one (see docs/GPU.md); tests and the prefill benchmark turn it on.
+  void set_tensor_core_linear(bool on) { tensor_core_linear_ = on; }
+  bool tensor_core_linear() const { return tensor_core_linear_; }
+
   stream_t stream() const { return stream_; }
   int device() const { return device_; }
   void synchronize() { vendor::stream_sync(stream_); }
@@ -112,6 +118,15 @@ class GpuDevice {
   // output tiles alone would leave most of the GPU idle.
   void linear(const LinearParams<T>& p) {
     if (p.n <= 0 || p.out <= 0) return;
+    if constexpr (vendor::kTensorTiles && !std::is_same_v<T, float>) {
+      if (tensor_core_linear_ && gpu::linear_mma_eligible(p)) {  // 16-bit, >= 64 rows, 16-byte pieces
+        const std::int64_t gy = std::min<std::int64_t>((p.n + gpu::kMmaBM - 1) / gpu::kMmaBM, 65535);
+        const dim3 grid{unsigned((p.out + gpu::kMmaBN - 1) / gpu::kMmaBN), unsigned(gy), 1u};
+        gpu::linear_mma_kernel<T, kWarp><<<grid, gpu::kMmaThreads, 0, stream_>>>(p);
+        launched("linear (tensor cores)");
+        return;
+      }
+    }
     const std::int64_t gx = (p.out + gpu::kLinBN - 1) / gpu::kLinBN;
     const std::int64_t gy = std::min<std::int64_t>((p.n + gpu::kLinBM - 1) / gpu::kLinBM, 65535);
     std::int64_t splits = 1;
@@ -355,6 +370,7 @@ class GpuDevice {
 
   stream_t stream_ = nullptr;
   bool owns_stream_ = false;
+  bool tensor_core_linear_ = false;
   int device_ = 0;
   int sms_ = 1;
   unsigned char* scratch_ = nullptr;

@@ -16,6 +16,7 @@
 
 #include "deltakv/device.hpp"
 #include "vendor.hpp"
+#include "vendor_ext.hpp"
 
 namespace deltakv::gpu {
 
@@ -188,6 +189,106 @@ __global__ void linear_reduce_kernel(LinearParams<T> p, int splits, const float*
     for (int z = 0; z < splits; ++z) v += partial[std::int64_t(z) * total + t];
     if (p.b) v += to_float(p.b[o]);
     p.y[row * p.ldy + o] = from_float<T>(v);
+  }
+}
+
+// =============================================================================================
+// linear_mma_kernel: the same GEMM on tensor cores (16-bit T only; prefill's encode is almost all
+// of its time here). Block tile 128 x 128 outputs, K step 32, 8 warps of 64 x 32 (4 x 2 tiles of
+// 16 x 16). The next K step's 16-byte pieces are loaded into registers while the current one is
+// multiplied from shared memory (two buffers, one barrier per step). Requires in % 8 == 0,
+// ldx % 8 == 0 and 16-byte aligned x and w (linear_mma_eligible); edges are zero-filled.
+// =============================================================================================
+inline constexpr int kMmaBM = 128, kMmaBN = 128, kMmaBK = 32, kMmaThreads = 256;  // gpu-check: allow(K step, not lanes)
+inline constexpr int kMmaLd = kMmaBK + 8;  // 16-bit elements per shared row: 80 bytes, rows spread over banks
+
+template <class T>
+bool linear_mma_eligible(const LinearParams<T>& p) {
+  if constexpr (!vendor::kTensorTiles || std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    return false;
+  } else {
+    const auto aligned = [](const void* q) { return reinterpret_cast<std::uintptr_t>(q) % 16 == 0; };
+    return p.n >= 64 && p.in % 8 == 0 && p.ldx % 8 == 0 && aligned(p.x) && aligned(p.w);
+  }
+}
+
+template <class T, int W>
+__global__ void DELTAKV_LAUNCH_BOUNDS_MIN(kMmaThreads, 2) linear_mma_kernel(LinearParams<T> p) {
+  constexpr int BM = kMmaBM, BN = kMmaBN, BK = kMmaBK, LD = kMmaLd, NT = kMmaThreads;
+  constexpr int PIECES = BK / 8;                       // 16-byte pieces per tile row
+  constexpr int LOADS = BM * PIECES / NT;              // pieces per thread per operand
+  static_assert(BM == BN && LOADS * NT == BM * PIECES && NT / W == 8, "linear_mma_kernel: 8 warps");
+  __shared__ __align__(32) T as[2][BM * LD];  // gpu-check: allow(tile loads need 32-byte alignment)
+  __shared__ __align__(32) T bs[2][BN * LD];  // gpu-check: allow(tile loads need 32-byte alignment)
+  const int warp = threadIdx.x / W, lane = threadIdx.x % W;
+  constexpr int WTM = BM / 2, WTN = BN / 4;              // warp tile: 2 x 4 warps
+  const int wm = (warp / 4) * WTM, wn = (warp % 4) * WTN;  // the warp's corner of the tile
+  static_assert(WTM == 4 * 16 && WTN == 2 * 16, "each warp holds 4 x 2 accumulator tiles");
+  const int n0 = blockIdx.x * BN;
+  const int ksteps = (p.in + BK - 1) / BK;
+  for (std::int64_t m0 = std::int64_t(blockIdx.y) * BM; m0 < p.n; m0 += std::int64_t(gridDim.y) * BM) {
+    uint4 ra[LOADS], rb[LOADS];
+    auto load = [&](int k0) {
+#pragma unroll
+      for (int j = 0; j < LOADS; ++j) {
+        const int task = threadIdx.x + j * NT, r = task / PIECES, c = k0 + (task % PIECES) * 8;
+        const std::int64_t row = m0 + r;
+        const int o = n0 + r;
+        ra[j] = (row < p.n && c < p.in) ? *reinterpret_cast<const uint4*>(p.x + row * p.ldx + c) : make_uint4(0u, 0u, 0u, 0u);
+        rb[j] = (o < p.out && c < p.in) ? *reinterpret_cast<const uint4*>(p.w + std::int64_t(o) * p.in + c)
+                                        : make_uint4(0u, 0u, 0u, 0u);
+      }
+    };
+    auto stash = [&](int buf) {
+#pragma unroll
+      for (int j = 0; j < LOADS; ++j) {
+        const int task = threadIdx.x + j * NT, r = task / PIECES, c = (task % PIECES) * 8;
+        *reinterpret_cast<uint4*>(&as[buf][r * LD + c]) = ra[j];
+        *reinterpret_cast<uint4*>(&bs[buf][r * LD + c]) = rb[j];
+      }
+    };
+    vendor::mma16<T> acc[4][2];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) acc[i][j].zero();
+    __syncthreads();  // the previous row block's epilogue is done with as[0]
+    load(0);
+    stash(0);
+    __syncthreads();
+    for (int ks = 0; ks < ksteps; ++ks) {
+      const int buf = ks & 1;
+      if (ks + 1 < ksteps) load((ks + 1) * BK);  // in flight during this step's products
+#pragma unroll
+      for (int kk = 0; kk < BK; kk += 16) {
+#pragma unroll
+        for (int i = 0; i < 4; i += 2)
+          acc[i][0].mac_2x2(acc[i][1], acc[i + 1][0], acc[i + 1][1], &as[buf][(wm + i * 16) * LD + kk],
+                            &as[buf][(wm + i * 16 + 16) * LD + kk], LD, &bs[buf][wn * LD + kk], &bs[buf][(wn + 16) * LD + kk],
+                            LD);
+      }
+      if (ks + 1 < ksteps) stash(buf ^ 1);
+      __syncthreads();
+    }
+    // epilogue: each warp stages one 16 x 16 tile at a time in its own 1 KiB of as[0]
+    float* stage = reinterpret_cast<float*>(&as[0][0]) + warp * 256;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        acc[i][j].store(stage, 16);
+        vendor::warp_sync();
+        for (int e = lane; e < 256; e += W) {
+          const std::int64_t row = m0 + wm + i * 16 + e / 16;
+          const int o = n0 + wn + j * 16 + e % 16;
+          if (row < p.n && o < p.out) {
+            float v = stage[e];
+            if (p.b) v += to_float(p.b[o]);
+            p.y[row * p.ldy + o] = from_float<T>(v);
+          }
+        }
+        vendor::warp_sync();
+      }
   }
 }
 

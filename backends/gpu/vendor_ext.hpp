@@ -24,6 +24,16 @@
 
 namespace deltakv::gpu::vendor {
 
+// Whether mma16 runs on tensor cores (CUDA) or is the per-lane fallback (HIP): callers choose a
+// tiled tensor-core kernel only where it is one.
+#if defined(__CUDACC__) && !defined(__HIPCC__)
+inline constexpr bool kTensorTiles = true;
+DELTAKV_GPU_D void warp_sync() { __syncwarp(); }  // lanes of a warp exchange through shared memory
+#else
+inline constexpr bool kTensorTiles = false;
+DELTAKV_GPU_D void warp_sync() { __builtin_amdgcn_wave_barrier(); }
+#endif
+
 #if defined(__CUDACC__) && !defined(__HIPCC__)
 template <class T>
 struct mma16 {

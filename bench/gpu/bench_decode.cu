@@ -11,7 +11,9 @@
 // K and V slices, every selected latent (codes, scale/min, reference ids), each distinct
 // reference row once, the decoder weights, q and the outputs.
 //
-// usage: bench_decode [--quick]   (--quick: small contexts, for a smoke run)
+// usage: bench_decode [--quick | --prefill | --only MODEL CTX BATCH]
+//   --quick: small contexts (smoke run); --prefill: the prefill compression rows only;
+//   --only: one decode configuration, no prefill (profiling)
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -24,6 +26,8 @@
 #include <vector>
 
 #include "decode_step.hpp"
+#include "deltakv/cache.hpp"
+#include "gpu_device.hpp"
 #include "vendor.hpp"
 #include "vendor_ext.hpp"
 
@@ -314,10 +318,128 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
   return r;
 }
 
+// ---- prefill compression ---------------------------------------------------------------------
+// One compressed layer of the model shape, one sequence: N tokens appended in chunks of `chunk`
+// through the cache (FixedStride 10, k = 4, SwiGLU f_c with hidden 3072, d_c = kv_dim / 4, int4
+// latents, blocks of 1024 tokens compressed as they leave the 128-token window), timed end to end
+// (host planning and uploads included). Tensor-core work per latent token: f_c on x and on its
+// reference mean (two SwiGLU encodes) and the L2 search over every visible reference; the floor is
+// that count at the GEMM rate measured in the same run (run_bench.py: torch bf16 matmul). Also
+// the encode and the search alone, to say where the time goes.
+struct PrefillResult {
+  double ms = 0, tokens = 0, latents = 0, flops = 0, encode_tflops = 0, search_tflops = 0, encode_share = 0;
+};
+
+PrefillResult run_prefill(const Model& m, std::int64_t N, std::int64_t chunk, bool tensor_cores, vendor::stream_t s) {
+  using namespace deltakv;
+  using GDev = gpu::GpuDevice<bf>;
+  const int kvd = 2 * m.hkv * m.d, dc = kvd / 4, hidden = 3072, block = 1024;
+  Config cfg;
+  cfg.model = {1, m.hq, m.hkv, m.d};
+  cfg.comp.sinks = 8;
+  cfg.comp.recent = 128;
+  cfg.comp.block = block;
+  cfg.comp.k_neighbors = 4;
+  cfg.comp.latent_dim = dc;
+  cfg.comp.latent_bits = 4;
+  cfg.cap = {1, N, int(chunk)};
+  const FixedStride sel(10);
+  const DensePolicy pol{};
+  GDev dev(s, 0);
+  dev.set_tensor_core_linear(tensor_cores);
+  GDev* devp = &dev;
+  const auto fill = [&](bf* p, std::size_t n, std::uint32_t seed, float amp) {
+    fill_bf16<<<1024, 256, 0, s>>>(p, n, seed, amp);
+  };
+  Dev w12(std::size_t(2) * hidden * kvd * 2), w3(std::size_t(dc) * hidden * 2), wd(std::size_t(kvd) * dc * 2);
+  fill(w12.as<bf>(), std::size_t(2) * hidden * kvd, 11, std::sqrt(3.f / kvd));
+  fill(w3.as<bf>(), std::size_t(dc) * hidden, 12, std::sqrt(3.f / hidden));
+  fill(wd.as<bf>(), std::size_t(kvd) * dc, 13, std::sqrt(3.f / dc));
+  const SwiGLUEncoder<bf> enc{{w12.as<bf>(), nullptr, kvd, 2 * hidden}, {w3.as<bf>(), nullptr, hidden, dc}};
+  const LinearDecoder<bf> decd{{wd.as<bf>(), nullptr, dc, kvd}};
+  using Cache = CompressedCache<bf, GDev, FixedStride, SwiGLUEncoder<bf>, LinearDecoder<bf>, DensePolicy>;
+  const auto lay = Cache::layout(cfg, sel, pol, enc.scratch_elems(cfg.block()));
+  Dev storage(lay.storage_bytes), workspace(lay.workspace_bytes), x(std::size_t(N) * kvd * 2);
+  fill(x.as<bf>(), std::size_t(N) * kvd, 21, 1.f);
+  devp->reserve_scratch(devp->scratch_bytes_for(0, block, 4));
+  Cache cache(*devp, cfg, sel, std::span<const SwiGLUEncoder<bf>>(&enc, 1), std::span<const LinearDecoder<bf>>(&decd, 1), pol,
+              std::span<std::byte>(static_cast<std::byte*>(storage.p), lay.storage_bytes),
+              std::span<std::byte>(static_cast<std::byte*>(workspace.p), lay.workspace_bytes));
+  std::vector<std::int64_t> pos(static_cast<std::size_t>(chunk));
+  const std::int32_t sid[1] = {0};
+  auto prefill = [&] {
+    cache.reset(0);
+    for (std::int64_t t0 = 0; t0 < N; t0 += chunk) {
+      const std::int64_t c = std::min(chunk, N - t0);
+      for (std::int64_t i = 0; i < c; ++i) pos[std::size_t(i)] = t0 + i;
+      const std::int32_t ip[2] = {0, std::int32_t(c)};
+      cache.append(0, RaggedBatch<const bf>{MatrixView<const bf>{x.as<bf>() + t0 * kvd, c, kvd, kvd}, sid, ip,
+                                            std::span<const std::int64_t>(pos.data(), std::size_t(c))});
+    }
+  };
+  PrefillResult r;
+  r.tokens = double(N);
+  prefill();  // warm-up (first launches, scratch)
+  vendor::stream_sync(s);
+  auto e0 = vendor::event_create(), e1 = vendor::event_create();
+  vendor::event_record(e0, s);
+  prefill();
+  vendor::event_record(e1, s);
+  r.ms = vendor::event_ms(e0, e1);
+  const auto counts = cache.counts();
+  r.latents = double(counts.latents);
+  // tensor-core work: per latent token two encodes + its search over the references before it
+  const double enc_flops = 2.0 * (double(kvd) * 2 * hidden + double(hidden) * dc);
+  double search = 0;
+  {
+    std::int64_t refs = 0;
+    for (std::int64_t p = 0; p < N - cfg.comp.recent; ++p) {  // FixedStride(10): references at 8, 18, 28, ...
+      if (p < cfg.comp.sinks) continue;
+      if ((p - cfg.comp.sinks) % 10 == 0) { ++refs; continue; }
+      search += 2.0 * kvd * double(refs);
+    }
+  }
+  r.flops = r.latents * 2 * enc_flops + search;
+  // the encode alone: 4096 rows, 10 times
+  {
+    const std::int64_t n = 4096;
+    Dev xz(std::size_t(n) * dc * 2), scratch(std::size_t(enc.scratch_elems(n)) * 2);
+    enc.encode(*devp, MatrixView<const bf>{x.as<bf>(), n, kvd, kvd}, MatrixView<bf>{xz.as<bf>(), n, dc, dc}, scratch.as<bf>());
+    vendor::event_record(e0, s);
+    for (int i = 0; i < 10; ++i)
+      enc.encode(*devp, MatrixView<const bf>{x.as<bf>(), n, kvd, kvd}, MatrixView<bf>{xz.as<bf>(), n, dc, dc}, scratch.as<bf>());
+    vendor::event_record(e1, s);
+    const double ms = vendor::event_ms(e0, e1) / 10;
+    r.encode_tflops = double(n) * enc_flops / (ms * 1e-3) / 1e12;
+    r.encode_share = (r.latents * 2 * enc_flops / (r.encode_tflops * 1e12)) * 1e3 / r.ms;
+  }
+  // the search alone: one block's latents (~920) against N / 10 references, all visible
+  {
+    const std::int64_t n = block - block / 10, mref = N / 10;
+    Dev ids(std::size_t(n) * 4 * 4), vis(std::size_t(n) * 4);
+    std::vector<std::int32_t> hv(static_cast<std::size_t>(n), std::int32_t(mref));
+    vendor::memcpy_async(vis.p, hv.data(), hv.size() * 4, s);
+    vendor::stream_sync(s);
+    devp->reserve_scratch(devp->scratch_bytes_for(0, n, 4));
+    const RefSearchParams<bf> rp{x.as<bf>(), kvd, n, x.as<bf>() + std::int64_t(block) * kvd, kvd, mref, vis.as<std::int32_t>(),
+                                 kvd, 4, Metric::l2, ids.as<std::int32_t>()};
+    devp->ref_search(rp);
+    vendor::event_record(e0, s);
+    for (int i = 0; i < 5; ++i) devp->ref_search(rp);
+    vendor::event_record(e1, s);
+    const double ms = vendor::event_ms(e0, e1) / 5;
+    r.search_tflops = 2.0 * kvd * double(n) * double(mref) / (ms * 1e-3) / 1e12;
+  }
+  vendor::event_destroy(e0);
+  vendor::event_destroy(e1);
+  return r;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  const bool prefill_only = argc > 1 && std::strcmp(argv[1], "--prefill") == 0;
   if (vendor::device_count() <= 0) {
     std::printf("{\"skipped\": \"no GPU\"}\n");
     return 0;
@@ -338,6 +460,19 @@ int main(int argc, char** argv) {
     ctxs = {std::atoll(argv[3])};
     batches = {std::atoi(argv[4])};
   }
+  if (argc <= 4 || std::strcmp(argv[1], "--only") != 0)
+    for (const Model& m : models) {
+      const std::int64_t N = quick ? 8192 : 32768;
+      for (const bool tc : {false, true}) {
+      const PrefillResult r = run_prefill(m, N, 4096, tc, s);
+      std::printf("{\"prefill\": \"%s\", \"gemm\": \"%s\", \"tokens\": %.0f, \"latents\": %.0f, \"ms\": %.4f, \"flops\": %.6e, "
+                  "\"encode_tflops\": %.2f, \"search_tflops\": %.2f, \"encode_share\": %.3f}\n",
+                  m.name, tc ? "tensor cores" : "CUDA cores", r.tokens, r.latents, r.ms, r.flops, r.encode_tflops,
+                  r.search_tflops, r.encode_share);
+      std::fflush(stdout);
+      }
+    }
+  if (prefill_only) m_end = m_begin;
   for (std::size_t mi = m_begin; mi < m_end; ++mi)
     for (auto N : ctxs)
       for (int B : batches) {

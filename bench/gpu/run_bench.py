@@ -3,7 +3,10 @@
 layer through torch's scaled_dot_product_attention over bf16 KV, then runs our benchmark program
 (bench_decode: our dense kernel and DeltaKV + OmniKV) in the same run, and prints one table.
 
-usage: run_bench.py BENCH_DECODE_BINARY [--quick] [--json OUT.json]
+usage: run_bench.py BENCH_DECODE_BINARY [--quick | --prefill] [--json OUT.json]
+
+It also prints the prefill compression table (bench_decode's "prefill" rows) against a tensor-core
+floor: the same work at torch's bf16 GEMM rate, measured here.
 
 The SDPA step is one layer's call timed inside a CUDA graph over `layers` calls that cycle through
 distinct KV buffers (all layers' bf16 KV does not fit in 80 GB at 128K x 8), so every call reads
@@ -69,20 +72,58 @@ def copy_bw():
     return 2 * a.numel() * 10 / (e0.elapsed_time(e1) * 1e-3)
 
 
+def matmul_tflops(n=8192):
+    """bf16 GEMM rate of torch (cuBLAS) on this device: the tensor-core rate the prefill floor uses."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(20):
+        a @ b
+    e1.record()
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * 20 / (e0.elapsed_time(e1) * 1e-3) / 1e12
+
+
+def prefill_table(rows, peak):
+    print(f"\nprefill compression, one compressed layer, one sequence (FixedStride 10, k 4, SwiGLU f_c hidden 3072, "
+          f"d_c = kv_dim/4, int4); tensor-core floor = the work at torch's bf16 GEMM rate in this run, {peak:.0f} TFLOP/s")
+    print("| model | encode GEMMs on | tokens | ms | tokens/s per layer | floor tokens/s | % of floor | TFLOP/s achieved | "
+          "our encode GEMMs TFLOP/s | our ref search TFLOP/s | encode share of time |")
+    print("|" + "---|" * 11)
+    out = []
+    for r in rows:
+        floor_ms = r["flops"] / (peak * 1e12) * 1e3
+        r["tokens_per_s"] = r["tokens"] / (r["ms"] * 1e-3)
+        r["floor_tokens_per_s"] = r["tokens"] / (floor_ms * 1e-3)
+        r["floor_pct"] = 100 * floor_ms / r["ms"]
+        out.append(r)
+        print(f"| {r['prefill']} | {r['gemm']} | {r['tokens']:.0f} | {r['ms']:.1f} | {r['tokens_per_s']:.3g} | {r['floor_tokens_per_s']:.3g} | "
+              f"{r['floor_pct']:.1f}% | {r['flops'] / (r['ms'] * 1e-3) / 1e12:.1f} | {r['encode_tflops']:.1f} | "
+              f"{r['search_tflops']:.1f} | {100 * r['encode_share']:.0f}% |")
+    return out
+
+
 def main():
     binary = sys.argv[1]
     quick = "--quick" in sys.argv
+    prefill_only = "--prefill" in sys.argv
     json_out = sys.argv[sys.argv.index("--json") + 1] if "--json" in sys.argv else None
     dev = torch.cuda.get_device_name()
     ctxs = [4096] if quick else [32768, 131072]
     peer = {}
     tbw = copy_bw()
-    for name, (layers, hq, hkv, d) in MODELS.items():
+    peak = matmul_tflops()
+    for name, (layers, hq, hkv, d) in MODELS.items() if not prefill_only else []:
         for n in ctxs:
             for b in (1, 8):
                 peer[(name, n, b)] = sdpa_step_ms(layers, hq, hkv, d, n, b)
                 print(f"# sdpa {name} ctx {n} batch {b}: {peer[(name, n, b)]:.3f} ms/step", flush=True)
-    proc = subprocess.run([binary] + (["--quick"] if quick else []), capture_output=True, text=True)
+    proc = subprocess.run([binary] + (["--quick"] if quick else []) + (["--prefill"] if prefill_only else []),
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         print(proc.stdout, proc.stderr)
         sys.exit(proc.returncode)
@@ -113,9 +154,11 @@ def main():
               f"{r['speedup_vs_sdpa']:.2f}x | {100 * r['resident_ratio']:.1f}% | {r['dense_bytes'] / 1e9:.2f} / {r['deltakv_bytes'] / 1e9:.2f} | "
               f"{r['deltakv_bytes'] / (r['deltakv_ms'] * 1e-3) / 1e12:.2f} | {r['deltakv_floor_pct']:.0f}% | {r['dense_floor_pct']:.0f}% | "
               f"{r['full_layer_ms']:.3f} | {r['sparse_layer_ms']:.3f} | {r['select_ms']:.3f} |")
+    pre = prefill_table([r for r in rows if "prefill" in r], peak)
     if json_out:
         with open(json_out, "w") as f:
-            json.dump({"device": dev, "copy_bw": bw, "torch_copy_bw": tbw, "rows": results}, f, indent=1)
+            json.dump({"device": dev, "copy_bw": bw, "torch_copy_bw": tbw, "gemm_tflops": peak, "rows": results,
+                       "prefill": pre}, f, indent=1)
 
 
 if __name__ == "__main__":

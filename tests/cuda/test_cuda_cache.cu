@@ -137,58 +137,69 @@ TEST_CASE("cuda end to end: Quest cache equals the CPU cache (GQA 4 over 2, d 64
 }
 
 // bf16 storage (f32 arithmetic) against the f32 CPU cache on bf16-exact data and weights: the
-// reference ids agree exactly; latents and outputs differ by bf16 rounding.
+// reference ids agree exactly; latents and outputs differ by bf16 rounding. Run twice: with the
+// CUDA-core GEMM, and with linear() on tensor cores (blocks of 128 tokens, so that the encoder's
+// and the decoder's GEMMs have >= 64 rows and take that path).
 TEST_CASE("cuda end to end: a bf16 cache tracks the f32 CPU cache (int8 latents)") {
   DKT_REQUIRE_CUDA();
-  using B = cuda::bf16;
-  Config cfg;
-  cfg.model = {2, 4, 2, 64};
-  cfg.comp.sinks = 4;
-  cfg.comp.recent = 32;
-  cfg.comp.k_neighbors = 2;
-  cfg.comp.latent_dim = 64;
-  cfg.comp.latent_bits = 8;
-  cfg.cap = {1, 500, 4};
-  const int D = cfg.model.kv_dim(), qd = 4 * 64;
-  auto codec = grid_codec(2, D, 64, 31);
-  Harness<float, FixedStride, LinearEncoder<float>, DensePolicy> cpu(cfg, FixedStride(6), codec, DensePolicy{});
-  GpuHarness<B, DensePolicy> gpu(cfg, FixedStride(6), codec, DensePolicy{});
-  const std::int64_t n = 450;
-  auto x = grid_values(static_cast<std::size_t>(n * D), 8, -8, 8, 4.f);  // exact in bf16
-  DBuf<B> dx(to_bf16(x));
-  for (int l = 0; l < 2; ++l)
-    for (std::int64_t done = 0; done < n;) {
-      const std::int64_t c = std::min<std::int64_t>(n - done, 1 + (done * 7) % 61);
-      cpu.append(l, 0, x, done, c);
-      append_rows(*gpu.cache, l, 0, dx.p + done * D, c, D);
-      done += c;
+  for (const bool tensor_cores : {false, true}) {
+    CAPTURE(tensor_cores);
+    if (tensor_cores && !deltakv::gpu::vendor::kTensorTiles) {
+      MESSAGE("tensor-core linear: skipped (this build's tile product is the HIP per-lane fallback)");
+      continue;
     }
-  for (int l = 0; l < 2; ++l) {
-    std::vector<std::int64_t> pos(static_cast<std::size_t>(n));
-    std::iota(pos.begin(), pos.end(), 0);
-    DBuf<B> dout(static_cast<std::size_t>(n * D));
-    dout.poison();
-    gpu.cache->reconstruct(l, 0, pos, MatrixView<B>{dout.p, n, D, D}, true);
-    gpu.dev.synchronize();
-    const double e = rel_l2(to_f32(dout.get()), cpu.reconstruct(l, 0, true));
-    MESSAGE("bf16 reconstruct layer " << l << ": rel L2 " << e);
-    CHECK(e < 2e-2);
-    for (std::int64_t p : {50, 200, 400}) {
-      std::int64_t a[2] = {-1, -1}, b[2] = {-1, -1};
-      CHECK(cpu.cache->references_of(l, 0, p, a) == gpu.cache->references_of(l, 0, p, b));
-      CHECK((a[0] == b[0] && a[1] == b[1]));
+    using B = cuda::bf16;
+    Config cfg;
+    cfg.model = {2, 4, 2, 64};
+    cfg.comp.sinks = 4;
+    cfg.comp.recent = 32;
+    cfg.comp.k_neighbors = 2;
+    cfg.comp.latent_dim = 64;
+    cfg.comp.latent_bits = 8;
+    cfg.cap = {1, 500, 4};
+    if (tensor_cores) cfg.comp.block = 128;
+    const int D = cfg.model.kv_dim(), qd = 4 * 64;
+    auto codec = grid_codec(2, D, 64, 31);
+    Harness<float, FixedStride, LinearEncoder<float>, DensePolicy> cpu(cfg, FixedStride(6), codec, DensePolicy{});
+    GpuHarness<B, DensePolicy> gpu(cfg, FixedStride(6), codec, DensePolicy{});
+    gpu.dev.set_tensor_core_linear(tensor_cores);
+    const std::int64_t n = 450;
+    auto x = grid_values(static_cast<std::size_t>(n * D), 8, -8, 8, 4.f);  // exact in bf16
+    DBuf<B> dx(to_bf16(x));
+    for (int l = 0; l < 2; ++l)
+      for (std::int64_t done = 0; done < n;) {
+        const std::int64_t c = std::min<std::int64_t>(n - done, 1 + (done * 7) % 61);
+        cpu.append(l, 0, x, done, c);
+        append_rows(*gpu.cache, l, 0, dx.p + done * D, c, D);
+        done += c;
+      }
+    for (int l = 0; l < 2; ++l) {
+      std::vector<std::int64_t> pos(static_cast<std::size_t>(n));
+      std::iota(pos.begin(), pos.end(), 0);
+      DBuf<B> dout(static_cast<std::size_t>(n * D));
+      dout.poison();
+      gpu.cache->reconstruct(l, 0, pos, MatrixView<B>{dout.p, n, D, D}, true);
+      gpu.dev.synchronize();
+      const double e = rel_l2(to_f32(dout.get()), cpu.reconstruct(l, 0, true));
+      MESSAGE("bf16 reconstruct layer " << l << ": rel L2 " << e);
+      CHECK(e < 2e-2);
+      for (std::int64_t p : {50, 200, 400}) {
+        std::int64_t a[2] = {-1, -1}, b[2] = {-1, -1};
+        CHECK(cpu.cache->references_of(l, 0, p, a) == gpu.cache->references_of(l, 0, p, b));
+        CHECK((a[0] == b[0] && a[1] == b[1]));
+      }
+      // moderate logits: attention amplifies the keys' bf16 rounding through exp
+      auto q = round_bf16(randn<float>(static_cast<std::size_t>(2 * qd), 5, 0.25));
+      std::vector<std::int64_t> qpos{420, 449};
+      DBuf<B> dq(to_bf16(q)), dres(static_cast<std::size_t>(2 * qd));
+      dres.poison();
+      const std::int32_t sid[1] = {0};
+      const std::int32_t ip[2] = {0, 2};
+      gpu.cache->attend(l, RaggedBatch<const B>{MatrixView<const B>{dq.p, 2, qd, qd}, sid, ip, qpos}, MatrixView<B>{dres.p, 2, qd, qd});
+      gpu.dev.synchronize();
+      const double ea = rel_l2(to_f32(dres.get()), cpu.attend(l, 0, q, qpos));
+      MESSAGE("bf16 attend layer " << l << ": rel L2 " << ea);
+      CHECK(ea < 3e-2);
     }
-    // moderate logits: attention amplifies the keys' bf16 rounding through exp
-    auto q = round_bf16(randn<float>(static_cast<std::size_t>(2 * qd), 5, 0.25));
-    std::vector<std::int64_t> qpos{420, 449};
-    DBuf<B> dq(to_bf16(q)), dres(static_cast<std::size_t>(2 * qd));
-    dres.poison();
-    const std::int32_t sid[1] = {0};
-    const std::int32_t ip[2] = {0, 2};
-    gpu.cache->attend(l, RaggedBatch<const B>{MatrixView<const B>{dq.p, 2, qd, qd}, sid, ip, qpos}, MatrixView<B>{dres.p, 2, qd, qd});
-    gpu.dev.synchronize();
-    const double ea = rel_l2(to_f32(dres.get()), cpu.attend(l, 0, q, qpos));
-    MESSAGE("bf16 attend layer " << l << ": rel L2 " << ea);
-    CHECK(ea < 3e-2);
   }
 }

@@ -53,6 +53,51 @@ TEST_CASE("cuda linear matches the CPU GEMM") {
   }
 }
 
+TEST_CASE("cuda bf16 linear on tensor cores matches a float64 GEMM (edges, bias, strides)") {
+  // >= 64 rows, in % 8 == 0, ldx % 8 == 0: the tensor-core kernel (linear_mma_eligible). Inputs
+  // are bf16 values, so the float64 product of the same values is the exact answer; the kernel
+  // accumulates in f32 and rounds once to bf16 (relative 2^-9 per element): bound 4e-3.
+  DKT_REQUIRE_CUDA();
+  if (!gpu::vendor::kTensorTiles) {
+    MESSAGE("skipped: this build's tile product is the per-lane fallback (HIP), not tensor cores");
+    return;
+  }
+  using B = cuda::bf16;
+  cuda::CudaDevice<B> dev;
+  dev.set_tensor_core_linear(true);
+  struct S {
+    std::int64_t n;
+    int in, out;
+    bool bias;
+    int padx, pady;
+  };
+  std::uint32_t seed = 1500;
+  for (S s : {S{64, 8, 1, false, 0, 0}, S{77, 200, 130, true, 8, 3}, S{300, 2048, 512, true, 0, 0},
+              S{1000, 3072, 200, false, 0, 0}, S{257, 2048, 640, true, 16, 0}}) {
+    const std::int64_t ldx = s.in + s.padx, ldy = s.out + s.pady;
+    auto x = round_bf16(randn<float>(std::size_t(s.n * ldx), ++seed));
+    auto w = round_bf16(randn<float>(std::size_t(s.out) * s.in, ++seed, 1.0 / std::sqrt(double(s.in))));
+    auto b = round_bf16(randn<float>(std::size_t(s.out), ++seed));
+    DBuf<B> dx(to_bf16(x)), dw(to_bf16(w)), db(to_bf16(b)), dy(std::size_t(s.n * ldy));
+    dy.poison();
+    const LinearParams<B> lp{dx.p, ldx, dy.p, ldy, s.n, dw.p, s.bias ? db.p : nullptr, s.in, s.out};
+    REQUIRE(gpu::linear_mma_eligible(lp));
+    dev.linear(lp);
+    std::vector<float> want(std::size_t(s.n) * s.out);
+    for (std::int64_t r = 0; r < s.n; ++r)
+      for (int o = 0; o < s.out; ++o) {
+        double a = s.bias ? double(b[std::size_t(o)]) : 0.0;
+        for (int i = 0; i < s.in; ++i) a += double(x[std::size_t(r * ldx + i)]) * double(w[std::size_t(o) * s.in + i]);
+        want[std::size_t(r * s.out + o)] = float(a);
+      }
+    const auto got = dy.get();
+    const double e = rel_l2(pack(to_f32(got), s.n, s.out, ldy), want);
+    MESSAGE("tensor-core linear n=" << s.n << " in=" << s.in << " out=" << s.out << ": rel L2 " << e);
+    CHECK(e < 4e-3);
+    CHECK(padding_untouched(got, s.n, s.out, ldy));
+  }
+}
+
 TEST_CASE("cuda swiglu and axpy_rows match the CPU") {
   DKT_REQUIRE_CUDA();
   cuda::CudaDevice<float> dev;
