@@ -4,8 +4,15 @@
 #include <doctest/doctest.h>
 
 #include <cstdint>
+#include <fstream>
 #include <limits>
+#include <string>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/resource.h>
+#include <unistd.h>
+#endif
 
 #include "support.hpp"
 
@@ -220,4 +227,101 @@ TEST_CASE("regression: CompressedCache cannot be copied, only moved") {
   Cache moved(std::move(*h.cache));
   CHECK(moved.length(0, 0) == 0);
   CHECK(moved.config().model.head_dim == 8);
+}
+
+// While alive, caps this process's address space at its current size plus `headroom` bytes, so a
+// call that tries to allocate gigabytes fails with std::bad_alloc (a test failure) instead of
+// taking the machine's memory. Does nothing under AddressSanitizer/ThreadSanitizer (they reserve
+// terabytes of shadow memory) or outside Linux.
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define DKT_NO_ADDRESS_SPACE_CAP 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__) || !defined(__linux__)
+#define DKT_NO_ADDRESS_SPACE_CAP 1
+#endif
+struct AddressSpaceCap {
+#ifndef DKT_NO_ADDRESS_SPACE_CAP
+  rlimit old{};
+  bool set = false;
+  explicit AddressSpaceCap(std::size_t headroom) {
+    std::ifstream statm("/proc/self/statm");
+    std::size_t pages = 0;
+    if (!(statm >> pages) || getrlimit(RLIMIT_AS, &old) != 0) return;
+    rlimit cap = old;
+    const std::size_t want = pages * std::size_t(sysconf(_SC_PAGESIZE)) + headroom;
+    if (old.rlim_cur != RLIM_INFINITY && old.rlim_cur <= want) return;  // already tighter
+    cap.rlim_cur = want;
+    set = setrlimit(RLIMIT_AS, &cap) == 0;
+  }
+  ~AddressSpaceCap() {
+    if (set) setrlimit(RLIMIT_AS, &old);
+  }
+#else
+  explicit AddressSpaceCap(std::size_t) {}
+#endif
+  AddressSpaceCap(const AddressSpaceCap&) = delete;
+  AddressSpaceCap& operator=(const AddressSpaceCap&) = delete;
+};
+
+// Review of layout() and the constructor. Both built the host position tables (class, row and
+// reference count per position: 9 bytes per token, plus the reference positions) for max_tokens
+// positions before any size check: validate() accepts max_tokens up to 2^31 - 1, so layout() of
+// such a config tried to allocate about 18 GB of host memory (bad_alloc, or the OOM killer) and,
+// where that succeeded, returned a layout instead of an error; a config whose byte counts overflow
+// size_t built gigabytes of tables before the overflow was refused; and the constructor did the
+// same before looking at the caller's buffers. Now: max_tokens above kMaxCacheTokens (2^29 - 1,
+// what the int32 (row << 2) | class position codes of the GPU path can address) is a ConfigError,
+// every byte count the Config alone decides (the workspace, a lower bound of the storage) is
+// checked first, and the constructor refuses short buffers before building any table.
+TEST_CASE("regression: an absurd max_tokens is a typed error before any O(max_tokens) allocation") {
+  using C = CompressedCache<float, cpu::CpuDevice<float>, FixedStride, LinearEncoder<float>, LinearDecoder<float>,
+                            DensePolicy>;
+  const AddressSpaceCap cap(std::size_t(1) << 30);  // 1 GiB more than now: the old tables took 4.5 to 18 GB
+  const auto codec = Compressor<float>::identity(1, 8);
+  const auto enc = codec.linear_encoders();
+  const auto dec = codec.decoders();
+  cpu::CpuDevice<float> dev;
+  auto construct = [&](const Config& c, std::span<std::byte> storage, std::span<std::byte> workspace) {
+    C cache(dev, c, FixedStride(3), std::span<const LinearEncoder<float>>(enc),
+            std::span<const LinearDecoder<float>>(dec), DensePolicy{}, storage, workspace);
+  };
+
+  // max_tokens that validate() accepts but no cache can hold: layout() and the constructor say so
+  Config big = identity_config({1, 2, 1, 4}, 2, 4, {1, 0, 1});
+  for (const std::int64_t n : {(std::int64_t{1} << 31) - 1, std::int64_t{1} << 30, kMaxCacheTokens + 1}) {
+    CAPTURE(n);
+    big.cap.max_tokens = n;
+    validate(big);
+    try {
+      (void)C::layout(big, FixedStride(3), DensePolicy{}, 0);
+      FAIL("layout() accepted max_tokens ", n);
+    } catch (const ConfigError& e) {
+      CHECK(std::string(e.what()).find("max_tokens") != std::string::npos);
+    }
+    CHECK_THROWS_AS(construct(big, {}, {}), ConfigError);
+  }
+  static_assert(kMaxCacheTokens < (std::int64_t{1} << 29));  // position_codes(): (row << 2) | class in int32
+
+  // Within the limit, but the byte counts overflow size_t (2^29 - 1 tokens x 2^31 - 1 sequences x
+  // at least a kB per token): refused before the tables (4.5 GB of them) are built
+  Config wide = identity_config({1, 2, 1, 512}, 2, 4, {std::numeric_limits<int>::max(), kMaxCacheTokens, 1});
+  wide.comp.latent_dim = 0;  // kv_dim / 4
+  validate(wide);
+  CHECK_THROWS_AS((void)C::layout(wide, FixedStride(3), DensePolicy{}, 0), ConfigError);
+
+  // A valid config at the limit (storage and workspace of gigabytes) with buffers far too small:
+  // the constructor says so before it builds its tables
+  Config most = identity_config({1, 2, 1, 4}, 2, 4, {1, kMaxCacheTokens, 1});
+  std::vector<std::byte> small(4096);
+  CHECK_THROWS_AS(construct(most, {}, {}), CapacityError);
+  CHECK_THROWS_AS(construct(most, small, small), CapacityError);
+
+  // an ordinary capacity still works with the exact layout
+  Config ok = identity_config({1, 2, 1, 4}, 2, 4, {2, 4096, 1});
+  const auto lay = C::layout(ok, FixedStride(3), DensePolicy{}, 0);
+  std::vector<std::byte> storage(lay.storage_bytes), workspace(lay.workspace_bytes);
+  construct(ok, storage, workspace);
+  CHECK_THROWS_AS(construct(ok, std::span<std::byte>(storage).first(lay.storage_bytes - 1), workspace), CapacityError);
 }

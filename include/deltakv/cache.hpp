@@ -57,7 +57,21 @@ inline std::size_t count_of(std::int64_t n) {
   if (n < 0) throw ConfigError("cache layout: negative element count " + std::to_string(n));
   return static_cast<std::size_t>(n);
 }
+// Saturating byte arithmetic for lower bounds: SIZE_MAX stands for "does not fit in size_t" (a real
+// layout is a sum of 256-byte-aligned regions, so it is never SIZE_MAX itself).
+inline std::size_t sat_mul(std::size_t a, std::size_t b) {
+  return a != 0 && b > std::numeric_limits<std::size_t>::max() / a ? std::numeric_limits<std::size_t>::max() : a * b;
+}
+inline std::size_t sat_add(std::size_t a, std::size_t b) {
+  return b > std::numeric_limits<std::size_t>::max() - a ? std::numeric_limits<std::size_t>::max() : a + b;
+}
 }  // namespace detail
+
+// Largest Capacity::max_tokens a CompressedCache accepts (layout() and the constructor refuse more
+// with a ConfigError; validate() alone allows up to 2^31 - 1). Positions are coded as
+// (row << 2) | class in int32 (CompressedCache::position_codes(), read by the GPU kernels), and the
+// cache keeps host tables of about 9 bytes per position.
+inline constexpr std::int64_t kMaxCacheTokens = (std::int64_t{1} << 29) - 1;
 
 // Host decisions of one append() call; valid until the cache changes (generation), and only for
 // the cache that made it (`items` points into that cache's own array, which identifies it).
@@ -86,11 +100,15 @@ class CompressedCache {
   };
 
   // Bytes the caller must provide. `max_encoder_scratch` is the largest Enc::scratch_elems(block).
+  // Every check the Config decides alone (validate(), max_tokens <= kMaxCacheTokens, the workspace
+  // bytes, a lower bound of the storage bytes) runs before the O(max_tokens) position tables.
   static Layout layout(const Config& cfg, const Sel& sel, const Pol& pol, std::int64_t max_encoder_scratch) {
-    Geometry g = geometry(cfg, sel, pol);
+    (void)preflight(cfg);
     Layout l;
+    l.workspace_bytes = workspace_plan(cfg, max_encoder_scratch).total;
+    Geometry g = plan_layers(cfg, pol);
+    build_tables(cfg, sel, g);
     l.storage_bytes = g.storage_bytes;
-    l.workspace_bytes = workspace_plan(cfg, g, max_encoder_scratch).total;
     return l;
   }
 
@@ -105,11 +123,13 @@ class CompressedCache {
   CompressedCache(Dev& dev, Config cfg, Sel sel, std::span<const Enc> encoders, std::span<const Dec> decoders,
                   Pol pol, std::span<std::byte> storage, std::span<std::byte> workspace)
       : dev_(dev), cfg_(std::move(cfg)), sel_(std::move(sel)), pol_(std::move(pol)) {
-    validate(cfg_);
+    // The checks that need no O(max_tokens) memory come first, the caller's buffers included (a
+    // lower bound for the storage here, the exact size once the tables exist).
+    const std::size_t min_storage = preflight(cfg_);
     const int L = cfg_.model.n_layers;
     if (static_cast<int>(encoders.size()) != L || static_cast<int>(decoders.size()) != L)
       throw ConfigError("need one encoder and one decoder per layer (" + std::to_string(L) + ")");
-    g_ = geometry(cfg_, sel_, pol_);
+    g_ = plan_layers(cfg_, pol_);
     std::int64_t scratch = 0;
     for (int l = 0; l < L; ++l) {
       if (g_.plans[l].exact) continue;
@@ -123,15 +143,19 @@ class CompressedCache {
                          std::to_string(cfg_.latent_dim()) + "->" + std::to_string(cfg_.model.kv_dim()));
       scratch = std::max(scratch, e.scratch_elems(cfg_.block()));
     }
-    enc_.assign(encoders.begin(), encoders.end());
-    dec_.assign(decoders.begin(), decoders.end());
-    ws_ = workspace_plan(cfg_, g_, scratch);
-    if (storage.size() < g_.storage_bytes)
-      throw CapacityError("storage buffer has " + std::to_string(storage.size()) + " bytes, layout needs " +
-                          std::to_string(g_.storage_bytes));
+    ws_ = workspace_plan(cfg_, scratch);
+    if (storage.size() < min_storage)
+      throw CapacityError("storage buffer has " + std::to_string(storage.size()) + " bytes, layout needs at least " +
+                          std::to_string(min_storage) + " (CompressedCache::layout() gives the exact size)");
     if (workspace.size() < ws_.total)
       throw CapacityError("workspace has " + std::to_string(workspace.size()) + " bytes, layout needs " +
                           std::to_string(ws_.total));
+    build_tables(cfg_, sel_, g_);
+    if (storage.size() < g_.storage_bytes)
+      throw CapacityError("storage buffer has " + std::to_string(storage.size()) + " bytes, layout needs " +
+                          std::to_string(g_.storage_bytes));
+    enc_.assign(encoders.begin(), encoders.end());
+    dec_.assign(decoders.begin(), decoders.end());
     store_ = storage.data();
     work_ = workspace.data();
     st_.assign(static_cast<std::size_t>(L) * cfg_.cap.max_seqs, LayerSeq{});
@@ -433,12 +457,44 @@ class CompressedCache {
 
   static std::size_t align(std::size_t x) { return detail::bytes_add(x, 255) & ~std::size_t{255}; }
 
-  static Geometry geometry(const Config& cfg, const Sel& sel, const Pol& pol) {
+  // Bytes per stored latent: raw in T, or int8/int4 codes.
+  static std::int64_t latent_row_bytes(const Config& cfg) {
+    const int bits = cfg.comp.latent_bits;
+    return bits == 0 ? std::int64_t(cfg.latent_dim()) * std::int64_t(sizeof(T)) : (std::int64_t(cfg.latent_dim()) * bits + 7) / 8;
+  }
+
+  // What the Config decides alone, before anything of size O(max_tokens) is built: validate(), the
+  // token limit, and a lower bound of the storage bytes whatever the selector and policy do (every
+  // position past the sinks is a reference row or a latent with its scale and ids; a layer is
+  // exact or not), which must itself fit in size_t. Returns that bound.
+  static std::size_t preflight(const Config& cfg) {
     validate(cfg);
+    if (cfg.cap.max_tokens > kMaxCacheTokens)
+      throw ConfigError("max_tokens " + std::to_string(cfg.cap.max_tokens) + " is above the cache's limit of " +
+                        std::to_string(kMaxCacheTokens) +
+                        " (2^29 - 1: positions are coded as (row << 2) | class in int32, and the host position "
+                        "tables take about 9 bytes per token)");
+    using detail::sat_add;
+    using detail::sat_mul;
+    const std::size_t N = std::size_t(cfg.cap.max_tokens), S = std::min(std::size_t(cfg.comp.sinks), N);
+    const std::size_t row = sat_mul(std::size_t(cfg.model.kv_dim()), sizeof(T));
+    const std::size_t ring = std::size_t(cfg.comp.recent) + std::size_t(cfg.block());
+    const std::size_t per_latent =
+        sat_add(sat_add(std::size_t(latent_row_bytes(cfg)), cfg.comp.latent_bits == 0 ? 0 : 2 * sizeof(float)),
+                sat_mul(std::size_t(cfg.comp.k_neighbors), sizeof(std::int32_t)));
+    const std::size_t exact = sat_mul(N, row);
+    const std::size_t compressed = sat_add(sat_mul(S + ring, row), sat_mul(N - S, std::min(row, per_latent)));
+    const std::size_t bound =
+        sat_mul(sat_mul(std::min(exact, compressed), std::size_t(cfg.model.n_layers)), std::size_t(cfg.cap.max_seqs));
+    if (bound == std::numeric_limits<std::size_t>::max()) detail::layout_overflow();
+    return bound;
+  }
+
+  // Layer plans and the sizes that follow from them: O(n_layers), no position tables yet.
+  static Geometry plan_layers(const Config& cfg, const Pol& pol) {
     Geometry g;
     const int L = cfg.model.n_layers;
     const std::int64_t N = cfg.cap.max_tokens;
-    const int S = cfg.comp.sinks;
     g.plans.resize(L);
     bool any_pages = false;
     for (int l = 0; l < L; ++l) {
@@ -459,7 +515,16 @@ class CompressedCache {
     if (any_pages && g.page <= 0) throw ConfigError("policy uses pages but page_size() <= 0");
     g.max_pages = any_pages ? (N + g.page - 1) / g.page : 0;
     g.max_select = std::min<std::int64_t>(g.max_select, N);
+    g.ring = std::int64_t(cfg.comp.recent) + cfg.block();
+    g.lat_ld = latent_row_bytes(cfg);
+    return g;
+  }
 
+  // The position tables (O(max_tokens): after preflight() and plan_layers()) and the storage layout.
+  static void build_tables(const Config& cfg, const Sel& sel, Geometry& g) {
+    const int L = cfg.model.n_layers;
+    const std::int64_t N = cfg.cap.max_tokens;
+    const int S = cfg.comp.sinks;
     g.cls.assign(N, 2);
     g.row_of.assign(N, 0);
     g.refs_upto.assign(N, 0);
@@ -483,9 +548,7 @@ class CompressedCache {
     }
     g.max_refs = refs;
     g.max_lat = std::max<std::int64_t>(0, N - S - refs);
-    g.ring = std::int64_t(cfg.comp.recent) + cfg.block();
     const int bits = cfg.comp.latent_bits;
-    g.lat_ld = bits == 0 ? std::int64_t(cfg.latent_dim()) * sizeof(T) : (std::int64_t(cfg.latent_dim()) * bits + 7) / 8;
 
     using detail::bytes_mul;
     const std::size_t row = bytes_mul(std::size_t(cfg.model.kv_dim()), sizeof(T));
@@ -520,10 +583,10 @@ class CompressedCache {
       off = detail::bytes_add(off, bytes_mul(o, std::size_t(cfg.cap.max_seqs)));
     }
     g.storage_bytes = off;
-    return g;
   }
 
-  static Workspace workspace_plan(const Config& cfg, const Geometry& g, std::int64_t enc_scratch) {
+  // Decided by the Config alone (and the encoder's scratch).
+  static Workspace workspace_plan(const Config& cfg, std::int64_t enc_scratch) {
     Workspace w{};
     std::size_t o = 0;
     auto put = [&](std::size_t& at, std::size_t bytes) {
@@ -554,7 +617,8 @@ class CompressedCache {
     put(w.att_l, bytes_mul(mq, hq, sizeof(accum_t<T>)));
     put(w.att_acc, bytes_mul(mq, hq, hd, sizeof(accum_t<T>)));
     put(w.att_qpos, bytes_mul(mq, sizeof(std::int64_t)));
-    put(w.scores, bytes_mul(std::size_t(std::max<std::int64_t>(cfg.cap.max_tokens, g.max_pages)), sizeof(float)));
+    // token scores, or page scores (ceil(max_tokens / page) <= max_tokens pages)
+    put(w.scores, bytes_mul(std::size_t(cfg.cap.max_tokens), sizeof(float)));
     put(w.topk, bytes_mul(std::size_t(cfg.cap.max_tokens), sizeof(std::int32_t)));
     w.total = o;
     return w;
