@@ -80,11 +80,12 @@ class GpuDevice {
   GpuDevice(const GpuDevice&) = delete;
   GpuDevice& operator=(const GpuDevice&) = delete;
 
-  // linear() on tensor cores (bf16/f16, >= 64 rows; linear_mma_kernel) instead of the CUDA-core
-  // tiled GEMM. Off by default until the kernel has been run on a GPU: it was written in a session
-  // without one (see docs/GPU.md); tests and the prefill benchmark turn it on.
-  void set_tensor_core_linear(bool on) { tensor_core_linear_ = on; }
-  bool tensor_core_linear() const { return tensor_core_linear_; }
+  // linear() and ref_search() on tensor cores (bf16/f16; linear_mma_kernel, ref_search_mma_kernel)
+  // where the shapes allow, instead of the CUDA-core kernels. Off by default until those kernels
+  // have run on a GPU: they were written in a session without one (docs/GPU.md); the tests and the
+  // prefill benchmark turn it on. No effect on HIP (no tensor-core tile there yet).
+  void set_tensor_cores(bool on) { tensor_cores_ = on; }
+  bool tensor_cores() const { return tensor_cores_; }
 
   stream_t stream() const { return stream_; }
   int device() const { return device_; }
@@ -119,7 +120,7 @@ class GpuDevice {
   void linear(const LinearParams<T>& p) {
     if (p.n <= 0 || p.out <= 0) return;
     if constexpr (vendor::kTensorTiles && !std::is_same_v<T, float>) {
-      if (tensor_core_linear_ && gpu::linear_mma_eligible(p)) {  // 16-bit, >= 64 rows, 16-byte pieces
+      if (tensor_cores_ && gpu::linear_mma_eligible(p)) {  // 16-bit, >= 64 rows, 16-byte pieces
         const std::int64_t gy = std::min<std::int64_t>((p.n + gpu::kMmaBM - 1) / gpu::kMmaBM, 65535);
         const dim3 grid{unsigned((p.out + gpu::kMmaBN - 1) / gpu::kMmaBN), unsigned(gy), 1u};
         gpu::linear_mma_kernel<T, kWarp><<<grid, gpu::kMmaThreads, 0, stream_>>>(p);
@@ -167,6 +168,36 @@ class GpuDevice {
   // that is needed to fill the GPU (partial lists merged by a second kernel).
   void ref_search(const RefSearchParams<T>& p) {
     if (p.n <= 0 || p.k <= 0) return;
+    if constexpr (vendor::kTensorTiles && !std::is_same_v<T, float>) {
+      if (tensor_cores_ && gpu::ref_search_mma_eligible(p)) {
+        const std::int64_t row_blocks = (p.n + gpu::kRsBM - 1) / gpu::kRsBM;
+        // splits of the references: two waves of blocks, at least one 64-reference tile each
+        std::int64_t splits = std::max<std::int64_t>(1, (2 * sms_ + row_blocks - 1) / row_blocks);
+        splits = std::min<std::int64_t>({splits, std::max<std::int64_t>(1, p.m / gpu::kRsBN), gpu::kRefMaxSplits});
+        const std::int64_t share = (p.m + splits - 1) / splits;
+        const std::int64_t per = std::max<std::int64_t>(1, (share + gpu::kRsBN - 1) / gpu::kRsBN) * gpu::kRsBN;
+        splits = std::max<std::int64_t>(1, (p.m + per - 1) / per);
+        float* part_s = nullptr;
+        std::int32_t* part_i = nullptr;
+        if (splits > 1) {
+          const std::size_t entries = std::size_t(splits) * std::size_t(p.n) * std::size_t(p.k);
+          reserve_scratch(entries * (sizeof(float) + sizeof(std::int32_t)) + 256);
+          part_s = reinterpret_cast<float*>(scratch_);
+          part_i = reinterpret_cast<std::int32_t*>(scratch_ + align256(entries * sizeof(float)));
+        }
+        const auto kernel = gpu::ref_search_mma_kernel<T, kWarp>;
+        const int smem = int(gpu::ref_search_mma_smem());
+        vendor::allow_dynamic_smem(kernel, smem);
+        kernel<<<dim3{unsigned(row_blocks), unsigned(splits)}, gpu::kRsThreads, smem, stream_>>>(p, per, part_s, part_i);
+        launched("ref_search (tensor cores)");
+        if (splits > 1) {
+          gpu::ref_merge_kernel<gpu::kRefMaxSplits>
+              <<<unsigned((p.n + 127) / 128), 128, 0, stream_>>>(int(splits), p.n, p.k, part_s, part_i, p.ids);
+          launched("ref_search (merge)");
+        }
+        return;
+      }
+    }
     constexpr int NT = 256, NW = NT / kWarp;
     constexpr std::size_t kSmemLimit = 48 * 1024;
     int rows = static_cast<int>(std::min<std::int64_t>(gpu::kRefRows, p.n));
@@ -370,7 +401,7 @@ class GpuDevice {
 
   stream_t stream_ = nullptr;
   bool owns_stream_ = false;
-  bool tensor_core_linear_ = false;
+  bool tensor_cores_ = false;
   int device_ = 0;
   int sms_ = 1;
   unsigned char* scratch_ = nullptr;

@@ -510,6 +510,172 @@ __global__ void ref_merge_kernel(int splits, std::int64_t n, int k, const float*
 }
 
 // =============================================================================================
+// ref_search_mma_kernel: the same search with the scores on tensor cores (16-bit T, metric l2 or
+// dot, k <= kRsMaxK; prefill's search is a GEMM of the block's tokens against every earlier
+// reference). A block takes 128 query rows and its split of the references, 64 at a time:
+//   S[128 x 64] = X R^T  (K steps of 32, 8 warps of 32 x 32, next step loaded into registers
+//   during the current one), |r|^2 of the 64 references from the same shared tiles, then one
+//   thread per row scores 2 s - |r|^2 (or s) and inserts into its row's k best (shared memory).
+// The lists go out as ids (one split) or as partials for ref_merge_kernel, like ref_search_kernel.
+// Requires dim, ldx, ldr multiples of 8 and 16-byte aligned x and refs (ref_search_mma_eligible).
+// =============================================================================================
+inline constexpr int kRsBM = 128, kRsBN = 64, kRsBK = 32, kRsThreads = 256, kRsMaxK = 8;  // gpu-check: allow(K step, not lanes)
+inline constexpr int kRsLd = kRsBK + 8, kRsLdS = kRsBN + 4;
+
+inline std::size_t ref_search_mma_smem() {
+  return std::size_t(2) * (kRsBM + kRsBN) * kRsLd * 2    // A and B tiles, two buffers, 16-bit
+         + std::size_t(kRsBM) * kRsLdS * 4                  // scores
+         + std::size_t(kRsBN) * 4                           // |r|^2
+         + std::size_t(kRsBM) * kRsMaxK * 8                 // lists: score, id
+         + std::size_t(kRsBM) * 4;                          // visible per row
+}
+
+template <class T>
+bool ref_search_mma_eligible(const RefSearchParams<T>& p) {
+  if constexpr (!vendor::kTensorTiles || std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    return false;
+  } else {
+    const auto aligned = [](const void* q) { return reinterpret_cast<std::uintptr_t>(q) % 16 == 0; };
+    return p.metric != Metric::cosine && p.k <= kRsMaxK && p.dim % 8 == 0 && p.ldx % 8 == 0 && p.ldr % 8 == 0 &&
+           aligned(p.x) && aligned(p.refs);
+  }
+}
+
+template <class T, int W>
+__global__ void DELTAKV_LAUNCH_BOUNDS_MIN(kRsThreads, 2)
+    ref_search_mma_kernel(RefSearchParams<T> p, std::int64_t refs_per_split, float* part_s, std::int32_t* part_i) {
+  constexpr int BM = kRsBM, BN = kRsBN, BK = kRsBK, LD = kRsLd, LDS = kRsLdS, NT = kRsThreads, MK = kRsMaxK;
+  constexpr int PIECES = BK / 8, LA = BM * PIECES / NT, LB = BN * PIECES / NT;
+  constexpr int WTM = BM / 4, WTN = BN / 2;  // 4 x 2 warps
+  static_assert(NT / W == 8 && LA * NT == BM * PIECES && LB * NT == BN * PIECES, "ref_search_mma_kernel: 8 warps");
+  static_assert(WTM == 2 * 16 && WTN == 2 * 16, "each warp holds 2 x 2 accumulator tiles");
+  static_assert(NT == BN * PIECES, "one 16-byte piece of a B row per thread for the norms");
+  DELTAKV_DYNAMIC_SMEM(unsigned char, raw);
+  T* as = reinterpret_cast<T*>(raw);                               // [2][BM * LD]
+  T* bs = as + 2 * BM * LD;                                        // [2][BN * LD]
+  float* sc = reinterpret_cast<float*>(bs + 2 * BN * LD);         // [BM][LDS]
+  float* rn = sc + BM * LDS;                                       // [BN]
+  float* ls = rn + BN;                                             // [BM][MK]
+  std::int32_t* li = reinterpret_cast<std::int32_t*>(ls + BM * MK);  // [BM][MK]
+  std::int32_t* vis = li + BM * MK;                                // [BM]
+  const int tid = threadIdx.x, warp = tid / W, lane = tid % W, k = p.k;
+  const int wm = (warp / 2) * WTM, wn = (warp % 2) * WTN;
+  const std::int64_t r0 = std::int64_t(blockIdx.x) * BM;
+  const int nr = static_cast<int>(p.n - r0 < BM ? p.n - r0 : BM);
+  for (int i = tid; i < BM; i += NT) vis[i] = i < nr ? p.visible[r0 + i] : 0;
+  for (int i = tid; i < BM * MK; i += NT) {
+    ls[i] = kNegInf;
+    li[i] = -1;
+  }
+  __syncthreads();
+  int vis_max = 0;
+  for (int i = 0; i < nr; ++i) vis_max = vis[i] > vis_max ? vis[i] : vis_max;
+  const std::int64_t j_begin = std::int64_t(blockIdx.y) * refs_per_split;
+  std::int64_t j_end = j_begin + refs_per_split;
+  if (j_end > vis_max) j_end = vis_max;
+  if (j_end > p.m) j_end = p.m;
+  const int ksteps = (p.dim + BK - 1) / BK;
+
+  uint4 ra[LA], rb[LB];
+  for (std::int64_t j0 = j_begin; j0 < j_end; j0 += BN) {
+    auto load = [&](int k0) {
+#pragma unroll
+      for (int t = 0; t < LA; ++t) {
+        const int task = tid + t * NT, r = task / PIECES, c = k0 + (task % PIECES) * 8;
+        ra[t] = (r < nr && c < p.dim) ? *reinterpret_cast<const uint4*>(p.x + (r0 + r) * p.ldx + c) : make_uint4(0u, 0u, 0u, 0u);
+      }
+#pragma unroll
+      for (int t = 0; t < LB; ++t) {
+        const int task = tid + t * NT, r = task / PIECES, c = k0 + (task % PIECES) * 8;
+        rb[t] = (j0 + r < j_end && c < p.dim) ? *reinterpret_cast<const uint4*>(p.refs + (j0 + r) * p.ldr + c)
+                                              : make_uint4(0u, 0u, 0u, 0u);
+      }
+    };
+    auto stash = [&](int buf) {
+#pragma unroll
+      for (int t = 0; t < LA; ++t) {
+        const int task = tid + t * NT;
+        *reinterpret_cast<uint4*>(as + buf * BM * LD + (task / PIECES) * LD + (task % PIECES) * 8) = ra[t];
+      }
+#pragma unroll
+      for (int t = 0; t < LB; ++t) {
+        const int task = tid + t * NT;
+        *reinterpret_cast<uint4*>(bs + buf * BN * LD + (task / PIECES) * LD + (task % PIECES) * 8) = rb[t];
+      }
+    };
+    vendor::mma16<T> c00, c01, c10, c11;
+    c00.zero();
+    c01.zero();
+    c10.zero();
+    c11.zero();
+    float norm = 0.f;  // this thread's piece of |r|^2 for reference tid / PIECES
+    load(0);
+    stash(0);
+    __syncthreads();
+    for (int ks = 0; ks < ksteps; ++ks) {
+      const int buf = ks & 1;
+      if (ks + 1 < ksteps) load((ks + 1) * BK);
+      const T* a = as + buf * BM * LD;
+      const T* b = bs + buf * BN * LD;
+#pragma unroll
+      for (int kk = 0; kk < BK; kk += 16)
+        c00.mac_2x2(c01, c10, c11, a + wm * LD + kk, a + (wm + 16) * LD + kk, LD, b + wn * LD + kk, b + (wn + 16) * LD + kk, LD);
+      {
+        const T* e = b + (tid / PIECES) * LD + (tid % PIECES) * 8;
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+          const float v = to_float(e[q]);
+          norm += v * v;
+        }
+      }
+      if (ks + 1 < ksteps) stash(buf ^ 1);
+      __syncthreads();
+    }
+    // the tile's scores and norms into shared memory
+    c00.store(sc + wm * LDS + wn, LDS);
+    c01.store(sc + wm * LDS + wn + 16, LDS);
+    c10.store(sc + (wm + 16) * LDS + wn, LDS);
+    c11.store(sc + (wm + 16) * LDS + wn + 16, LDS);
+#pragma unroll
+    for (int o = PIECES / 2; o > 0; o >>= 1) norm += vendor::shfl_xor<W>(norm, o);
+    if (tid % PIECES == 0) rn[tid / PIECES] = norm;
+    __syncthreads();
+    if (tid < nr) {  // one thread per row: its k best so far
+      float* bsc = ls + tid * MK;
+      std::int32_t* bid = li + tid * MK;
+      const std::int64_t lim = (vis[tid] < j_end ? vis[tid] : j_end) - j0;
+      for (int c = 0; c < BN && c < lim; ++c) {
+        float s = sc[tid * LDS + c];
+        if (p.metric == Metric::l2) s = 2.f * s - rn[c];
+        const int jj = static_cast<int>(j0 + c);
+        if (!ranks_before(s, jj, bsc[k - 1], bid[k - 1])) continue;
+        int q = k - 1;
+        while (q > 0 && ranks_before(s, jj, bsc[q - 1], bid[q - 1])) {
+          bsc[q] = bsc[q - 1];
+          bid[q] = bid[q - 1];
+          --q;
+        }
+        bsc[q] = s;
+        bid[q] = jj;
+      }
+    }
+    __syncthreads();  // scores, norms and tiles are reused by the next reference tile
+  }
+  if (tid < nr) {
+    const std::int64_t row = r0 + tid;
+    for (int q = 0; q < k; ++q) {
+      if (part_s) {
+        const std::int64_t o = (std::int64_t(blockIdx.y) * p.n + row) * k + q;
+        part_s[o] = ls[tid * MK + q];
+        part_i[o] = li[tid * MK + q];
+      } else {
+        p.ids[row * k + q] = li[tid * MK + q];
+      }
+    }
+  }
+}
+
+// =============================================================================================
 // gather_mean: one block per output row (grid-stride), threads over features. Sums in id order
 // then one division, like the CPU: bit-identical in f32.
 // =============================================================================================

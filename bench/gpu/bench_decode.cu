@@ -346,7 +346,7 @@ PrefillResult run_prefill(const Model& m, std::int64_t N, std::int64_t chunk, bo
   const FixedStride sel(10);
   const DensePolicy pol{};
   GDev dev(s, 0);
-  dev.set_tensor_core_linear(tensor_cores);
+  dev.set_tensor_cores(tensor_cores);
   GDev* devp = &dev;
   const auto fill = [&](bf* p, std::size_t n, std::uint32_t seed, float amp) {
     fill_bf16<<<1024, 256, 0, s>>>(p, n, seed, amp);

@@ -162,7 +162,7 @@ TEST_CASE("cuda end to end: a bf16 cache tracks the f32 CPU cache (int8 latents)
     auto codec = grid_codec(2, D, 64, 31);
     Harness<float, FixedStride, LinearEncoder<float>, DensePolicy> cpu(cfg, FixedStride(6), codec, DensePolicy{});
     GpuHarness<B, DensePolicy> gpu(cfg, FixedStride(6), codec, DensePolicy{});
-    gpu.dev.set_tensor_core_linear(tensor_cores);
+    gpu.dev.set_tensor_cores(tensor_cores);
     const std::int64_t n = 450;
     auto x = grid_values(static_cast<std::size_t>(n * D), 8, -8, 8, 4.f);  // exact in bf16
     DBuf<B> dx(to_bf16(x));

@@ -64,7 +64,7 @@ TEST_CASE("cuda bf16 linear on tensor cores matches a float64 GEMM (edges, bias,
   }
   using B = cuda::bf16;
   cuda::CudaDevice<B> dev;
-  dev.set_tensor_core_linear(true);
+  dev.set_tensor_cores(true);
   struct S {
     std::int64_t n;
     int in, out;
@@ -181,6 +181,76 @@ TEST_CASE("cuda ref_search picks the same references as the CPU, ties included")
     for (std::int64_t i = 0; i < n; ++i)
       rows_differ += !std::equal(got.begin() + i * k, got.begin() + (i + 1) * k, want.begin() + i * k);
     MESSAGE("ref_search gaussian metric=" << int(metric) << ": " << rows_differ << " of " << n << " rows differ");
+    CHECK(rows_differ <= 1);
+  }
+}
+
+TEST_CASE("cuda bf16 ref_search on tensor cores picks the same references as the CPU, ties included") {
+  // Grid values (halves in [-1, 1]) are exact in bf16, and every product and partial sum of them
+  // is exact in f32, so the tensor-core scores equal the CPU's bit for bit: ids must agree, ties
+  // to the earlier reference included. k <= 8 and metric l2 / dot take ref_search_mma_kernel
+  // (REQUIREd below); k = 16 and cosine fall back to the CUDA-core kernel and are checked too.
+  DKT_REQUIRE_CUDA();
+  if (!gpu::vendor::kTensorTiles) {
+    MESSAGE("skipped: this build's tile product is the per-lane fallback (HIP), not tensor cores");
+    return;
+  }
+  using B = cuda::bf16;
+  cuda::CudaDevice<B> dev;
+  dev.set_tensor_cores(true);
+  cpu::CpuDevice<float> ref;
+  struct S {
+    std::int64_t n, m;
+    int dim, k;
+  };
+  std::uint32_t seed = 1700;
+  for (Metric metric : {Metric::l2, Metric::dot, Metric::cosine}) {
+    for (S s : {S{1, 0, 64, 4}, S{5, 3, 32, 4}, S{37, 50, 64, 4}, S{128, 300, 256, 4}, S{200, 1000, 256, 1},
+                S{130, 700, 2048, 8}, S{300, 3000, 128, 4}, S{64, 2000, 200, 2}, S{64, 500, 128, 16}}) {
+      const std::int64_t ldx = s.dim + 8, ldr = s.dim + 16;
+      auto x = grid_values(std::size_t(s.n * ldx), ++seed, -2, 2, 2.f);
+      auto r = grid_values(std::size_t(std::max<std::int64_t>(s.m, 1) * ldr), ++seed, -2, 2, 2.f);
+      std::vector<std::int32_t> vis(std::size_t(s.n));
+      std::mt19937 rng(++seed);
+      for (auto& v : vis) v = std::int32_t(rng() % std::uint32_t(s.m + 1));
+      if (s.n > 2) vis[0] = 0, vis[1] = std::int32_t(s.m);
+      DBuf<B> dx(to_bf16(x)), dr(to_bf16(r));
+      DBuf<std::int32_t> dvis(vis), dids(std::size_t(s.n * s.k));
+      dids.poison();
+      const RefSearchParams<B> rp{dx.p, ldx, s.n, dr.p, ldr, s.m, dvis.p, s.dim, s.k, metric, dids.p};
+      const bool tc = metric != Metric::cosine && s.k <= 8;
+      REQUIRE(gpu::ref_search_mma_eligible(rp) == tc);
+      dev.ref_search(rp);
+      std::vector<std::int32_t> want(std::size_t(s.n * s.k), -7);
+      ref.ref_search({x.data(), ldx, s.n, r.data(), ldr, s.m, vis.data(), s.dim, s.k, metric, want.data()});
+      const auto got = dids.get();
+      std::int64_t diff = 0;
+      for (std::size_t i = 0; i < got.size(); ++i) diff += got[i] != want[i];
+      MESSAGE("bf16 ref_search (" << (tc ? "tensor cores" : "CUDA cores") << ") metric=" << int(metric) << " n=" << s.n
+                                  << " m=" << s.m << " dim=" << s.dim << " k=" << s.k << ": " << diff << " differing ids");
+      CHECK(diff == 0);
+    }
+  }
+  // Gaussian bf16 data: the f32 sums round in a different order than the CPU's, so a near-tie
+  // may swap; expect at most one row of 128 to differ, as for the f32 kernel.
+  for (Metric metric : {Metric::l2, Metric::dot}) {
+    const std::int64_t n = 128, m = 900;
+    const int dim = 256, k = 4;
+    auto x = round_bf16(randn<float>(std::size_t(n * dim), ++seed));
+    auto r = round_bf16(randn<float>(std::size_t(m * dim), ++seed));
+    std::vector<std::int32_t> vis(n);
+    for (std::int64_t i = 0; i < n; ++i) vis[i] = std::int32_t(m - n + i);
+    DBuf<B> dx(to_bf16(x)), dr(to_bf16(r));
+    DBuf<std::int32_t> dvis(vis), dids(std::size_t(n * k));
+    dids.poison();
+    dev.ref_search({dx.p, dim, n, dr.p, dim, m, dvis.p, dim, k, metric, dids.p});
+    std::vector<std::int32_t> want(std::size_t(n * k));
+    ref.ref_search({x.data(), dim, n, r.data(), dim, m, vis.data(), dim, k, metric, want.data()});
+    const auto got = dids.get();
+    int rows_differ = 0;
+    for (std::int64_t i = 0; i < n; ++i)
+      rows_differ += !std::equal(got.begin() + i * k, got.begin() + (i + 1) * k, want.begin() + i * k);
+    MESSAGE("bf16 ref_search gaussian metric=" << int(metric) << ": " << rows_differ << " of " << n << " rows differ");
     CHECK(rows_differ <= 1);
   }
 }
