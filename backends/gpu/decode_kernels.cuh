@@ -458,16 +458,21 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_kernel(SelectParams p) {
 //     4. logits; online softmax per q head (a warp per head)
 //     5. acc_z += p Z; acc_v += p V_tile; mass += p over latent items
 //   and at the end writes acc_v + W_v,h acc_z + mass * b_v as its split's partial.
+// WL2 (SparseDecodeParams::weights_from_l2): W_k,h's fragments come from global memory (L2) instead,
+// so a block needs ~90 KB less shared memory and two fit per SM (at 128 registers; ptxas reports
+// ~0.3 KB of spills for d 128 / GQA 4); not yet measured against the default.
 // Dynamic shared memory: sparse_smem_bytes().
 // =============================================================================================
 inline constexpr int kSparseTile = 32;  // gpu-check: allow(tokens per tile, not lanes)
 inline constexpr int kSparseThreadsPerBlock = 256;
 
-inline std::size_t sparse_smem_bytes(int head_dim, int group, int latent_dim, int k) {
+// weights_in_smem = false: the variant that reads W_k,h's tensor-core fragments from global
+// memory (L2-resident: 1 MiB for all heads) instead of holding them, so that two blocks fit per SM.
+inline std::size_t sparse_smem_bytes(int head_dim, int group, int latent_dim, int k, bool weights_in_smem = true) {
   const std::size_t ldz = std::size_t(latent_dim) + 8;  // 16-bit elements
   const std::size_t NT = kSparseThreadsPerBlock;
   std::size_t b = 0;
-  b += std::size_t(head_dim) * ldz * 2;                  // W_k,h
+  if (weights_in_smem) b += std::size_t(head_dim) * ldz * 2;  // W_k,h
   b += std::size_t(kSparseTile) * ldz * 2;               // Z tile
   b += 2 * std::size_t(kSparseTile) * (head_dim + 4) * 4;  // K and V tiles (f32)
   b += std::size_t(group) * latent_dim * 4;              // acc_z
@@ -480,8 +485,8 @@ inline std::size_t sparse_smem_bytes(int head_dim, int group, int latent_dim, in
   return b + 64;
 }
 
-template <class T, int D, int G, int W, int NT>
-__global__ void DELTAKV_LAUNCH_BOUNDS(NT) sparse_decode_kernel(SparseDecodeParams<T> p) {
+template <class T, int D, int G, int W, int NT, bool WL2 = false>
+__global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(SparseDecodeParams<T> p) {
   constexpr int TT = kSparseTile, NW = NT / W, E = D / 16, H = E / 2;
   constexpr int KT = TT * 16 / NT, VT = TT * (D / 8) / NT;  // K / V tasks per thread
   static_assert(NT == kSparseThreadsPerBlock && KT >= 1 && VT >= 1 && NT % W == 0, "sparse_decode_kernel: shape");
@@ -493,8 +498,8 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) sparse_decode_kernel(SparseDecodeParam
   const int warp = threadIdx.x / W, lane_w = threadIdx.x % W;
 
   DELTAKV_DYNAMIC_SMEM(unsigned char, smem_raw);
-  T* s_w = reinterpret_cast<T*>(smem_raw);                             // [D][ldz]
-  T* s_z = s_w + std::size_t(D) * ldz;                                  // [TT][ldz]
+  T* s_w = reinterpret_cast<T*>(smem_raw);                             // [D][ldz] (none if WL2)
+  T* s_z = s_w + (WL2 ? 0 : std::size_t(D) * ldz);                      // [TT][ldz]
   float* s_k = reinterpret_cast<float*>(s_z + std::size_t(TT) * ldz);  // [TT][ldk]
   float* s_v = s_k + TT * ldk;                                          // [TT][ldk]
   float* s_accz = s_v + TT * ldk;                                       // [G][DC]
@@ -540,7 +545,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) sparse_decode_kernel(SparseDecodeParam
   };
 
   // W_k,h into shared memory ([D][DC] -> ld ldz), 8 loads in flight per thread.
-  {
+  if constexpr (!WL2) {
     const int chunks = D * DC / 8;
 #pragma unroll 8
     for (int i = threadIdx.x; i < chunks; i += NT) {
@@ -723,10 +728,13 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) sparse_decode_kernel(SparseDecodeParam
           a01.zero();
           a10.zero();
           a11.zero();
-          const T* w0 = s_w + (2 * cp) * 16 * ldz;
-          const T* w1 = w0 + 16 * ldz;
+          // W_k,h rows of the column tiles: shared memory, or global (row-major [D][DC] is the
+          // column-major B the tile product takes, ld DC)
+          const int ldw = WL2 ? DC : ldz;
+          const T* w0 = WL2 ? L.w_dec + std::int64_t(h * D + 2 * cp * 16) * DC : s_w + (2 * cp) * 16 * ldz;
+          const T* w1 = w0 + 16 * ldw;
           for (int kk = k0; kk < k1; kk += 16) {
-            a00.mac_2x2(a01, a10, a11, s_z + kk, s_z + 16 * ldz + kk, ldz, w0 + kk, w1 + kk, ldz);
+            a00.mac_2x2(a01, a10, a11, s_z + kk, s_z + 16 * ldz + kk, ldz, w0 + kk, w1 + kk, ldw);
           }
           float* out = kh == 0 ? s_k : s_v;
           a00.store(out + (2 * cp) * 16, ldk);

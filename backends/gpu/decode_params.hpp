@@ -108,6 +108,8 @@ struct SparseDecodeParams {
   int n_splits = 0;                                // blocks per (sequence, kv head)
   float* part = nullptr;                           // partials_floats(B, Hq, n_splits, D)
   unsigned long long* profile = nullptr;           // optional [9] cycles per phase, summed over blocks
+  bool weights_from_l2 = false;                    // read W_k,h from global/L2 instead of holding it in
+                                                   // shared memory (smaller blocks: 2 per SM, fits an A100)
 };
 
 }  // namespace deltakv::gpu::decode

@@ -170,8 +170,8 @@ inline void select_topk(const SelectParams& p, std::int64_t max_n, vendor::strea
 }
 
 // Bytes of dynamic shared memory the sparse kernel needs for this layer shape.
-inline std::size_t sparse_smem(int head_dim, int n_q_heads, int n_kv_heads, int latent_dim, int k) {
-  return sparse_smem_bytes(head_dim, n_q_heads / n_kv_heads, latent_dim, k);
+inline std::size_t sparse_smem(int head_dim, int n_q_heads, int n_kv_heads, int latent_dim, int k, bool weights_from_l2 = false) {
+  return sparse_smem_bytes(head_dim, n_q_heads / n_kv_heads, latent_dim, k, !weights_from_l2);
 }
 
 template <class T>
@@ -191,17 +191,29 @@ void sparse_partials(const SparseDecodeParams<T>& p, vendor::stream_t stream) {
   if (p.n_splits <= 0) throw ConfigError("sparse_decode: n_splits must be positive");
   detail::check_rope(p.rope, p.style, p.head_dim, 0, "sparse_decode");
   if (p.batch == 0) return;
-  const std::size_t smem = sparse_smem(p.head_dim, p.n_q_heads, p.n_kv_heads, L.latent_dim, L.k);
+  const std::size_t smem = sparse_smem(p.head_dim, p.n_q_heads, p.n_kv_heads, L.latent_dim, L.k, p.weights_from_l2);
   const int smem_max = vendor::max_smem_per_block(vendor::current_device());
   if (smem > std::size_t(smem_max))
     throw CapacityError("sparse_decode: this shape needs " + std::to_string(smem) + " bytes of shared memory per block (W_k,h of " +
                         "head_dim x latent_dim and the tiles); the device allows " + std::to_string(smem_max) +
-                        " (a smaller latent_dim fits; the cache's tiled attend() serves any shape)");
+                        " (weights_from_l2 or a smaller latent_dim fits; the cache's tiled attend() serves any shape)");
   constexpr int W = vendor::kWarpSize;
   detail::dispatch(p.head_dim, p.n_q_heads / p.n_kv_heads, [&](auto d, auto g) {
-    auto kernel = sparse_decode_kernel<T, decltype(d)::value, decltype(g)::value, W, kSparseThreads>;
-    vendor::allow_dynamic_smem(kernel, int(smem));
-    kernel<<<dim3(p.n_splits, p.n_kv_heads, p.batch), kSparseThreads, smem, stream>>>(p);
+    auto launch = [&](auto kernel) {
+      vendor::allow_dynamic_smem(kernel, int(smem));
+      kernel<<<dim3(p.n_splits, p.n_kv_heads, p.batch), kSparseThreads, smem, stream>>>(p);
+    };
+    // The weights-from-L2 variant exists for the tensor-core build only: on HIP the tile product is
+    // the per-lane fallback and AMD's 64 KB of LDS per block fits neither variant.
+    if constexpr (vendor::kTensorTiles) {
+      if (p.weights_from_l2) {
+        launch(sparse_decode_kernel<T, decltype(d)::value, decltype(g)::value, W, kSparseThreads, true>);
+        return;
+      }
+    } else {
+      if (p.weights_from_l2) throw ConfigError("sparse_decode: weights_from_l2 is built for CUDA (tensor-core tiles) only");
+    }
+    launch(sparse_decode_kernel<T, decltype(d)::value, decltype(g)::value, W, kSparseThreads, false>);
   });
   vendor::check_launch("sparse_decode_kernel");
 }

@@ -327,7 +327,8 @@ struct CompressedFixture {
   }
 };
 
-void run_sparse_case(const Shape& s, int bits, const std::vector<std::int32_t>& n, int n_select, int n_splits) {
+void run_sparse_case(const Shape& s, int bits, const std::vector<std::int32_t>& n, int n_select, int n_splits,
+                     bool weights_from_l2 = false) {
   CompressedFixture fx(s, n, bits, 77 + bits);
   const int B = fx.B, qd = s.Hq * s.D, kvd = 2 * s.Hkv * s.D;
   const int sinks = 3, window = 24;  // the policy's (attends fewer sinks than the cache keeps)
@@ -363,6 +364,7 @@ void run_sparse_case(const Shape& s, int bits, const std::vector<std::int32_t>& 
                                     fx.lat_ld, dcode.p, dw.p, dbias.p};
   dec::SparseDecodeParams<bf> p{dq.p, qd, view, dn.p, dc.p, dsel.p, ld_sel, dcnt.p, B, s.Hq, s.Hkv, s.D,
                                 float(scale), rope.view, s.style, sinks, window, n_splits, part.p};
+  p.weights_from_l2 = weights_from_l2;
   dec::sparse_partials(p, nullptr);
   dec::combine(dec::CombineParams<bf>{part.p, n_splits, B, s.Hq, s.D, dout.p, qd, nullptr}, nullptr);
   const auto got = f64(dout.get());
@@ -390,6 +392,18 @@ TEST_CASE("fused sparse decode over a compressed layer: sinks + selection + wind
   }
   SUBCASE("GQA 7, many splits, empty selection") {
     run_sparse_case(Shape{7, 1, 128, RopeStyle::half}, 4, {900, 64}, 0, 8);
+  }
+  SUBCASE("W_k,h read from global memory (weights_from_l2: two blocks per SM)") {
+    if (!deltakv::gpu::vendor::kTensorTiles) {
+      MESSAGE("skipped: weights_from_l2 is built for CUDA only");
+      return;
+    }
+    for (int bits : {4, 8, 0}) {
+      CAPTURE(bits);
+      run_sparse_case(Shape{8, 2, 128, RopeStyle::half}, bits, {700, 1, 130, 1500}, 200, 3, true);
+    }
+    run_sparse_case(Shape{9, 3, 64, RopeStyle::interleaved}, 4, {600, 333}, 100, 1, true);
+    run_sparse_case(Shape{7, 1, 128, RopeStyle::half}, 4, {900, 64}, 0, 8, true);
   }
 }
 
