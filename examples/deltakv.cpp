@@ -5,22 +5,42 @@
 //   deltakv calibrate --model M --text FILE --out CKPT [--latent-dim D] [--tokens N]
 //   deltakv inspect   (--model M | --checkpoint CKPT) [--context N]
 //   deltakv analyze   --model M --text FILE [--tokens N]
+//   deltakv dump-kv   --model M --text FILE --out FILE [--tokens N] [--layers a,b,...]
 //
 // eval runs the text through the example llama engine once per KV configuration, all in lockstep
 // chunk by chunk (so the full-precision distribution of every position is at hand without storing
 // it), and prints one table: bytes per token (% of bf16, everything counted), perplexity, its change,
 // mean KL divergence of the next-token distribution against full, top-1 agreement, time.
+//
+// dump-kv writes real KV for the GPU tests (tests/cuda/test_real_kv.cu, reader in
+// tests/cuda/real_kv.hpp): the exact engine runs over the first N tokens of the text, and for the
+// chosen layers every position's cached row x = [pre-RoPE K of all kv heads | V of all kv heads]
+// is read back from the exact cache, plus the post-RoPE query of the last position and the
+// engine's attention output for it. Rows are rounded to bf16 before the cache stores them, as in
+// eval. Format (version 1, little-endian, no padding):
+//   char[8] "DKVREAL\0"   u32 version = 1   u32 name_len, char[name_len] model name
+//   i32 model_layers       i32 L (layers in the file), i32 layer_id[L]       i64 n_tokens
+//   i32 n_q_heads, n_kv_heads, head_dim, rot_dim                          f64 rope_theta
+//   i32 rope_style (deltakv::RopeStyle: 0 none, 1 half, 2 interleaved)     u32 flags
+//   (bit 0: rows are bf16 values; bit 1: query/output rows present)
+//   then per file layer, in layer_id order: f32 rows [n_tokens, 2 * n_kv_heads * head_dim];
+//   with bit 1, f32 query [n_q_heads * head_dim] (post-RoPE, position n_tokens - 1) and f32
+//   output [n_q_heads * head_dim] (exact attention of that query over positions 0..n_tokens - 1).
 #include <fmt/core.h>
 
 #include <Eigen/Dense>
+#include <bit>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <functional>
 #include <map>
 #include <memory>
 #include <random>
+#include <set>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -61,6 +81,9 @@ const char* kUsage =
     "  deltakv calibrate --model M --text FILE --out CKPT [--latent-dim D] [--tokens N]\n"
     "  deltakv inspect   (--model M | --checkpoint CKPT) [--context N]\n"
     "  deltakv analyze   --model M --text FILE [--tokens N]\n"
+    "  deltakv dump-kv   --model M --text FILE --out FILE [--tokens N] [--layers a,b,...]\n"
+    "                    (real KV rows for tests/cuda/test_real_kv.cu; defaults: --tokens 1024,\n"
+    "                    --layers 0,1,15,29, --text /usr/share/common-licenses/GPL-3)\n"
     "configs: full, q8_0, q4_0, streaming, omnikv, deltakv-4, deltakv-8, deltakv-4-int4, deltakv-8-int4,\n"
     "         deltakv-4-int4+omnikv (default: all). deltakv-*: PCA codec calibrated on --calib-text;\n"
     "         --codec-weights attention weights each K|V dimension by its first-order effect on the\n"
@@ -557,6 +580,168 @@ int cmd_analyze(const Args& a) {
   return 0;
 }
 
+// ---- dump-kv ---------------------------------------------------------------------------------
+// Forwards a cache and keeps, for the chosen layers, the query row of one position and the
+// attention output the cache gave it (the engine has rotated the query already).
+template <class C>
+struct LastQueryTap {
+  C& c;
+  std::int64_t pos;          // the position whose query is kept
+  std::vector<char> keep;    // [model layer]
+  std::vector<std::vector<float>> q, out;  // [model layer] [q_dim], empty until seen
+  const Config& config() const { return c.config(); }
+  std::int64_t length(int l, int s) const { return c.length(l, s); }
+  void reset(int s) { c.reset(s); }
+  void append(int l, const RaggedBatch<const float>& x) { c.append(l, x); }
+  void attend(int l, const RaggedBatch<const float>& qb, MatrixView<float> o) {
+    c.attend(l, qb, o);
+    if (!keep[std::size_t(l)]) return;
+    for (std::int64_t r = 0; r < qb.rows.rows; ++r) {
+      if (qb.positions[std::size_t(r)] != pos) continue;
+      q[std::size_t(l)].assign(qb.rows.row(r), qb.rows.row(r) + qb.rows.cols);
+      out[std::size_t(l)].assign(o.row(r), o.row(r) + o.cols);
+    }
+  }
+};
+
+std::vector<int> parse_layers(const std::string& s, int n_layers) {
+  std::vector<int> out;
+  std::set<int> seen;
+  std::stringstream ss(s);
+  for (std::string item; std::getline(ss, item, ',');) {
+    std::size_t used = 0;
+    int v = -1;
+    try {
+      v = std::stoi(item, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (item.empty() || used != item.size())
+      throw ConfigError("--layers: '" + item + "' is not a layer number (expected a list like 0,1,15,29)");
+    if (v < 0 || v >= n_layers)
+      throw ConfigError("--layers: layer " + std::to_string(v) + " not in [0, " + std::to_string(n_layers) +
+                        ") (the model has " + std::to_string(n_layers) + " layers)");
+    if (!seen.insert(v).second) throw ConfigError("--layers: layer " + std::to_string(v) + " is listed twice");
+    out.push_back(v);
+  }
+  if (out.empty()) throw ConfigError("--layers: no layer given");
+  return out;
+}
+
+int cmd_dump_kv(const Args& a) {
+  static_assert(std::endian::native == std::endian::little, "dump-kv writes the host's bytes: little-endian only");
+  const std::string model = a.get("--model", "models/SmolLM2-135M-Instruct.Q4_1.gguf");
+  const std::string text = a.get("--text", "/usr/share/common-licenses/GPL-3");
+  const std::string out_path = a.get("--out");
+  if (out_path.empty()) throw ConfigError(std::string("dump-kv needs --out FILE\n") + kUsage);
+  const std::string tok_arg = a.get("--tokens", "1024");
+  std::size_t used = 0;
+  long long want_tokens = 0;
+  try {
+    want_tokens = std::stoll(tok_arg, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used != tok_arg.size() || tok_arg.empty() || want_tokens < 2 || want_tokens > (1LL << 24))
+    throw ConfigError("--tokens: '" + tok_arg + "' is not a token count in [2, 2^24]");
+  const int chunk = 32;
+  // Written to OUT.part (opened now, so a bad path fails before the engine runs), renamed at the end.
+  const std::string part = out_path + ".part";
+  std::ofstream file(part, std::ios::binary | std::ios::trunc);
+  if (!file) throw IoError("dump-kv: cannot write " + part);
+  struct RemovePart {
+    const std::string& path;
+    bool keep = false;
+    ~RemovePart() {
+      if (!keep) std::remove(path.c_str());
+    }
+  } cleanup{part};
+
+  const auto gguf = io::GgufFile::open(model);
+  const auto w = llama::LlamaWeights::load(gguf);
+  const auto tok = load_tokenizer(gguf);
+  const auto& hp = w.hp;
+  const auto layers = parse_layers(a.get("--layers", "0,1,15,29"), hp.n_layers);
+  const auto toks = tokens_of(tok, text, want_tokens);
+  const std::int64_t n = std::int64_t(toks.size());
+  if (n < want_tokens)
+    throw ConfigError("--tokens " + std::to_string(want_tokens) + ": the text " + text + " has only " + std::to_string(n) +
+                      " tokens");
+  const std::string name = gguf.has("general.name") ? gguf.get_string("general.name")
+                                                     : model.substr(model.find_last_of('/') == std::string::npos ? 0 : model.find_last_of('/') + 1);
+
+  // engine -> tap (last query) -> bf16 rounding (records what it appends) -> exact cache
+  auto exact = llama::make_exact_cache(hp, n, chunk);
+  struct Fwd {
+    decltype(exact)& c;
+    const Config& config() const { return c.cache().config(); }
+    std::int64_t length(int l, int s) const { return c.cache().length(l, s); }
+    void reset(int s) { c.cache().reset(s); }
+    void append(int l, const RaggedBatch<const float>& x) { c.cache().append(l, x); }
+    void attend(int l, const RaggedBatch<const float>& q, MatrixView<float> o) { c.cache().attend(l, q, o); }
+  } fwd{exact};
+  llama::Bf16Kv<Fwd> rounded(fwd, true);
+  LastQueryTap<llama::Bf16Kv<Fwd>> tap{rounded, n - 1, std::vector<char>(std::size_t(hp.n_layers), 0),
+                                       std::vector<std::vector<float>>(std::size_t(hp.n_layers)),
+                                       std::vector<std::vector<float>>(std::size_t(hp.n_layers))};
+  for (int l : layers) tap.keep[std::size_t(l)] = 1;
+  llama::LlamaEngine<LastQueryTap<llama::Bf16Kv<Fwd>>> engine(w, tap, chunk);
+  const auto t0 = Clock::now();
+  engine.prefill(0, toks, chunk, nullptr, llama::LogitRows::none);
+  const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+
+  const Config& cfg = exact.cache().config();
+  const int D = cfg.model.kv_dim(), qd = hp.q_dim();
+  std::string buf;
+  auto put = [&](const auto& v) { buf.append(reinterpret_cast<const char*>(&v), sizeof(v)); };
+  buf.append("DKVREAL\0", 8);
+  put(std::uint32_t{1});
+  put(std::uint32_t(name.size()));
+  buf += name;
+  put(std::int32_t(hp.n_layers));
+  put(std::int32_t(layers.size()));
+  for (int l : layers) put(std::int32_t(l));
+  put(std::int64_t(n));
+  put(std::int32_t(hp.n_q_heads));
+  put(std::int32_t(hp.n_kv_heads));
+  put(std::int32_t(hp.head_dim));
+  put(std::int32_t(cfg.rot_dim()));
+  put(double(cfg.rope.theta));
+  put(std::int32_t(cfg.rope.style));
+  put(std::uint32_t(3));  // bf16 rows, query/output present
+  std::vector<std::int64_t> pos(static_cast<std::size_t>(n));
+  for (std::int64_t i = 0; i < n; ++i) pos[std::size_t(i)] = i;
+  std::vector<float> rows(std::size_t(n) * D);
+  for (int l : layers) {
+    std::fill(rows.begin(), rows.end(), std::nanf(""));
+    exact.cache().reconstruct(l, 0, pos, MatrixView<float>{rows.data(), n, D, D}, false);  // the stored rows
+    const auto& appended = rounded.recorded(l);
+    if (appended.size() != rows.size() || std::memcmp(appended.data(), rows.data(), rows.size() * sizeof(float)) != 0)
+      throw Error(ErrorCode::shape, "dump-kv: layer " + std::to_string(l) +
+                                        ": the exact cache returned rows that differ from the ones appended");
+    const auto& q = tap.q[std::size_t(l)];
+    const auto& o = tap.out[std::size_t(l)];
+    if (q.size() != std::size_t(qd) || o.size() != std::size_t(qd))
+      throw Error(ErrorCode::shape, "dump-kv: layer " + std::to_string(l) + ": the last position's query was not seen");
+    buf.append(reinterpret_cast<const char*>(rows.data()), rows.size() * sizeof(float));
+    buf.append(reinterpret_cast<const char*>(q.data()), q.size() * sizeof(float));
+    buf.append(reinterpret_cast<const char*>(o.data()), o.size() * sizeof(float));
+  }
+  file.write(buf.data(), std::streamsize(buf.size()));
+  file.close();
+  if (!file) throw IoError("dump-kv: writing " + part + " failed");
+  if (std::rename(part.c_str(), out_path.c_str()) != 0) throw IoError("dump-kv: cannot rename " + part + " to " + out_path);
+  cleanup.keep = true;
+  std::string ids;
+  for (int l : layers) ids += (ids.empty() ? "" : ",") + std::to_string(l);
+  fmt::print("wrote {} ({} bytes): model {}, layers {} of {}, {} tokens of {}, kv_dim {} ({} q / {} kv heads x {}), "
+             "RoPE {} theta {}; engine ran in {:.1f} s\n",
+             out_path, buf.size(), name, ids, hp.n_layers, n, text, D, hp.n_q_heads, hp.n_kv_heads, hp.head_dim,
+             cfg.rope.style == RopeStyle::interleaved ? "interleaved" : cfg.rope.style == RopeStyle::half ? "half" : "none",
+             cfg.rope.theta, secs);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -579,6 +764,7 @@ int main(int argc, char** argv) {
     if (a.cmd == "calibrate") return cmd_calibrate(a);
     if (a.cmd == "inspect") return cmd_inspect(a);
     if (a.cmd == "analyze") return cmd_analyze(a);
+    if (a.cmd == "dump-kv") return cmd_dump_kv(a);
     fmt::print(stderr, "unknown command '{}'\n{}", a.cmd, kUsage);
     return 2;
   } catch (const std::exception& e) {
