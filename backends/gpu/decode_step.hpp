@@ -17,6 +17,7 @@
 
 #include "decode_kernels.cuh"
 #include "decode_params.hpp"
+#include "sparse_two_pass.cuh"
 #include "deltakv/error.hpp"
 #include "deltakv/layer_storage.hpp"
 #include "vendor.hpp"
@@ -174,22 +175,30 @@ inline std::size_t sparse_smem(int head_dim, int n_q_heads, int n_kv_heads, int 
   return sparse_smem_bytes(head_dim, n_q_heads / n_kv_heads, latent_dim, k, !weights_from_l2);
 }
 
+namespace detail {
+// The checks both sparse paths share.
+template <class T>
+void check_sparse(const SparseDecodeParams<T>& p, const char* what) {
+  const std::string w = what;
+  check_shape(p.head_dim, p.n_q_heads, p.n_kv_heads, what);
+  const auto& L = p.layer;
+  if (L.latent_dim <= 0 || L.latent_dim % 16 != 0) throw ConfigError(w + ": latent_dim must be a positive multiple of 16");
+  if (L.latent_bits != 0 && L.latent_bits != 4 && L.latent_bits != 8) throw ConfigError(w + ": latent_bits must be 0, 4 or 8");
+  if (L.k < 1 || L.k > 4) throw ConfigError(w + ": 1 to 4 references per latent (the paper uses 4)");
+  if (L.lat_ld % 16 != 0 || L.lat_ld * 8 != std::int64_t(L.latent_dim) * (L.latent_bits == 0 ? 8 * int(sizeof(T)) : L.latent_bits) ||
+      L.lat_ld / 16 * kSparseTile > 8 * kSparseThreads)
+    throw ConfigError(w + ": latent rows must be packed, a multiple of 16 bytes and at most 8 KiB per 32 tokens");
+  if (!L.w_dec || !L.pos_code) throw ConfigError(w + ": decoder weight and position table are required");
+  if (p.n_splits <= 0) throw ConfigError(w + ": n_splits must be positive");
+  check_rope(p.rope, p.style, p.head_dim, 0, what);
+}
+}  // namespace detail
+
 template <class T>
 void sparse_partials(const SparseDecodeParams<T>& p, vendor::stream_t stream) {
   static_assert(!std::is_same_v<T, float>, "the fused sparse path stores 16-bit values (bf16 / f16)");
-  detail::check_shape(p.head_dim, p.n_q_heads, p.n_kv_heads, "sparse_decode");
+  detail::check_sparse(p, "sparse_decode");
   const auto& L = p.layer;
-  if (L.latent_dim <= 0 || L.latent_dim % 16 != 0)
-    throw ConfigError("sparse_decode: latent_dim must be a positive multiple of 16");
-  if (L.latent_bits != 0 && L.latent_bits != 4 && L.latent_bits != 8)
-    throw ConfigError("sparse_decode: latent_bits must be 0, 4 or 8");
-  if (L.k < 1 || L.k > 4) throw ConfigError("sparse_decode: 1 to 4 references per latent (the paper uses 4)");
-  if (L.lat_ld % 16 != 0 || L.lat_ld * 8 != std::int64_t(L.latent_dim) * (L.latent_bits == 0 ? 8 * int(sizeof(T)) : L.latent_bits) ||
-      L.lat_ld / 16 * kSparseTile > 8 * kSparseThreads)
-    throw ConfigError("sparse_decode: latent rows must be packed, a multiple of 16 bytes and at most 8 KiB per 32 tokens");
-  if (!L.w_dec || !L.pos_code) throw ConfigError("sparse_decode: decoder weight and position table are required");
-  if (p.n_splits <= 0) throw ConfigError("sparse_decode: n_splits must be positive");
-  detail::check_rope(p.rope, p.style, p.head_dim, 0, "sparse_decode");
   if (p.batch == 0) return;
   const std::size_t smem = sparse_smem(p.head_dim, p.n_q_heads, p.n_kv_heads, L.latent_dim, L.k, p.weights_from_l2);
   const int smem_max = vendor::max_smem_per_block(vendor::current_device());
@@ -216,6 +225,57 @@ void sparse_partials(const SparseDecodeParams<T>& p, vendor::stream_t stream) {
     launch(sparse_decode_kernel<T, decltype(d)::value, decltype(g)::value, W, kSparseThreads, false>);
   });
   vendor::check_launch("sparse_decode_kernel");
+}
+
+// ---- the two-pass sparse path (sparse_two_pass.cuh) ----------------------------------------
+// Attended items per sequence are at most sinks + ld_sel + window: the scores scratch's row length.
+template <class T>
+std::int64_t two_pass_max_items(const SparseDecodeParams<T>& p) {
+  return std::int64_t(p.sinks) + (p.sel_count ? p.ld_sel : 0) + p.window;
+}
+// Splits of the values pass: about four blocks per multiprocessor, at least 64 items each.
+inline int two_pass_splits(std::int64_t max_items, int batch, int n_kv_heads, int sms) {
+  const std::int64_t pairs = std::max<std::int64_t>(1, std::int64_t(batch) * n_kv_heads);
+  const std::int64_t by_sms = std::max<std::int64_t>(1, (4 * std::int64_t(sms) + pairs - 1) / pairs);
+  const std::int64_t by_work = std::max<std::int64_t>(1, (max_items + 63) / 64);
+  return int(std::min(by_sms, by_work));
+}
+
+// The same partials as sparse_partials (combine them with combine()), in two launches: scores of
+// every attended item into p.scores, then the values per split. Not yet run on a GPU (written in a
+// session without one): tests/cuda/test_decode.cu checks it against the float64 reference.
+template <class T>
+void sparse_partials_two_pass(const SparseDecodeParams<T>& p, vendor::stream_t stream) {
+  static_assert(!std::is_same_v<T, float>, "the sparse path stores 16-bit values (bf16 / f16)");
+  detail::check_sparse(p, "sparse_decode (two pass)");
+  const auto& L = p.layer;
+  if (L.latent_dim > kTwoPassMaxLatent)
+    throw ConfigError("sparse_decode (two pass): latent_dim above " + std::to_string(kTwoPassMaxLatent));
+  const std::int64_t items = two_pass_max_items(p);
+  if (!p.scores) throw ConfigError("sparse_decode (two pass): the scores scratch is required");
+  if (p.ld_scores < items)
+    throw ShapeError("sparse_decode (two pass): ld_scores " + std::to_string(p.ld_scores) + " < sinks + ld_sel + window = " +
+                     std::to_string(items));
+  if (p.batch == 0) return;
+  const int G = p.n_q_heads / p.n_kv_heads;
+  const std::size_t s1 = sparse_scores_smem(p.head_dim, G, L.latent_dim), s2 = sparse_values_smem(p.head_dim, G, L.latent_dim);
+  const int smem_max = vendor::max_smem_per_block(vendor::current_device());
+  if (std::max(s1, s2) > std::size_t(smem_max))
+    throw CapacityError("sparse_decode (two pass): needs " + std::to_string(std::max(s1, s2)) +
+                        " bytes of shared memory per block; the device allows " + std::to_string(smem_max));
+  const unsigned tiles = unsigned(std::max<std::int64_t>(1, (items + kTwoPassTile - 1) / kTwoPassTile));
+  constexpr int W = vendor::kWarpSize;
+  detail::dispatch(p.head_dim, G, [&](auto d, auto g) {
+    constexpr int Dv = decltype(d)::value, Gv = decltype(g)::value;
+    auto k1 = sparse_scores_kernel<T, Dv, Gv, W, kTwoPassThreads>;
+    vendor::allow_dynamic_smem(k1, int(s1));
+    k1<<<dim3(tiles, p.n_kv_heads, p.batch), kTwoPassThreads, s1, stream>>>(p);
+    vendor::check_launch("sparse_scores_kernel");
+    auto k2 = sparse_values_kernel<T, Dv, Gv, W, kTwoPassThreads>;
+    vendor::allow_dynamic_smem(k2, int(s2));
+    k2<<<dim3(p.n_splits, p.n_kv_heads, p.batch), kTwoPassThreads, s2, stream>>>(p);
+    vendor::check_launch("sparse_values_kernel");
+  });
 }
 
 }  // namespace deltakv::gpu::decode

@@ -558,7 +558,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(kRsThreads, 2)
   float* ls = rn + BN;                                             // [BM][MK]
   std::int32_t* li = reinterpret_cast<std::int32_t*>(ls + BM * MK);  // [BM][MK]
   std::int32_t* vis = li + BM * MK;                                // [BM]
-  const int tid = threadIdx.x, warp = tid / W, lane = tid % W, k = p.k;
+  const int tid = threadIdx.x, warp = tid / W, k = p.k;
   const int wm = (warp / 2) * WTM, wn = (warp % 2) * WTN;
   const std::int64_t r0 = std::int64_t(blockIdx.x) * BM;
   const int nr = static_cast<int>(p.n - r0 < BM ? p.n - r0 : BM);

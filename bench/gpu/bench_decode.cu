@@ -100,7 +100,8 @@ double copy_bandwidth(vendor::stream_t s) {  // bytes read + written per second,
 
 struct Result {
   double dense_ms = 0, deltakv_ms = 0, dense_bytes = 0, deltakv_bytes = 0, resident_bytes = 0, bf16_bytes = 0;
-  double dense_layer_ms = 0, sparse_layer_ms = 0, select_ms = 0, full_layer_ms = 0, topk_ms = 0, sparse_l2_ms = 0;
+  double dense_layer_ms = 0, sparse_layer_ms = 0, select_ms = 0, full_layer_ms = 0, topk_ms = 0, sparse_l2_ms = 0,
+         sparse_2p_ms = 0;
 };
 
 template <class F>
@@ -197,7 +198,9 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
   const auto sp = dec::dense_splits(N, B, Hkv, sms);
   const int attended_max = SINKS + TOPK + RECENT;
   const int ssplits = dec::sparse_splits(attended_max, B, Hkv, sms);
-  Dev part(dec::partials_floats(B, Hq, std::max(sp.n_splits, ssplits), D) * 4);
+  const int tsplits = dec::two_pass_splits(attended_max, B, Hkv, sms);  // the two-pass path's values splits
+  Dev part(dec::partials_floats(B, Hq, std::max({sp.n_splits, ssplits, tsplits}), D) * 4);
+  Dev scores(std::size_t(B) * Hq * attended_max * 4);                  // the two-pass path's logits
   Dev logits(std::size_t(B) * Hq * N * 4), lse(std::size_t(B) * Hq * 4), keys(std::size_t(B) * N * 4);
   std::vector<Dev*> sel;  // one selection per run of sparse layers (owned by its filter layer)
   for (int l = 0; l < m.layers; ++l) sel.push_back(nullptr);
@@ -218,9 +221,10 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
                        N, s);
     }
   };
-  // DELTAKV_SPARSE_W=l2: the step's sparse layers read W_k,h from L2 (SparseDecodeParams::weights_from_l2)
-  const bool step_w_l2 = std::getenv("DELTAKV_SPARSE_W") && std::strcmp(std::getenv("DELTAKV_SPARSE_W"), "l2") == 0;
-  auto sparse_layer = [&](int ci, int filter_layer, unsigned long long* profile = nullptr, bool w_l2 = false) {
+  // The step's sparse path: DELTAKV_SPARSE=l2 (fused, W_k,h read from L2), =two_pass, else the fused default.
+  const char* sparse_env = std::getenv("DELTAKV_SPARSE");
+  const int step_path = !sparse_env ? 0 : (std::strcmp(sparse_env, "l2") == 0 ? 1 : (std::strcmp(sparse_env, "two_pass") == 0 ? 2 : 0));
+  auto sparse_layer = [&](int ci, int filter_layer, unsigned long long* profile = nullptr, int path = 0) {
     dec::CompressedLayerView<bf> v{reinterpret_cast<const std::byte*>(comp_buf[ci]->p), seq_bytes, off_sinks, off_ring, off_refs,
                                    off_lat, off_scale, off_ids, SINKS, RING, DC, bits, K_REF, lat_ld, code_d.as<std::int32_t>(),
                                    wdec[ci]->as<bf>(), nullptr};
@@ -228,9 +232,16 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
                                   sel[filter_layer]->as<std::int32_t>(), TOPK,
                                   sel_count_all.as<std::int32_t>() + filter_layer * B, B, Hq, Hkv, D, scale, rope,
                                   deltakv::RopeStyle::half, SINKS, RECENT, ssplits, part.as<float>(), profile};
-    p.weights_from_l2 = w_l2;
-    dec::sparse_partials(p, s);
-    dec::combine(dec::CombineParams<bf>{part.as<float>(), ssplits, B, Hq, D, out.as<bf>(), qd, nullptr}, s);
+    p.weights_from_l2 = path == 1;
+    if (path == 2) {
+      p.n_splits = tsplits;
+      p.scores = scores.as<float>();
+      p.ld_scores = attended_max;
+      dec::sparse_partials_two_pass(p, s);
+    } else {
+      dec::sparse_partials(p, s);
+    }
+    dec::combine(dec::CombineParams<bf>{part.as<float>(), p.n_splits, B, Hq, D, out.as<bf>(), qd, nullptr}, s);
   };
   // filter layer of each sparse layer: the last full layer before it
   std::vector<int> filter_of(m.layers, -1);
@@ -250,7 +261,7 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
   r.deltakv_ms = time_graph([&] {
     for (int l = 0, fi = 0, ci = 0; l < m.layers; ++l) {
       if (is_full[l]) dense_layer(full_buf[fi++]->as<bf>(), is_filter[l], l);
-      else sparse_layer(ci++, filter_of[l], nullptr, step_w_l2);
+      else sparse_layer(ci++, filter_of[l], nullptr, step_path);
     }
   }, s, reps);
   r.dense_ms = time_graph([&] {
@@ -269,7 +280,8 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
   int first_sparse = 0;
   while (is_full[first_sparse]) ++first_sparse;
   r.sparse_layer_ms = time_graph([&] { sparse_layer(0, filter_of[first_sparse]); }, s, reps * 4);
-  r.sparse_l2_ms = time_graph([&] { sparse_layer(0, filter_of[first_sparse], nullptr, true); }, s, reps * 4);
+  r.sparse_l2_ms = time_graph([&] { sparse_layer(0, filter_of[first_sparse], nullptr, 1); }, s, reps * 4);
+  r.sparse_2p_ms = time_graph([&] { sparse_layer(0, filter_of[first_sparse], nullptr, 2); }, s, reps * 4);
 
   if (std::getenv("DELTAKV_PHASES")) {  // where a sparse layer's block time goes (cycles per phase)
     Dev prof(9 * 8);
@@ -484,9 +496,9 @@ int main(int argc, char** argv) {
         const Result r = run(m, N, B, sms, s);
         std::printf("{\"model\": \"%s\", \"ctx\": %lld, \"batch\": %d, \"dense_ms\": %.5f, \"deltakv_ms\": %.5f, "
                     "\"dense_bytes\": %.6e, \"deltakv_bytes\": %.6e, \"resident_bytes\": %.6e, \"bf16_bytes\": %.6e, "
-                    "\"full_layer_ms\": %.5f, \"sparse_layer_ms\": %.5f, \"sparse_l2_ms\": %.5f, \"select_ms\": %.5f, \"topk_ms\": %.5f, \"layers\": %d, \"copy_bw\": %.4e}\n",
+                    "\"full_layer_ms\": %.5f, \"sparse_layer_ms\": %.5f,  \"sparse_l2_ms\": %.5f, \"sparse_2p_ms\": %.5f, \"select_ms\": %.5f, \"topk_ms\": %.5f, \"layers\": %d, \"copy_bw\": %.4e}\n",
                     m.name, (long long)N, B, r.dense_ms, r.deltakv_ms, r.dense_bytes, r.deltakv_bytes, r.resident_bytes,
-                    r.bf16_bytes, r.full_layer_ms, r.sparse_layer_ms, r.sparse_l2_ms, r.select_ms, r.topk_ms, m.layers, bw);
+                    r.bf16_bytes, r.full_layer_ms, r.sparse_layer_ms, r.sparse_l2_ms, r.sparse_2p_ms, r.select_ms, r.topk_ms, m.layers, bw);
         std::fflush(stdout);
       }
   vendor::stream_destroy(s);

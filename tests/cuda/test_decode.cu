@@ -222,8 +222,9 @@ struct CompressedFixture {
 
   static std::size_t al(std::size_t v) { return (v + 255) / 256 * 256; }
 
-  CompressedFixture(Shape sh, std::vector<std::int32_t> ns, int latent_bits, std::uint32_t seed)
-      : s(sh), B(int(ns.size())), S(4), ring(48), stride(10), DC(sh.D == 128 ? 64 : 32), bits(latent_bits), k(4), n(ns) {
+  CompressedFixture(Shape sh, std::vector<std::int32_t> ns, int latent_bits, std::uint32_t seed, int dc = 0)
+      : s(sh), B(int(ns.size())), S(4), ring(48), stride(10), DC(dc > 0 ? dc : (sh.D == 128 ? 64 : 32)), bits(latent_bits), k(4),
+        n(ns) {
     const int kvd = 2 * s.Hkv * s.D;
     const std::int64_t max_n = *std::max_element(n.begin(), n.end());
     code.assign(max_n, 0);
@@ -327,9 +328,11 @@ struct CompressedFixture {
   }
 };
 
+enum class SparsePath { fused, fused_w_l2, two_pass };
+
 void run_sparse_case(const Shape& s, int bits, const std::vector<std::int32_t>& n, int n_select, int n_splits,
-                     bool weights_from_l2 = false) {
-  CompressedFixture fx(s, n, bits, 77 + bits);
+                     SparsePath path = SparsePath::fused, int latent_dim = 0) {
+  CompressedFixture fx(s, n, bits, 77 + bits, latent_dim);
   const int B = fx.B, qd = s.Hq * s.D, kvd = 2 * s.Hkv * s.D;
   const int sinks = 3, window = 24;  // the policy's (attends fewer sinks than the cache keeps)
   const double theta = 500000.0, scale = 1.0 / std::sqrt(double(s.D));
@@ -364,8 +367,18 @@ void run_sparse_case(const Shape& s, int bits, const std::vector<std::int32_t>& 
                                     fx.lat_ld, dcode.p, dw.p, dbias.p};
   dec::SparseDecodeParams<bf> p{dq.p, qd, view, dn.p, dc.p, dsel.p, ld_sel, dcnt.p, B, s.Hq, s.Hkv, s.D,
                                 float(scale), rope.view, s.style, sinks, window, n_splits, part.p};
-  p.weights_from_l2 = weights_from_l2;
-  dec::sparse_partials(p, nullptr);
+  p.weights_from_l2 = path == SparsePath::fused_w_l2;
+  const std::int64_t ld_scores = sinks + ld_sel + window + 5;  // the two-pass path's logits scratch
+  DBuf<float> scores(std::size_t(B) * s.Hq * ld_scores);
+  scores.poison();
+  p.scores = scores.p;
+  p.ld_scores = ld_scores;
+  if (path == SparsePath::two_pass) {
+    REQUIRE(dec::two_pass_max_items(p) <= ld_scores);
+    dec::sparse_partials_two_pass(p, nullptr);
+  } else {
+    dec::sparse_partials(p, nullptr);
+  }
   dec::combine(dec::CombineParams<bf>{part.p, n_splits, B, s.Hq, s.D, dout.p, qd, nullptr}, nullptr);
   const auto got = f64(dout.get());
   for (int b = 0; b < B; ++b) {
@@ -393,6 +406,18 @@ TEST_CASE("fused sparse decode over a compressed layer: sinks + selection + wind
   SUBCASE("GQA 7, many splits, empty selection") {
     run_sparse_case(Shape{7, 1, 128, RopeStyle::half}, 4, {900, 64}, 0, 8);
   }
+  SUBCASE("two passes: scores of every item, then values per split (sparse_partials_two_pass)") {
+    for (int bits : {4, 8, 0}) {
+      CAPTURE(bits);
+      run_sparse_case(Shape{8, 2, 128, RopeStyle::half}, bits, {700, 1, 130, 1500}, 200, 3, SparsePath::two_pass);
+    }
+    run_sparse_case(Shape{9, 3, 64, RopeStyle::interleaved}, 4, {600, 333}, 100, 1, SparsePath::two_pass);
+    run_sparse_case(Shape{7, 1, 128, RopeStyle::half}, 4, {900, 64}, 0, 8, SparsePath::two_pass);
+    // Llama-3.1-8B's layer shape (d_c = kv_dim / 4 = 512: eight W_k,h chunks through shared memory)
+    run_sparse_case(Shape{32, 8, 128, RopeStyle::half}, 4, {1500, 1200}, 400, 5, SparsePath::two_pass, 512);
+    run_sparse_case(Shape{32, 8, 128, RopeStyle::half}, 4, {1500, 1200}, 400, 5, SparsePath::fused, 512);
+    run_sparse_case(Shape{28, 4, 128, RopeStyle::half}, 8, {1200}, 300, 2, SparsePath::two_pass, 256);
+  }
   SUBCASE("W_k,h read from global memory (weights_from_l2: two blocks per SM)") {
     if (!deltakv::gpu::vendor::kTensorTiles) {
       MESSAGE("skipped: weights_from_l2 is built for CUDA only");
@@ -400,10 +425,10 @@ TEST_CASE("fused sparse decode over a compressed layer: sinks + selection + wind
     }
     for (int bits : {4, 8, 0}) {
       CAPTURE(bits);
-      run_sparse_case(Shape{8, 2, 128, RopeStyle::half}, bits, {700, 1, 130, 1500}, 200, 3, true);
+      run_sparse_case(Shape{8, 2, 128, RopeStyle::half}, bits, {700, 1, 130, 1500}, 200, 3, SparsePath::fused_w_l2);
     }
-    run_sparse_case(Shape{9, 3, 64, RopeStyle::interleaved}, 4, {600, 333}, 100, 1, true);
-    run_sparse_case(Shape{7, 1, 128, RopeStyle::half}, 4, {900, 64}, 0, 8, true);
+    run_sparse_case(Shape{9, 3, 64, RopeStyle::interleaved}, 4, {600, 333}, 100, 1, SparsePath::fused_w_l2);
+    run_sparse_case(Shape{7, 1, 128, RopeStyle::half}, 4, {900, 64}, 0, 8, SparsePath::fused_w_l2);
   }
 }
 
