@@ -485,9 +485,117 @@ inline std::size_t sparse_smem_bytes(int head_dim, int group, int latent_dim, in
   return b + 64;
 }
 
+// One 16-lane group's E dims of a rebuilt key, RoPE applied: the K product (prod, plus prod2 when
+// the product was computed in two halves, Halves; rows indexed by head dim) + the mean of the item's nref
+// reference slices (the exact row for exact items, nref 1) + the bias for latents; refs[j] for
+// j >= nref are ignored (they were loaded from a dummy row so that every load is unconditional).
+template <class T, int D, bool Halves>
+DELTAKV_GPU_D void finish_key(const RawHead<T, D> (&refs)[4], int nref, bool latent, int pos, int lane, bool half, bool rope,
+                              const float* prod, const float* prod2, const T* bias, const RopeTableView& rt, float* x) {
+  constexpr int E = D / 16, H = E / 2;
+  const float inv = nref > 0 ? 1.f / float(nref) : 0.f;
+  float sum[E];
+#pragma unroll
+  for (int e = 0; e < E; ++e) sum[e] = 0.f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    unpack_head<T, D>(refs[j], half, x);
+    const float w = j < nref ? 1.f : 0.f;
+#pragma unroll
+    for (int e = 0; e < E; ++e) sum[e] += w * x[e];
+  }
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const int d = head_dim_of<D>(lane, half, e);
+    float v = Halves ? prod[d] + prod2[d] + sum[e] * inv : prod[d] + sum[e] * inv;
+    if (latent && bias) v += to_float(bias[d]);
+    x[e] = v;
+  }
+  if (rope && pos >= 0) {
+    float c[H], s[H];
+    rope_cs<H>(rt, pos, lane * H, c, s);
+    rotate<E>(x, c, s);
+  }
+}
+
+// 16 bytes of one latent row's storage into 16-bit values at dst (8 raw values, or 16 int8 / 32 int4
+// codes as c * scale + min in two roundings, like the CPU's dequantize); dst 16-byte aligned.
+template <class T>
+DELTAKV_GPU_D void dequant16(const uint4& raw, int bits, float sc, float mn, T* dst) {
+  if (bits == 0) {
+    *reinterpret_cast<uint4*>(dst) = raw;
+    return;
+  }
+  const unsigned w4[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int part = 0; part < 4; ++part) {  // 8 values (int4) or 4 values (int8) per word
+    if (bits == 4) {
+      T zt[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) zt[e] = from_float<T>(vendor::add_rn(vendor::mul_rn(float((w4[part] >> (4 * e)) & 0xFu), sc), mn));
+      *reinterpret_cast<uint4*>(dst + part * 8) = *reinterpret_cast<const uint4*>(zt);
+    } else {
+      T zt[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) zt[e] = from_float<T>(vendor::add_rn(vendor::mul_rn(float((w4[part] >> (8 * e)) & 0xFFu), sc), mn));
+      *reinterpret_cast<uint2*>(dst + part * 4) = *reinterpret_cast<const uint2*>(zt);
+    }
+  }
+}
+
+// A sparse block's partial for its split, per head g of the group: acc_v + W_v,h acc_z + mass * b_v,
+// then m and l. stat: [G][4] = m, l, (the kernel's own), mass. A warp per four output rows (their
+// weight loads in flight together), lanes over the latent dimension. Shared by the fused and the
+// two-pass kernels.
+template <class T, int D, int G, int W, int NT>
+DELTAKV_GPU_D void write_sparse_partial(const SparseDecodeParams<T>& p, int b, int h, int split, const float* s_accz,
+                                        const float* s_accv, const float* s_stat) {
+  constexpr int NW = NT / W;
+  static_assert(D % (4 * NW) == 0, "four output rows per warp step");
+  const auto& L = p.layer;
+  const int DC = L.latent_dim, Hkv = p.n_kv_heads, warp = threadIdx.x / W, lane_w = threadIdx.x % W;
+  float* part = p.part + ((std::int64_t(b) * p.n_q_heads + h * G) * p.n_splits + split) * (D + 2);
+  const std::int64_t head_stride = std::int64_t(p.n_splits) * (D + 2);
+  for (int d0 = warp * 4; d0 < D; d0 += NW * 4) {
+    float dot[4][G];
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int g = 0; g < G; ++g) dot[r][g] = 0.f;
+    for (int c = lane_w; c < DC; c += W) {
+      float w[4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) w[r] = to_float(L.w_dec[std::int64_t(Hkv * D + h * D + d0 + r) * DC + c]);
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        const float a = s_accz[g * DC + c];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) dot[r][g] += w[r] * a;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        float v = dot[r][g];
+#pragma unroll
+        for (int o = W / 2; o > 0; o >>= 1) v += vendor::shfl_xor<W>(v, o);
+        if (lane_w == 0) {
+          const int d = d0 + r;
+          const float bias = L.b_dec ? to_float(L.b_dec[(Hkv + h) * D + d]) : 0.f;
+          part[g * head_stride + d] = s_accv[g * D + d] + v + s_stat[g * 4 + 3] * bias;
+        }
+      }
+  }
+  if (threadIdx.x < G) {
+    part[threadIdx.x * head_stride + D] = s_stat[threadIdx.x * 4 + 0];
+    part[threadIdx.x * head_stride + D + 1] = s_stat[threadIdx.x * 4 + 1];
+  }
+}
+
 template <class T, int D, int G, int W, int NT, bool WL2 = false>
 __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(SparseDecodeParams<T> p) {
-  constexpr int TT = kSparseTile, NW = NT / W, E = D / 16, H = E / 2;
+  constexpr int TT = kSparseTile, NW = NT / W, E = D / 16;
   constexpr int KT = TT * 16 / NT, VT = TT * (D / 8) / NT;  // K / V tasks per thread
   static_assert(NT == kSparseThreadsPerBlock && KT >= 1 && VT >= 1 && NT % W == 0, "sparse_decode_kernel: shape");
   const auto& L = p.layer;
@@ -684,29 +792,8 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
           if (task >= tasks) continue;
           const int i = task / pieces, ci = c0 + i, col = (task % pieces) * vals;
           T* dst = s_z + i * ldz + col;
-          if (L.latent_bits == 0) {
-            *reinterpret_cast<uint4*>(dst) = raw[j];
-            continue;
-          }
-          const bool lat_row = s_lrow[ci] >= 0;
-          const float sc = lat_row ? s_sm[2 * ci] : 0.f, mn = lat_row ? s_sm[2 * ci + 1] : 0.f;
-          const unsigned w4[4] = {raw[j].x, raw[j].y, raw[j].z, raw[j].w};
-#pragma unroll
-          for (int part = 0; part < 4; ++part) {  // 8 values (int4) or 4 values (int8) per word
-            if (L.latent_bits == 4) {
-              T zt[8];
-#pragma unroll
-              for (int e = 0; e < 8; ++e)
-                zt[e] = from_float<T>(vendor::add_rn(vendor::mul_rn(float((w4[part] >> (4 * e)) & 0xFu), sc), mn));
-              *reinterpret_cast<uint4*>(dst + part * 8) = *reinterpret_cast<const uint4*>(zt);
-            } else {
-              T zt[4];
-#pragma unroll
-              for (int e = 0; e < 4; ++e)
-                zt[e] = from_float<T>(vendor::add_rn(vendor::mul_rn(float((w4[part] >> (8 * e)) & 0xFFu), sc), mn));
-              *reinterpret_cast<uint2*>(dst + part * 4) = *reinterpret_cast<const uint2*>(zt);
-            }
-          }
+          const bool scaled = L.latent_bits > 0 && s_lrow[ci] >= 0;  // raw latents have no scale / min
+          dequant16<T>(raw[j], L.latent_bits, scaled ? s_sm[2 * ci] : 0.f, scaled ? s_sm[2 * ci + 1] : 0.f, dst);
         }
       }
       __syncthreads();
@@ -752,31 +839,9 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
 #pragma unroll
         for (int kt = 0; kt < KT; ++kt) {
           const int task = threadIdx.x + kt * NT, i = task / 16, ci = c0 + i, lane = task % 16;
-          const int nref = s_nref[ci], pos = s_pos[ci];
-          const float inv = nref > 0 ? 1.f / float(nref) : 0.f;
-          const bool latent = s_lrow[ci] >= 0;
-          float sum[E], x[E];
-#pragma unroll
-          for (int e = 0; e < E; ++e) sum[e] = 0.f;
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            unpack_head<T, D>(g_k[kt][j], half, x);
-            const float w = j < nref ? 1.f : 0.f;
-#pragma unroll
-            for (int e = 0; e < E; ++e) sum[e] += w * x[e];
-          }
-#pragma unroll
-          for (int e = 0; e < E; ++e) {
-            const int d = head_dim_of<D>(lane, half, e);
-            float v = s_k[i * ldk + d] + s_v[i * ldk + d] + sum[e] * inv;
-            if (latent && L.b_dec) v += to_float(L.b_dec[h * D + d]);
-            x[e] = v;
-          }
-          if (rope && pos >= 0) {
-            float c[H], s[H];
-            rope_cs<H>(p.rope, pos, lane * H, c, s);
-            rotate<E>(x, c, s);
-          }
+          float x[E];
+          finish_key<T, D, true>(g_k[kt], s_nref[ci], s_lrow[ci] >= 0, s_pos[ci], lane, half, rope, s_k + i * ldk, s_v + i * ldk,
+                           L.b_dec ? L.b_dec + h * D : nullptr, p.rope, x);
 #pragma unroll
           for (int e = 0; e < E; ++e) s_k[i * ldk + head_dim_of<D>(lane, half, e)] = x[e];
         }
@@ -904,45 +969,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
     }
   }
   __syncthreads();
-  // partial: acc_v + W_v,h acc_z + mass * b_v; a warp per output dim d, lanes over DC
-  float* part = p.part + ((std::int64_t(b) * p.n_q_heads + h * G) * p.n_splits + split) * (D + 2);
-  const std::int64_t head_stride = std::int64_t(p.n_splits) * (D + 2);
-  static_assert(D % (4 * NW) == 0, "four output rows per warp step");
-  for (int d0 = warp * 4; d0 < D; d0 += NW * 4) {  // four rows at a time: their loads in flight together
-    float dot[4][G];
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-#pragma unroll
-      for (int g = 0; g < G; ++g) dot[r][g] = 0.f;
-    for (int c = lane_w; c < DC; c += W) {
-      float w[4];
-#pragma unroll
-      for (int r = 0; r < 4; ++r) w[r] = to_float(L.w_dec[std::int64_t(Hkv * D + h * D + d0 + r) * DC + c]);
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        const float a = s_accz[g * DC + c];
-#pragma unroll
-        for (int r = 0; r < 4; ++r) dot[r][g] += w[r] * a;
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        float v = dot[r][g];
-#pragma unroll
-        for (int o = W / 2; o > 0; o >>= 1) v += vendor::shfl_xor<W>(v, o);
-        if (lane_w == 0) {
-          const int d = d0 + r;
-          const float bias = L.b_dec ? to_float(L.b_dec[(Hkv + h) * D + d]) : 0.f;
-          part[g * head_stride + d] = s_accv[g * D + d] + v + s_stat[g * 4 + 3] * bias;
-        }
-      }
-  }
-  if (threadIdx.x < G) {
-    part[threadIdx.x * head_stride + D] = s_stat[threadIdx.x * 4 + 0];
-    part[threadIdx.x * head_stride + D + 1] = s_stat[threadIdx.x * 4 + 1];
-  }
+  write_sparse_partial<T, D, G, W, NT>(p, b, h, split, s_accz, s_accv, s_stat);
   if (p.profile) {
     __syncthreads();
     mark(8);

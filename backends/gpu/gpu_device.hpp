@@ -98,6 +98,7 @@ class GpuDevice {
     b = std::max(b, std::size_t(gpu::kRefMaxSplits) * std::size_t(std::max<std::int64_t>(ref_rows, 0)) *
                         std::size_t(std::max(ref_k, 0)) * (sizeof(float) + sizeof(std::int32_t)) + 256);
     b = std::max(b, std::size_t(4) * std::size_t(sms_) * gpu::kLinBM * gpu::kLinBN * sizeof(float));
+    b = std::max(b, std::size_t(3) * std::size_t(sms_) * gpu::kMmaBM * gpu::kMmaBN * sizeof(float));  // tensor-core split-K
     return b;
   }
   std::size_t scratch_capacity() const { return scratch_bytes_; }
@@ -121,10 +122,26 @@ class GpuDevice {
     if (p.n <= 0 || p.out <= 0) return;
     if constexpr (vendor::kTensorTiles && !std::is_same_v<T, float>) {
       if (tensor_cores_ && gpu::linear_mma_eligible(p)) {  // 16-bit, >= 64 rows, 16-byte pieces
+        const std::int64_t gx = (p.out + gpu::kMmaBN - 1) / gpu::kMmaBN;
         const std::int64_t gy = std::min<std::int64_t>((p.n + gpu::kMmaBM - 1) / gpu::kMmaBM, 65535);
-        const dim3 grid{unsigned((p.out + gpu::kMmaBN - 1) / gpu::kMmaBN), unsigned(gy), 1u};
-        gpu::linear_mma_kernel<T, kWarp><<<grid, gpu::kMmaThreads, 0, stream_>>>(p);
+        const std::int64_t steps = (p.in + gpu::kMmaBK - 1) / gpu::kMmaBK;
+        std::int64_t splits = 1;
+        if (gx * gy < sms_)  // too few output tiles: split K, at least 8 steps of 32 per split
+          splits = std::max<std::int64_t>(1, std::min<std::int64_t>({(2 * sms_ + gx * gy - 1) / (gx * gy), steps / 8, 16}));
+        const std::int64_t per = (steps + splits - 1) / splits;
+        splits = (steps + per - 1) / per;
+        float* partial = nullptr;
+        if (splits > 1) {
+          reserve_scratch(std::size_t(splits) * std::size_t(p.n) * std::size_t(p.out) * sizeof(float));
+          partial = reinterpret_cast<float*>(scratch_);
+        }
+        const dim3 grid{unsigned(gx), unsigned(gy), unsigned(splits)};
+        gpu::linear_mma_kernel<T, kWarp><<<grid, gpu::kMmaThreads, 0, stream_>>>(p, int(per), partial);
         launched("linear (tensor cores)");
+        if (splits > 1) {
+          gpu::linear_reduce_kernel<T><<<blocks(p.n * p.out, 256), 256, 0, stream_>>>(p, int(splits), partial);
+          launched("linear (tensor cores, reduce)");
+        }
         return;
       }
     }
@@ -164,37 +181,25 @@ class GpuDevice {
     launched("axpy_rows");
   }
 
-  // Blocks of up to 8 rows x a share of the references; more than one share per row block when
-  // that is needed to fill the GPU (partial lists merged by a second kernel).
+  // Blocks of rows x a share of the references; more than one share per row block when that is
+  // needed to fill the GPU (partial lists merged by a second kernel). Rows per block: 128 on
+  // tensor cores (ref_search_mma_kernel, where eligible and enabled), else up to 8.
   void ref_search(const RefSearchParams<T>& p) {
     if (p.n <= 0 || p.k <= 0) return;
     if constexpr (vendor::kTensorTiles && !std::is_same_v<T, float>) {
       if (tensor_cores_ && gpu::ref_search_mma_eligible(p)) {
         const std::int64_t row_blocks = (p.n + gpu::kRsBM - 1) / gpu::kRsBM;
-        // splits of the references: two waves of blocks, at least one 64-reference tile each
-        std::int64_t splits = std::max<std::int64_t>(1, (2 * sms_ + row_blocks - 1) / row_blocks);
-        splits = std::min<std::int64_t>({splits, std::max<std::int64_t>(1, p.m / gpu::kRsBN), gpu::kRefMaxSplits});
-        const std::int64_t share = (p.m + splits - 1) / splits;
-        const std::int64_t per = std::max<std::int64_t>(1, (share + gpu::kRsBN - 1) / gpu::kRsBN) * gpu::kRsBN;
-        splits = std::max<std::int64_t>(1, (p.m + per - 1) / per);
-        float* part_s = nullptr;
-        std::int32_t* part_i = nullptr;
-        if (splits > 1) {
-          const std::size_t entries = std::size_t(splits) * std::size_t(p.n) * std::size_t(p.k);
-          reserve_scratch(entries * (sizeof(float) + sizeof(std::int32_t)) + 256);
-          part_s = reinterpret_cast<float*>(scratch_);
-          part_i = reinterpret_cast<std::int32_t*>(scratch_ + align256(entries * sizeof(float)));
-        }
+        const RefSplits sp = ref_splits(p, row_blocks, gpu::kRsBN, gpu::kRsBN);  // whole 64-reference tiles
         const auto kernel = gpu::ref_search_mma_kernel<T, kWarp>;
         const int smem = int(gpu::ref_search_mma_smem());
-        vendor::allow_dynamic_smem(kernel, smem);
-        kernel<<<dim3{unsigned(row_blocks), unsigned(splits)}, gpu::kRsThreads, smem, stream_>>>(p, per, part_s, part_i);
-        launched("ref_search (tensor cores)");
-        if (splits > 1) {
-          gpu::ref_merge_kernel<gpu::kRefMaxSplits>
-              <<<unsigned((p.n + 127) / 128), 128, 0, stream_>>>(int(splits), p.n, p.k, part_s, part_i, p.ids);
-          launched("ref_search (merge)");
+        if (!rs_smem_allowed_) {  // a host call: once per device object
+          vendor::allow_dynamic_smem(kernel, smem);
+          rs_smem_allowed_ = true;
         }
+        kernel<<<dim3{unsigned(row_blocks), unsigned(sp.splits)}, gpu::kRsThreads, smem, stream_>>>(p, sp.per, sp.part_s,
+                                                                                                   sp.part_i);
+        launched("ref_search (tensor cores)");
+        ref_merge(p, sp);
         return;
       }
     }
@@ -207,28 +212,11 @@ class GpuDevice {
       throw ConfigError(where("ref_search: dim ") + std::to_string(p.dim) + " with k " + std::to_string(p.k) +
                         " needs " + std::to_string(smem) + " bytes of shared memory (limit 48 KiB)");
     const std::int64_t row_blocks = (p.n + rows - 1) / rows;
-    // splits: enough blocks for two waves, each share at least 4 references per warp
-    std::int64_t splits = std::max<std::int64_t>(1, (2 * sms_ + row_blocks - 1) / row_blocks);
-    splits = std::min<std::int64_t>(splits, std::max<std::int64_t>(1, p.m / (4 * NW)));
-    splits = std::min<std::int64_t>(splits, gpu::kRefMaxSplits);
-    const std::int64_t per = std::max<std::int64_t>(1, (p.m + splits - 1) / splits);
-    splits = std::max<std::int64_t>(1, (p.m + per - 1) / per);
-    float* part_s = nullptr;
-    std::int32_t* part_i = nullptr;
-    if (splits > 1) {
-      const std::size_t entries = std::size_t(splits) * std::size_t(p.n) * std::size_t(p.k);
-      reserve_scratch(entries * (sizeof(float) + sizeof(std::int32_t)) + 256);
-      part_s = reinterpret_cast<float*>(scratch_);
-      part_i = reinterpret_cast<std::int32_t*>(scratch_ + align256(entries * sizeof(float)));
-    }
-    const dim3 grid{unsigned(row_blocks), unsigned(splits)};
-    gpu::ref_search_kernel<T, kWarp, NT><<<grid, NT, smem, stream_>>>(p, rows, per, part_s, part_i);
+    const RefSplits sp = ref_splits(p, row_blocks, 4 * NW, 1);  // each share at least 4 references per warp
+    const dim3 grid{unsigned(row_blocks), unsigned(sp.splits)};
+    gpu::ref_search_kernel<T, kWarp, NT><<<grid, NT, smem, stream_>>>(p, rows, sp.per, sp.part_s, sp.part_i);
     launched("ref_search");
-    if (splits > 1) {
-      gpu::ref_merge_kernel<gpu::kRefMaxSplits>
-          <<<unsigned((p.n + 127) / 128), 128, 0, stream_>>>(int(splits), p.n, p.k, part_s, part_i, p.ids);
-      launched("ref_search (merge)");
-    }
+    ref_merge(p, sp);
   }
 
   void gather_mean(const GatherMeanParams<T>& p) {
@@ -359,6 +347,36 @@ class GpuDevice {
   void fill_zero(void* p, std::size_t bytes) { vendor::memset_async(p, 0, bytes, stream_); }
 
  private:
+  // How a reference search is split over the reference range: `splits` shares of `per` references
+  // (a multiple of `granule`), enough blocks for two waves with at least `min_share` references
+  // each; with more than one share, the partial lists [splits, n, k] live in the scratch.
+  struct RefSplits {
+    std::int64_t splits = 1, per = 1;
+    float* part_s = nullptr;
+    std::int32_t* part_i = nullptr;
+  };
+  RefSplits ref_splits(const RefSearchParams<T>& p, std::int64_t row_blocks, std::int64_t min_share, std::int64_t granule) {
+    RefSplits r;
+    std::int64_t splits = std::max<std::int64_t>(1, (2 * sms_ + row_blocks - 1) / row_blocks);
+    splits = std::min<std::int64_t>({splits, std::max<std::int64_t>(1, p.m / min_share), gpu::kRefMaxSplits});
+    const std::int64_t share = (p.m + splits - 1) / splits;
+    r.per = std::max<std::int64_t>(1, (share + granule - 1) / granule) * granule;
+    r.splits = std::max<std::int64_t>(1, (p.m + r.per - 1) / r.per);
+    if (r.splits > 1) {
+      const std::size_t entries = std::size_t(r.splits) * std::size_t(p.n) * std::size_t(p.k);
+      reserve_scratch(entries * (sizeof(float) + sizeof(std::int32_t)) + 256);
+      r.part_s = reinterpret_cast<float*>(scratch_);
+      r.part_i = reinterpret_cast<std::int32_t*>(scratch_ + align256(entries * sizeof(float)));
+    }
+    return r;
+  }
+  void ref_merge(const RefSearchParams<T>& p, const RefSplits& sp) {
+    if (sp.splits <= 1) return;
+    gpu::ref_merge_kernel<gpu::kRefMaxSplits>
+        <<<unsigned((p.n + 127) / 128), 128, 0, stream_>>>(int(sp.splits), p.n, p.k, sp.part_s, sp.part_i, p.ids);
+    launched("ref_search (merge)");
+  }
+
   // Error text "<CudaDevice|HipDevice>::<what>", built only on the error path.
   static std::string where(const char* what) { return std::string(vendor::kDeviceClass) + "::" + what; }
   // After a kernel launch: a bad launch configuration is reported at once.
@@ -402,6 +420,7 @@ class GpuDevice {
   stream_t stream_ = nullptr;
   bool owns_stream_ = false;
   bool tensor_cores_ = false;
+  bool rs_smem_allowed_ = false;
   int device_ = 0;
   int sms_ = 1;
   unsigned char* scratch_ = nullptr;

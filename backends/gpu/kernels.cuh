@@ -198,6 +198,8 @@ __global__ void linear_reduce_kernel(LinearParams<T> p, int splits, const float*
 // 16 x 16). The next K step's 16-byte pieces are loaded into registers while the current one is
 // multiplied from shared memory (two buffers, one barrier per step). Requires in % 8 == 0,
 // ldx % 8 == 0 and 16-byte aligned x and w (linear_mma_eligible); edges are zero-filled.
+// Split-K like linear_kernel when the output tiles alone cannot fill the GPU: blockIdx.z takes
+// `steps_per_split` K steps and writes f32 partials [splits, n, out] for linear_reduce_kernel.
 // =============================================================================================
 inline constexpr int kMmaBM = 128, kMmaBN = 128, kMmaBK = 32, kMmaThreads = 256;  // gpu-check: allow(K step, not lanes)
 inline constexpr int kMmaLd = kMmaBK + 8;  // 16-bit elements per shared row: 80 bytes, rows spread over banks
@@ -208,12 +210,12 @@ bool linear_mma_eligible(const LinearParams<T>& p) {
     return false;
   } else {
     const auto aligned = [](const void* q) { return reinterpret_cast<std::uintptr_t>(q) % 16 == 0; };
-    return p.n >= 64 && p.in % 8 == 0 && p.ldx % 8 == 0 && aligned(p.x) && aligned(p.w);
+    return p.n >= 64 && p.in >= 8 && p.in % 8 == 0 && p.ldx % 8 == 0 && aligned(p.x) && aligned(p.w);
   }
 }
 
 template <class T, int W>
-__global__ void DELTAKV_LAUNCH_BOUNDS_MIN(kMmaThreads, 2) linear_mma_kernel(LinearParams<T> p) {
+__global__ void DELTAKV_LAUNCH_BOUNDS_MIN(kMmaThreads, 2) linear_mma_kernel(LinearParams<T> p, int steps_per_split, float* partial) {
   constexpr int BM = kMmaBM, BN = kMmaBN, BK = kMmaBK, LD = kMmaLd, NT = kMmaThreads;
   constexpr int PIECES = BK / 8;                       // 16-byte pieces per tile row
   constexpr int LOADS = BM * PIECES / NT;              // pieces per thread per operand
@@ -225,7 +227,9 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(kMmaThreads, 2) linear_mma_kernel(Line
   const int wm = (warp / 4) * WTM, wn = (warp % 4) * WTN;  // the warp's corner of the tile
   static_assert(WTM == 4 * 16 && WTN == 2 * 16, "each warp holds 4 x 2 accumulator tiles");
   const int n0 = blockIdx.x * BN;
-  const int ksteps = (p.in + BK - 1) / BK;
+  const int all_steps = (p.in + BK - 1) / BK, s_begin = blockIdx.z * steps_per_split;
+  const int ksteps = (all_steps - s_begin < steps_per_split ? all_steps - s_begin : steps_per_split);  // this split's
+  const int k_first = s_begin * BK;
   for (std::int64_t m0 = std::int64_t(blockIdx.y) * BM; m0 < p.n; m0 += std::int64_t(gridDim.y) * BM) {
     uint4 ra[LOADS], rb[LOADS];
     auto load = [&](int k0) {
@@ -253,12 +257,12 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(kMmaThreads, 2) linear_mma_kernel(Line
 #pragma unroll
       for (int j = 0; j < 2; ++j) acc[i][j].zero();
     __syncthreads();  // the previous row block's epilogue is done with as[0]
-    load(0);
+    load(k_first);
     stash(0);
     __syncthreads();
     for (int ks = 0; ks < ksteps; ++ks) {
       const int buf = ks & 1;
-      if (ks + 1 < ksteps) load((ks + 1) * BK);  // in flight during this step's products
+      if (ks + 1 < ksteps) load(k_first + (ks + 1) * BK);  // in flight during this step's products
 #pragma unroll
       for (int kk = 0; kk < BK; kk += 16) {
 #pragma unroll
@@ -282,9 +286,13 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(kMmaThreads, 2) linear_mma_kernel(Line
           const std::int64_t row = m0 + wm + i * 16 + e / 16;
           const int o = n0 + wn + j * 16 + e % 16;
           if (row < p.n && o < p.out) {
-            float v = stage[e];
-            if (p.b) v += to_float(p.b[o]);
-            p.y[row * p.ldy + o] = from_float<T>(v);
+            if (partial) {
+              partial[(std::int64_t(blockIdx.z) * p.n + row) * p.out + o] = stage[e];
+            } else {
+              float v = stage[e];
+              if (p.b) v += to_float(p.b[o]);
+              p.y[row * p.ldy + o] = from_float<T>(v);
+            }
           }
         }
         vendor::warp_sync();
@@ -536,8 +544,9 @@ bool ref_search_mma_eligible(const RefSearchParams<T>& p) {
     return false;
   } else {
     const auto aligned = [](const void* q) { return reinterpret_cast<std::uintptr_t>(q) % 16 == 0; };
-    return p.metric != Metric::cosine && p.k <= kRsMaxK && p.dim % 8 == 0 && p.ldx % 8 == 0 && p.ldr % 8 == 0 &&
-           aligned(p.x) && aligned(p.refs);
+    // >= 64 rows: below that the CUDA-core kernel is faster (measured on the H100)
+    return p.n >= 64 && p.metric != Metric::cosine && p.k <= kRsMaxK && p.dim % 8 == 0 && p.ldx % 8 == 0 &&
+           p.ldr % 8 == 0 && aligned(p.x) && aligned(p.refs);
   }
 }
 

@@ -145,7 +145,7 @@ inline std::size_t sparse_scores_smem(int head_dim, int group, int latent_dim) {
 
 template <class T, int D, int G, int W, int NT>
 __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, 2) sparse_scores_kernel(SparseDecodeParams<T> p) {
-  constexpr int TT = kTwoPassTile, CK = kTwoPassChunk, E = D / 16, H = E / 2;
+  constexpr int TT = kTwoPassTile, CK = kTwoPassChunk, E = D / 16;
   constexpr int WPIECES = CK / 8, WLOADS = D * WPIECES / NT;  // W chunk: 16-byte pieces per thread
   constexpr int KT = TT * 16 / NT;                              // (item, 16-lane group) tasks per thread
   constexpr int WT = 2 * 16;                                    // a warp tile: 2 x 2 tiles of 16 x 16
@@ -216,27 +216,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, 2) sparse_scores_kernel(SparseDeco
       const int i = task / pieces, col = (task % pieces) * vals, r = s_lrow[i];
       const uint4 raw = r >= 0 ? *reinterpret_cast<const uint4*>(v.lat + std::int64_t(r) * L.lat_ld + (task % pieces) * 16)
                                : make_uint4(0u, 0u, 0u, 0u);
-      T* dst = s_z + i * ldz + col;
-      if (L.latent_bits == 0) {
-        *reinterpret_cast<uint4*>(dst) = raw;
-        continue;
-      }
-      const float sc = r >= 0 ? s_sm[2 * i] : 0.f, mn = r >= 0 ? s_sm[2 * i + 1] : 0.f;
-      const unsigned w4[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-      for (int part = 0; part < 4; ++part) {
-        if (L.latent_bits == 4) {
-          T zt[8];
-#pragma unroll
-          for (int e = 0; e < 8; ++e) zt[e] = from_float<T>(vendor::add_rn(vendor::mul_rn(float((w4[part] >> (4 * e)) & 0xFu), sc), mn));
-          *reinterpret_cast<uint4*>(dst + part * 8) = *reinterpret_cast<const uint4*>(zt);
-        } else {
-          T zt[4];
-#pragma unroll
-          for (int e = 0; e < 4; ++e) zt[e] = from_float<T>(vendor::add_rn(vendor::mul_rn(float((w4[part] >> (8 * e)) & 0xFFu), sc), mn));
-          *reinterpret_cast<uint2*>(dst + part * 4) = *reinterpret_cast<const uint2*>(zt);
-        }
-      }
+      dequant16<T>(raw, L.latent_bits, r >= 0 ? s_sm[2 * i] : 0.f, r >= 0 ? s_sm[2 * i + 1] : 0.f, s_z + i * ldz + col);
     }
   }
   w_stash(0);
@@ -287,31 +267,10 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, 2) sparse_scores_kernel(SparseDeco
 #pragma unroll
   for (int kt = 0; kt < KT; ++kt) {
     const int task = tid + kt * NT, i = task / 16, lane = task % 16;
-    const int nref = s_nref[i], pos = s_pos[i];
-    const float inv = nref > 0 ? 1.f / float(nref) : 0.f;
-    const bool latent = s_lrow[i] >= 0;
-    float x[E], sum[E];
-#pragma unroll
-    for (int e = 0; e < E; ++e) sum[e] = 0.f;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      unpack_head<T, D>(g[kt][j], half, x);
-      const float w = j < nref ? 1.f : 0.f;
-#pragma unroll
-      for (int e = 0; e < E; ++e) sum[e] += w * x[e];
-    }
-#pragma unroll
-    for (int e = 0; e < E; ++e) {
-      const int d = head_dim_of<D>(lane, half, e);
-      float val = s_k[i * ldk + d] + sum[e] * inv;
-      if (latent && L.b_dec) val += to_float(L.b_dec[h * D + d]);
-      x[e] = val;
-    }
-    if (rope && pos >= 0) {
-      float c[H], s[H];
-      rope_cs<H>(p.rope, pos, lane * H, c, s);
-      rotate<E>(x, c, s);
-    }
+    const int pos = s_pos[i];
+    float x[E];
+    finish_key<T, D, false>(g[kt], s_nref[i], s_lrow[i] >= 0, pos, lane, half, rope, s_k + i * ldk, nullptr,
+                     L.b_dec ? L.b_dec + h * D : nullptr, p.rope, x);
 #pragma unroll
     for (int gg = 0; gg < G; ++gg) {
       float dot = 0.f;
@@ -358,7 +317,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, 2) sparse_values_kernel(SparseDeco
   const std::size_t table_bytes = std::size_t(NT) * 7 * 4 + std::size_t(NT) * 2 * 4 + std::size_t(NT) * G * 4;
   const std::size_t acc_bytes = std::size_t(G) * DC * 4 + std::size_t(SLOTS) * G * D * 4;
   const std::size_t main_bytes = table_bytes > acc_bytes ? table_bytes : acc_bytes;
-  float* s_stat = reinterpret_cast<float*>(smem_raw + main_bytes);    // [G][4]: m, l, mass, -
+  float* s_stat = reinterpret_cast<float*>(smem_raw + main_bytes);    // [G][4]: m, l, -, mass
 
   // 1. the split's softmax max per head (then l and the mass in the item loop)
   for (int g = warp; g < G; g += NW) {
@@ -369,7 +328,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, 2) sparse_values_kernel(SparseDeco
     if (lane_w == 0) {
       s_stat[g * 4 + 0] = m;
       s_stat[g * 4 + 1] = 0.f;
-      s_stat[g * 4 + 2] = 0.f;
+      s_stat[g * 4 + 3] = 0.f;
     }
   }
   __syncthreads();
@@ -459,7 +418,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, 2) sparse_values_kernel(SparseDeco
     }
     if (lane_w == 0) {
       atomicAdd(s_stat + g * 4 + 1, a);
-      atomicAdd(s_stat + g * 4 + 2, m);
+      atomicAdd(s_stat + g * 4 + 3, m);
     }
   }
 #pragma unroll
@@ -487,45 +446,8 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, 2) sparse_values_kernel(SparseDeco
   }
   __syncthreads();
 
-  // 3. partial: acc_v + W_v,h acc_z + mass * b_v; a warp per four output rows, lanes over DC
-  float* part = p.part + ((std::int64_t(b) * p.n_q_heads + h * G) * p.n_splits + split) * (D + 2);
-  const std::int64_t head_stride = std::int64_t(p.n_splits) * (D + 2);
-  static_assert(D % (4 * NW) == 0, "four output rows per warp step");
-  for (int d0 = warp * 4; d0 < D; d0 += NW * 4) {
-    float dot[4][G];
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-#pragma unroll
-      for (int g = 0; g < G; ++g) dot[r][g] = 0.f;
-    for (int c = lane_w; c < DC; c += W) {
-      float w[4];
-#pragma unroll
-      for (int r = 0; r < 4; ++r) w[r] = to_float(L.w_dec[std::int64_t(Hkv * D + h * D + d0 + r) * DC + c]);
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        const float a = s_accz[g * DC + c];
-#pragma unroll
-        for (int r = 0; r < 4; ++r) dot[r][g] += w[r] * a;
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        float x = dot[r][g];
-#pragma unroll
-        for (int o = W / 2; o > 0; o >>= 1) x += vendor::shfl_xor<W>(x, o);
-        if (lane_w == 0) {
-          const int d = d0 + r;
-          const float bias = L.b_dec ? to_float(L.b_dec[(Hkv + h) * D + d]) : 0.f;
-          part[g * head_stride + d] = s_accv[g * D + d] + x + s_stat[g * 4 + 2] * bias;
-        }
-      }
-  }
-  if (tid < G) {
-    part[tid * head_stride + D] = s_stat[tid * 4 + 0];
-    part[tid * head_stride + D + 1] = s_stat[tid * 4 + 1];
-  }
+  // 3. the split's partial (mass in stat[g][3], like the fused kernel)
+  write_sparse_partial<T, D, G, W, NT>(p, b, h, split, s_accz, s_accv, s_stat);
 }
 
 }  // namespace deltakv::gpu::decode

@@ -385,7 +385,8 @@ DELTAKV_GPU_D int first_lane(unsigned m) { return __ffs(static_cast<int>(m)) - 1
 
 }  // namespace deltakv::gpu::vendor
 
-// Dynamic shared memory of a kernel as an array of U (16-byte aligned).
-#define DELTAKV_DYNAMIC_SMEM(U, name)                         \
-  extern __shared__ __align__(16) unsigned char dk_smem_raw_[]; \
+// Dynamic shared memory of a kernel as an array of U (128-byte aligned: tensor-core tiles placed
+// relative to it need 32).
+#define DELTAKV_DYNAMIC_SMEM(U, name)                          \
+  extern __shared__ __align__(128) unsigned char dk_smem_raw_[]; \
   U* name = reinterpret_cast<U*>(dk_smem_raw_)

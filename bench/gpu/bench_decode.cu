@@ -409,7 +409,9 @@ PrefillResult run_prefill(const Model& m, std::int64_t N, std::int64_t chunk, bo
   double search = 0;
   {
     std::int64_t refs = 0;
-    for (std::int64_t p = 0; p < N - cfg.comp.recent; ++p) {  // FixedStride(10): references at 8, 18, 28, ...
+    // compressed positions: whole blocks that have left the window
+    const std::int64_t end = cfg.comp.sinks + (N - cfg.comp.sinks - cfg.comp.recent) / block * block;
+    for (std::int64_t p = 0; p < end; ++p) {  // FixedStride(10): references at 8, 18, 28, ...
       if (p < cfg.comp.sinks) continue;
       if ((p - cfg.comp.sinks) % 10 == 0) { ++refs; continue; }
       search += 2.0 * kvd * double(refs);

@@ -50,8 +50,9 @@ struct DBuf {
     vendor::memcpy_async(p, h.data(), h.size() * sizeof(T), nullptr);
     vendor::device_sync();
   }
-  void poison() {  // every byte 0xFF: NaN for f32/bf16, -1 for ints
-    vendor::memset_async(p, 0xFF, n * sizeof(T), nullptr);
+  // every byte 0xFF: NaN for f32/bf16, -1 for ints; another byte where -1 is a valid output (ids)
+  void poison(int byte = 0xFF) {
+    vendor::memset_async(p, byte, n * sizeof(T), nullptr);
     vendor::device_sync();
   }
   std::vector<T> get() const {
