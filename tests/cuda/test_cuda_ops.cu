@@ -250,8 +250,8 @@ TEST_CASE("cuda ref_search picks the same references as the CPU, ties included")
 TEST_CASE("cuda bf16 ref_search on tensor cores picks the same references as the CPU, ties included") {
   // Grid values are exact in bf16, and every product and partial sum of them is exact in f32, so
   // the tensor-core scores equal the CPU's bit for bit: ids must agree, ties to the earlier
-  // reference included. k <= 8 and metric l2 / dot take ref_search_mma_kernel (checked below);
-  // k = 16 and cosine fall back to the CUDA-core kernel and are checked too.
+  // reference included. k <= 8, metric l2 / dot and >= 64 rows take ref_search_mma_kernel (checked
+  // below); the other shapes fall back to the CUDA-core kernel and are checked too.
   DKT_REQUIRE_CUDA();
   if (!tensor_tiles_built()) return;
   cuda::CudaDevice<cuda::bf16> dev;
@@ -265,7 +265,7 @@ TEST_CASE("cuda bf16 ref_search on tensor cores picks the same references as the
       const std::int64_t diff = ids_differing(ref_search_both(dev, q, metric, &tc));
       MESSAGE("bf16 ref_search (" << std::string(tc ? "tensor cores" : "CUDA cores") << ") metric=" << int(metric) << " n=" << s.n
                                   << " m=" << s.m << " dim=" << s.dim << " k=" << s.k << ": " << diff << " differing ids");
-      CHECK(tc == (metric != Metric::cosine && s.k <= 8));
+      CHECK(tc == (metric != Metric::cosine && s.k <= 8 && s.n >= 64));
       CHECK(diff == 0);
     }
   }
