@@ -242,8 +242,8 @@ inline int two_pass_splits(std::int64_t max_items, int batch, int n_kv_heads, in
 }
 
 // The same partials as sparse_partials (combine them with combine()), in two launches: scores of
-// every attended item into p.scores, then the values per split. Not yet run on a GPU (written in a
-// session without one): tests/cuda/test_decode.cu checks it against the float64 reference.
+// every attended item into p.scores, then the values per split. Tested against the float64 reference
+// (tests/cuda/test_decode.cu); on the H100 it is slower than the fused kernel (docs/BENCHMARKS.md).
 template <class T>
 void sparse_partials_two_pass(const SparseDecodeParams<T>& p, vendor::stream_t stream) {
   static_assert(!std::is_same_v<T, float>, "the sparse path stores 16-bit values (bf16 / f16)");
