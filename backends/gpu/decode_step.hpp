@@ -233,10 +233,11 @@ template <class T>
 std::int64_t two_pass_max_items(const SparseDecodeParams<T>& p) {
   return std::int64_t(p.sinks) + (p.sel_count ? p.ld_sel : 0) + p.window;
 }
-// Splits of the values pass: about four blocks per multiprocessor, at least 64 items each.
+// Splits of the values pass: about sixteen blocks per multiprocessor (short item walks per block),
+// at least 64 items each.
 inline int two_pass_splits(std::int64_t max_items, int batch, int n_kv_heads, int sms) {
   const std::int64_t pairs = std::max<std::int64_t>(1, std::int64_t(batch) * n_kv_heads);
-  const std::int64_t by_sms = std::max<std::int64_t>(1, (4 * std::int64_t(sms) + pairs - 1) / pairs);
+  const std::int64_t by_sms = std::max<std::int64_t>(1, (16 * std::int64_t(sms) + pairs - 1) / pairs);
   const std::int64_t by_work = std::max<std::int64_t>(1, (max_items + 63) / 64);
   return int(std::min(by_sms, by_work));
 }

@@ -108,27 +108,25 @@ DELTAKV_GPU_D const T* item_row(const SeqView<T>& v, std::int32_t code, int kvd)
   return (r == 0 ? v.sinks : (r == 1 ? v.ring : v.refs)) + std::int64_t(code >> 2) * kvd;
 }
 
-// Latent value at column c (c even: the low nibble of its byte for int4), dequantized and rounded
-// to T like the fused kernel's shared Z tile, as f32.
+// The stored bits of latent columns c, c + 1 (c even): 4 bytes (raw 16-bit values), 2 (int8) or
+// the byte holding both nibbles (int4, low nibble first), loaded ahead of their use.
 template <class T>
-DELTAKV_GPU_D void latent_pair(const std::uint8_t* row, int bits, int c, float sc, float mn, float& z0, float& z1) {
+DELTAKV_GPU_D unsigned latent_raw(const std::uint8_t* row, int bits, int c) {
+  if (bits == 0) return *reinterpret_cast<const unsigned*>(row + std::size_t(c) * sizeof(T));
+  if (bits == 8) return *reinterpret_cast<const unsigned short*>(row + c);
+  return row[c / 2];
+}
+
+// Those two values, dequantized and rounded to T like the fused kernel's shared Z tile, as f32.
+template <class T>
+DELTAKV_GPU_D void latent_pair(unsigned raw, int bits, float sc, float mn, float& z0, float& z1) {
   if (bits == 0) {
-    const unsigned w = *reinterpret_cast<const unsigned*>(row + std::size_t(c) * sizeof(T));
-    const T* e = reinterpret_cast<const T*>(&w);
+    const T* e = reinterpret_cast<const T*>(&raw);
     z0 = to_float(e[0]);
     z1 = to_float(e[1]);
     return;
   }
-  unsigned q0, q1;
-  if (bits == 4) {
-    const unsigned byte = row[c / 2];
-    q0 = byte & 0xFu;
-    q1 = byte >> 4;
-  } else {
-    const unsigned two = *reinterpret_cast<const unsigned short*>(row + c);
-    q0 = two & 0xFFu;
-    q1 = two >> 8;
-  }
+  const unsigned q0 = bits == 4 ? (raw & 0xFu) : (raw & 0xFFu), q1 = bits == 4 ? (raw >> 4) & 0xFu : (raw >> 8) & 0xFFu;
   z0 = to_float(from_float<T>(vendor::add_rn(vendor::mul_rn(float(q0), sc), mn)));
   z1 = to_float(from_float<T>(vendor::add_rn(vendor::mul_rn(float(q1), sc), mn)));
 }
@@ -372,36 +370,52 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, 2) sparse_values_kernel(SparseDeco
     }
     __syncthreads();
     const int n_items = min(NT, i1 - chunk);
-#pragma unroll 2
-    for (int ci = 0; ci < n_items; ++ci) {
-      const int lrow = s_lrow[ci], nref = s_nref[ci];
-      float pg[G];
+    // U items at a time: every load of the U items (latent bits, V words) issued before any use
+    constexpr int U = 8;
+    for (int c0 = 0; c0 < n_items; c0 += U) {
+      unsigned zr[U][CPM], vr[U];
 #pragma unroll
-      for (int g = 0; g < G; ++g) pg[g] = s_p[ci * G + g];
-      if (lrow >= 0) {  // acc_z += p z over latent items (uniform branch)
-        const std::uint8_t* zrow = v.lat + std::int64_t(lrow) * L.lat_ld;
-        const float sc = s_sm[2 * ci], mn = s_sm[2 * ci + 1];
+      for (int u = 0; u < U; ++u) {
+        const int ci = c0 + u;
+        const int lrow = ci < n_items ? s_lrow[ci] : -1, nref = ci < n_items ? s_nref[ci] : 0;
 #pragma unroll
         for (int cp = 0; cp < CPM; ++cp) {
           const int c = 2 * (tid + cp * NT);
-          if (c >= DC) break;
-          float z0, z1;
-          latent_pair<T>(zrow, L.latent_bits, c, sc, mn, z0, z1);
+          zr[u][cp] = lrow >= 0 && c < DC ? latent_raw<T>(v.lat + std::int64_t(lrow) * L.lat_ld, L.latent_bits, c) : 0u;
+        }
+        vr[u] = slot < nref ? *reinterpret_cast<const unsigned*>(item_row(v, s_row[ci * 4 + slot], kvd) + (Hkv + h) * D + 2 * dp)
+                            : 0u;
+      }
 #pragma unroll
-          for (int g = 0; g < G; ++g) {
-            az[cp][0][g] += pg[g] * z0;
-            az[cp][1][g] += pg[g] * z1;
+      for (int u = 0; u < U; ++u) {
+        const int ci = c0 + u;
+        if (ci >= n_items) break;  // uniform over the block
+        const int lrow = s_lrow[ci], nref = s_nref[ci];
+        float pg[G];
+#pragma unroll
+        for (int g = 0; g < G; ++g) pg[g] = s_p[ci * G + g];
+        if (lrow >= 0) {  // acc_z += p z over latent items (uniform branch)
+          const float sc = s_sm[2 * ci], mn = s_sm[2 * ci + 1];
+#pragma unroll
+          for (int cp = 0; cp < CPM; ++cp) {
+            if (2 * (tid + cp * NT) >= DC) break;
+            float z0, z1;
+            latent_pair<T>(zr[u][cp], L.latent_bits, sc, mn, z0, z1);
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+              az[cp][0][g] += pg[g] * z0;
+              az[cp][1][g] += pg[g] * z1;
+            }
           }
         }
-      }
-      if (slot < nref) {  // acc_v += p V_slot / nref (the exact V for exact items: nref 1)
-        const unsigned w = *reinterpret_cast<const unsigned*>(item_row(v, s_row[ci * 4 + slot], kvd) + (Hkv + h) * D + 2 * dp);
-        const T* e = reinterpret_cast<const T*>(&w);
-        const float inv = 1.f / float(nref), v0 = to_float(e[0]) * inv, v1 = to_float(e[1]) * inv;
+        if (slot < nref) {  // acc_v += p V_slot / nref (the exact V for exact items: nref 1)
+          const T* e = reinterpret_cast<const T*>(&vr[u]);
+          const float inv = 1.f / float(nref), v0 = to_float(e[0]) * inv, v1 = to_float(e[1]) * inv;
 #pragma unroll
-        for (int g = 0; g < G; ++g) {
-          av[0][g] += pg[g] * v0;
-          av[1][g] += pg[g] * v1;
+          for (int g = 0; g < G; ++g) {
+            av[0][g] += pg[g] * v0;
+            av[1][g] += pg[g] * v1;
+          }
         }
       }
     }
