@@ -148,9 +148,10 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, 2) sparse_scores_kernel(SparseDeco
   constexpr int KT = TT * 16 / NT;                              // (item, 16-lane group) tasks per thread
   constexpr int WT = 2 * 16;                                    // a warp tile: 2 x 2 tiles of 16 x 16
   constexpr int WN = D / WT, UNITS = 2 * WN;                    // warp tiles: 2 (items) x WN (dims)
-  static_assert(NT == kTwoPassThreads && NT / W == 8 && WLOADS * NT == D * WPIECES && KT * NT == TT * 16,
+  constexpr int NW = NT / W, UPW = (UNITS + NW - 1) / NW;       // warps, units per warp
+  static_assert(NT == kTwoPassThreads && NT % W == 0 && WLOADS * NT == D * WPIECES && KT * NT == TT * 16,
                 "sparse_scores_kernel: shape");
-  static_assert(UNITS <= NT / W && TT == 2 * WT, "two warp tiles of items per block tile");
+  static_assert(TT == 2 * WT, "two warp tiles of items per block tile");
   const auto& L = p.layer;
   const int DC = L.latent_dim, ldz = DC + 8, ldw = CK + 8, ldk = D + 4;
   const int h = blockIdx.y, b = blockIdx.z, Hkv = p.n_kv_heads, kvd = 2 * Hkv * D;
@@ -220,33 +221,41 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, 2) sparse_scores_kernel(SparseDeco
   w_stash(0);
   __syncthreads();
 
-  // K tile = Z W_k,h^T: warp u < UNITS holds items [32 (u / WN), +32) x dims [32 (u % WN), +32)
+  // K tile = Z W_k,h^T: unit u < UNITS is items [32 (u / WN), +32) x dims [32 (u % WN), +32); warp w
+  // takes units w, w + NW, ... (one each with 8 warps of 32 lanes; two each on wave64)
   {
-    const int wi = (warp / WN) * WT, wd = (warp % WN) * WT;
-    vendor::mma16<T> c00, c01, c10, c11;
-    c00.zero();
-    c01.zero();
-    c10.zero();
-    c11.zero();
+    vendor::mma16<T> acc[UPW][4];
+#pragma unroll
+    for (int q = 0; q < UPW; ++q)
+#pragma unroll
+      for (int t = 0; t < 4; ++t) acc[q][t].zero();
     const int chunks = (DC + CK - 1) / CK;
     for (int c = 0; c < chunks; ++c) {
       const int buf = c & 1;
       if (c + 1 < chunks) w_load(c + 1);
-      if (warp < UNITS) {
-        const int kend = min(CK, DC - c * CK);  // a multiple of 16 (DC is)
-        const T* a0 = s_z + wi * ldz + c * CK;
-        const T* b0 = s_w + (buf * D + wd) * ldw;
+      const int kend = min(CK, DC - c * CK);  // a multiple of 16 (DC is)
+#pragma unroll
+      for (int q = 0; q < UPW; ++q) {
+        const int u = warp + q * NW;
+        if (u >= UNITS) continue;  // uniform over the warp
+        const T* a0 = s_z + (u / WN) * WT * ldz + c * CK;
+        const T* b0 = s_w + (buf * D + (u % WN) * WT) * ldw;
         for (int kk = 0; kk < kend; kk += 16)
-          c00.mac_2x2(c01, c10, c11, a0 + kk, a0 + 16 * ldz + kk, ldz, b0 + kk, b0 + 16 * ldw + kk, ldw);
+          acc[q][0].mac_2x2(acc[q][1], acc[q][2], acc[q][3], a0 + kk, a0 + 16 * ldz + kk, ldz, b0 + kk, b0 + 16 * ldw + kk, ldw);
       }
       if (c + 1 < chunks) w_stash(buf ^ 1);
       __syncthreads();
     }
-    if (warp < UNITS) {  // s_k aliases s_w: every warp is past its last product (barrier above)
-      c00.store(s_k + wi * ldk + wd, ldk);
-      c01.store(s_k + wi * ldk + wd + 16, ldk);
-      c10.store(s_k + (wi + 16) * ldk + wd, ldk);
-      c11.store(s_k + (wi + 16) * ldk + wd + 16, ldk);
+    // s_k aliases s_w: every warp is past its last product (barrier above)
+#pragma unroll
+    for (int q = 0; q < UPW; ++q) {
+      const int u = warp + q * NW;
+      if (u >= UNITS) continue;
+      const int wi = (u / WN) * WT, wd = (u % WN) * WT;
+      acc[q][0].store(s_k + wi * ldk + wd, ldk);
+      acc[q][1].store(s_k + wi * ldk + wd + 16, ldk);
+      acc[q][2].store(s_k + (wi + 16) * ldk + wd, ldk);
+      acc[q][3].store(s_k + (wi + 16) * ldk + wd + 16, ldk);
     }
   }
   __syncthreads();
