@@ -277,20 +277,26 @@ struct RecordedKv {
 
 // Real KV of a text: run the exact engine and record the (bf16-rounded, pre-RoPE) rows per layer.
 RecordedKv record_kv_and_weights(const llama::LlamaWeights& w, const std::vector<std::int32_t>& toks, int chunk);
+// The engine's KV interface forwarded to an exact cache held by reference, so that a wrapper
+// (llama::Bf16Kv, a tap) can sit in front of a cache the caller keeps reading afterwards.
+template <class Exact>
+struct ExactCacheRef {
+  Exact& c;
+  const Config& config() const { return c.cache().config(); }
+  std::int64_t length(int l, int s) const { return c.cache().length(l, s); }
+  void reset(int s) { c.cache().reset(s); }
+  void append(int l, const RaggedBatch<const float>& x) { c.cache().append(l, x); }
+  void attend(int l, const RaggedBatch<const float>& q, MatrixView<float> o) { c.cache().attend(l, q, o); }
+};
+
 std::vector<std::vector<float>> record_kv(const llama::LlamaWeights& w, const std::vector<std::int32_t>& toks, int chunk) {
   return record_kv_and_weights(w, toks, chunk).kv;
 }
 RecordedKv record_kv_and_weights(const llama::LlamaWeights& w, const std::vector<std::int32_t>& toks, int chunk) {
   const std::int64_t n = std::int64_t(toks.size());
   auto exact = llama::make_exact_cache(w.hp, n, chunk);
-  struct Fwd {
-    decltype(exact)& c;
-    const Config& config() const { return c.cache().config(); }
-    std::int64_t length(int l, int s) const { return c.cache().length(l, s); }
-    void reset(int s) { c.cache().reset(s); }
-    void append(int l, const RaggedBatch<const float>& x) { c.cache().append(l, x); }
-    void attend(int l, const RaggedBatch<const float>& q, MatrixView<float> o) { c.cache().attend(l, q, o); }
-  } fwd{exact};
+  using Fwd = ExactCacheRef<decltype(exact)>;
+  Fwd fwd{exact};
   llama::Bf16Kv<Fwd> rec(fwd, true);
   llama::LlamaEngine<llama::Bf16Kv<Fwd>> engine(w, rec, chunk);
   engine.prefill(0, toks, chunk, nullptr, llama::LogitRows::none);
@@ -672,14 +678,8 @@ int cmd_dump_kv(const Args& a) {
 
   // engine -> tap (last query) -> bf16 rounding (records what it appends) -> exact cache
   auto exact = llama::make_exact_cache(hp, n, chunk);
-  struct Fwd {
-    decltype(exact)& c;
-    const Config& config() const { return c.cache().config(); }
-    std::int64_t length(int l, int s) const { return c.cache().length(l, s); }
-    void reset(int s) { c.cache().reset(s); }
-    void append(int l, const RaggedBatch<const float>& x) { c.cache().append(l, x); }
-    void attend(int l, const RaggedBatch<const float>& q, MatrixView<float> o) { c.cache().attend(l, q, o); }
-  } fwd{exact};
+  using Fwd = ExactCacheRef<decltype(exact)>;
+  Fwd fwd{exact};
   llama::Bf16Kv<Fwd> rounded(fwd, true);
   LastQueryTap<llama::Bf16Kv<Fwd>> tap{rounded, n - 1, std::vector<char>(std::size_t(hp.n_layers), 0),
                                        std::vector<std::vector<float>>(std::size_t(hp.n_layers)),
