@@ -24,7 +24,7 @@
 #include <string>
 #include <vector>
 
-#include "decode_step.hpp"
+#include "fused_step_check.cuh"
 #include "deltakv/calibration/pca.hpp"
 #include "gpu_harness.cuh"
 #include "real_kv.hpp"
@@ -690,84 +690,16 @@ TEST_CASE("real KV: the fused decode step on a real-KV cache equals the cache's 
   }
   CHECK(gpu.cache->counts().latents > 1000);
 
-  DBuf<std::int32_t> codes(gpu.cache->position_codes());
-  auto rt = dec::rope_table(cfg.rope.theta, cfg.rot_dim(), cfg.cap.max_tokens);
-  DBuf<float> hi(rt.hi), lo(rt.lo);
-  const dec::RopeTableView rope{hi.p, lo.p, rt.half, rt.max_pos};
-  const float scale = float(1.0 / std::sqrt(double(HD)));
-  const std::int64_t max_n = cfg.cap.max_tokens;
-  const auto sp = dec::dense_splits(max_n, 2, Hkv, 132);
-  DBuf<float> part(dec::partials_floats(2, Hq, std::max(sp.n_splits, 4), HD)), logits(std::size_t(2) * Hq * max_n),
-      lse(std::size_t(2) * Hq);
-  DBuf<std::uint32_t> keys(std::size_t(2) * max_n);
-  DBuf<std::int32_t> sel(std::size_t(2) * TOPK), sel_count(2), dn(std::vector<std::int32_t>{int(len[0]), int(len[1])});
-  DBuf<bf> want(std::size_t(2) * qd), got(std::size_t(2) * qd);
-  const std::int32_t sid[2] = {0, 1}, ip[3] = {0, 1, 2};
-  const std::vector<std::int64_t> qpos = {len[0] - 1, len[1] - 1};
-
-  for (int l = 0; l < L; ++l) {
-    CAPTURE(l);
+  // Queries: the dumped last-position query of each layer (random if the dump has none), for both
+  // sequences. The fused path keeps rotated keys in f32, the tiled one rounds them to bf16, so
+  // scores differ by about 2^-9 of each logit and near-ties at the top-K boundary may swap: at most
+  // 1/8 of K. Same stored bytes on both sides (2^-9 of each logit, larger logits with real queries
+  // than the grid test's): rel L2 3e-2 (the grid-data test uses 2e-2).
+  auto query = [&](int l) {
     const auto q1 = kv->has_query() ? kv->query[std::size_t(l)] : randn<float>(std::size_t(qd), 55 + l, 2.0);
     std::vector<float> qh(q1);
     qh.insert(qh.end(), q1.begin(), q1.end());
-    DBuf<bf> dq(to_bf16(qh));
-    const RaggedBatch<const bf> qb{MatrixView<const bf>{dq.p, 2, qd, qd}, sid, ip, qpos};
-    want.poison();
-    gpu.cache->attend(l, qb, MatrixView<bf>{want.p, 2, qd, qd});
-    gpu.dev.synchronize();
-    got.poison();
-    const LayerStorage st = gpu.cache->storage(l);
-    DBuf<std::int32_t> dc(std::vector<std::int32_t>{int(gpu.cache->frontier(l, 0)), int(gpu.cache->frontier(l, 1))});
-    if (st.exact) {
-      std::int64_t stride = 0;
-      const bf* rows = dec::exact_rows<bf>(st, &stride);
-      part.poison();
-      logits.poison();
-      dec::dense_partials(dec::DenseDecodeParams<bf>{dq.p, qd, rows, stride, dn.p, 2, Hq, Hkv, HD, scale, rope, cfg.rope.style,
-                                                     sp.split_len, sp.n_splits, part.p, logits.p, max_n},
-                          max_n, nullptr);
-      dec::combine(dec::CombineParams<bf>{part.p, sp.n_splits, 2, Hq, HD, got.p, qd, lse.p}, nullptr);
-      sel.poison();
-      dec::select_topk(dec::SelectParams{logits.p, max_n, lse.p, dn.p, 2, Hq, pol.sinks, pol.window, TOPK, keys.p, max_n,
-                                         sel.p, TOPK, sel_count.p},
-                       max_n, nullptr);
-      // The fused selection against the cache's own: the fused path keeps rotated keys in f32,
-      // the tiled one rounds them to bf16, so scores differ by about 2^-9 of each logit and
-      // near-ties at the top-K boundary may swap: at most 1/8 of K.
-      const auto gs = sel.get();
-      const auto gc = sel_count.get();
-      for (int s = 0; s < 2; ++s) {
-        auto cs = gpu.cache->selection(s);
-        REQUIRE(gc[s] == int(cs.size()));
-        std::set<std::int64_t> a(cs.begin(), cs.end()), b(gs.begin() + s * TOPK, gs.begin() + s * TOPK + gc[s]);
-        std::vector<std::int64_t> common;
-        std::set_intersection(a.begin(), a.end(), b.begin(), b.end(), std::back_inserter(common));
-        MESSAGE("seq " << s << ": fused and tiled selections share " << common.size() << " of " << a.size());
-        CHECK(common.size() + TOPK / 8 >= a.size());
-        CHECK(std::is_sorted(gs.begin() + s * TOPK, gs.begin() + s * TOPK + gc[s]));
-      }
-    } else {
-      // the sparse layer attends the cache's own selection (the one its attend() used)
-      std::vector<std::int32_t> hs(std::size_t(2) * TOPK, -1), hc(2);
-      for (int s = 0; s < 2; ++s) {
-        auto cs = gpu.cache->selection(s);
-        hc[s] = int(cs.size());
-        std::copy(cs.begin(), cs.end(), hs.begin() + s * TOPK);
-      }
-      DBuf<std::int32_t> csel(hs), ccnt(hc);
-      const auto& dw = gpu.dec[std::size_t(l)].f;
-      const auto view = dec::compressed_view<bf>(st, codes.p, dw.w, dw.b);
-      part.poison();
-      dec::sparse_partials(dec::SparseDecodeParams<bf>{dq.p, qd, view, dn.p, dc.p, csel.p, TOPK, ccnt.p, 2, Hq, Hkv, HD, scale,
-                                                       rope, cfg.rope.style, pol.sinks, pol.window, 4, part.p},
-                           nullptr);
-      dec::combine(dec::CombineParams<bf>{part.p, 4, 2, Hq, HD, got.p, qd, nullptr}, nullptr);
-    }
-    // Same stored bytes on both sides: the tiled path rounds rebuilt rows and rotated keys to bf16
-    // (2^-9 of each logit, larger logits with real queries than the grid test's), the fused one
-    // keeps them in f32: 3e-2 (the grid-data test uses 2e-2).
-    const double e = rel_l2(to_f32(got.get()), to_f32(want.get()));  // NaN (poison) fails the check
-    MESSAGE("layer " << l << std::string(st.exact ? " (exact, dense)" : " (compressed, sparse)") << ": rel L2 " << e);
-    CHECK(e < 3e-2);
-  }
+    return to_bf16(qh);
+  };
+  check_fused_step(gpu, cfg, pol, len, query, std::size_t(TOPK / 8), 3e-2);
 }
