@@ -125,48 +125,25 @@ class GpuDevice {
         const std::int64_t gx = (p.out + gpu::kMmaBN - 1) / gpu::kMmaBN;
         const std::int64_t gy = std::min<std::int64_t>((p.n + gpu::kMmaBM - 1) / gpu::kMmaBM, 65535);
         const std::int64_t steps = (p.in + gpu::kMmaBK - 1) / gpu::kMmaBK;
-        std::int64_t splits = 1;
-        if (gx * gy < sms_)  // too few output tiles: split K, at least 8 steps of 32 per split
-          splits = std::max<std::int64_t>(1, std::min<std::int64_t>({(2 * sms_ + gx * gy - 1) / (gx * gy), steps / 8, 16}));
-        const std::int64_t per = (steps + splits - 1) / splits;
-        splits = (steps + per - 1) / per;
-        float* partial = nullptr;
-        if (splits > 1) {
-          reserve_scratch(std::size_t(splits) * std::size_t(p.n) * std::size_t(p.out) * sizeof(float));
-          partial = reinterpret_cast<float*>(scratch_);
-        }
-        const dim3 grid{unsigned(gx), unsigned(gy), unsigned(splits)};
-        gpu::linear_mma_kernel<T, kWarp><<<grid, gpu::kMmaThreads, 0, stream_>>>(p, int(per), partial);
+        // too few output tiles for the GPU: split K, at least 8 steps of 32 per split
+        const KSplits ks = k_splits(p, gx * gy, sms_, steps, steps / 8);
+        const dim3 grid{unsigned(gx), unsigned(gy), unsigned(ks.splits)};
+        gpu::linear_mma_kernel<T, kWarp><<<grid, gpu::kMmaThreads, 0, stream_>>>(p, int(ks.per), ks.partial);
         launched("linear (tensor cores)");
-        if (splits > 1) {
-          gpu::linear_reduce_kernel<T><<<blocks(p.n * p.out, 256), 256, 0, stream_>>>(p, int(splits), partial);
-          launched("linear (tensor cores, reduce)");
-        }
+        linear_reduce(p, ks);
         return;
       }
     }
     const std::int64_t gx = (p.out + gpu::kLinBN - 1) / gpu::kLinBN;
     const std::int64_t gy = std::min<std::int64_t>((p.n + gpu::kLinBM - 1) / gpu::kLinBM, 65535);
-    std::int64_t splits = 1;
-    if (gx * gy < 2 * sms_) {
-      splits = std::min<std::int64_t>({(2 * sms_ + gx * gy - 1) / (gx * gy), p.in / (4 * gpu::kLinBK), 16});
-      splits = std::max<std::int64_t>(splits, 1);
-    }
-    // inputs per split: a multiple of the K tile
-    const std::int64_t per = ((p.in + splits - 1) / splits + gpu::kLinBK - 1) / gpu::kLinBK * gpu::kLinBK;
-    splits = std::max<std::int64_t>(1, (p.in + per - 1) / per);
-    float* partial = nullptr;
-    if (splits > 1) {
-      reserve_scratch(std::size_t(splits) * std::size_t(p.n) * std::size_t(p.out) * sizeof(float));
-      partial = reinterpret_cast<float*>(scratch_);
-    }
-    const dim3 grid{unsigned(gx), unsigned(gy), unsigned(splits)};
-    gpu::linear_kernel<T><<<grid, gpu::kLinThreads, 0, stream_>>>(p, int(std::max<std::int64_t>(per, 1)), partial);
+    // K steps of kLinBK inputs; split when the tiles fill less than two waves, 4 steps per split at least
+    const std::int64_t steps = (p.in + gpu::kLinBK - 1) / gpu::kLinBK;
+    const KSplits ks = k_splits(p, gx * gy, 2 * sms_, steps, p.in / (4 * gpu::kLinBK));
+    const dim3 grid{unsigned(gx), unsigned(gy), unsigned(ks.splits)};
+    gpu::linear_kernel<T><<<grid, gpu::kLinThreads, 0, stream_>>>(p, int(std::max<std::int64_t>(ks.per * gpu::kLinBK, 1)),
+                                                                 ks.partial);
     launched("linear");
-    if (splits > 1) {
-      gpu::linear_reduce_kernel<T><<<blocks(p.n * p.out, 256), 256, 0, stream_>>>(p, int(splits), partial);
-      launched("linear (reduce)");
-    }
+    linear_reduce(p, ks);
   }
 
   void swiglu(const SwiGLUParams<T>& p) {
@@ -347,6 +324,31 @@ class GpuDevice {
   void fill_zero(void* p, std::size_t bytes) { vendor::memset_async(p, 0, bytes, stream_); }
 
  private:
+  // Split-K of a GEMM with `tiles` output tiles and `steps` K steps: one split unless the tiles
+  // number fewer than `fill`; then enough for two waves of blocks, at most `max_by_k` and 16. `per`
+  // K steps per split; the f32 partials [splits, n, out] live in the scratch.
+  struct KSplits {
+    std::int64_t splits = 1, per = 1;
+    float* partial = nullptr;
+  };
+  KSplits k_splits(const LinearParams<T>& p, std::int64_t tiles, std::int64_t fill, std::int64_t steps, std::int64_t max_by_k) {
+    KSplits r;
+    std::int64_t splits = 1;
+    if (tiles < fill) splits = std::max<std::int64_t>(1, std::min<std::int64_t>({(2 * sms_ + tiles - 1) / tiles, max_by_k, 16}));
+    r.per = std::max<std::int64_t>(1, (steps + splits - 1) / splits);  // in = 0: one empty split
+    r.splits = std::max<std::int64_t>(1, (steps + r.per - 1) / r.per);
+    if (r.splits > 1) {
+      reserve_scratch(std::size_t(r.splits) * std::size_t(p.n) * std::size_t(p.out) * sizeof(float));
+      r.partial = reinterpret_cast<float*>(scratch_);
+    }
+    return r;
+  }
+  void linear_reduce(const LinearParams<T>& p, const KSplits& ks) {  // partials in split order + bias
+    if (ks.splits <= 1) return;
+    gpu::linear_reduce_kernel<T><<<blocks(p.n * p.out, 256), 256, 0, stream_>>>(p, int(ks.splits), ks.partial);
+    launched("linear (reduce)");
+  }
+
   // How a reference search is split over the reference range: `splits` shares of `per` references
   // (a multiple of `granule`), enough blocks for two waves with at least `min_share` references
   // each; with more than one share, the partial lists [splits, n, k] live in the scratch.

@@ -363,7 +363,6 @@ PrefillResult run_prefill(const Model& m, std::int64_t N, std::int64_t chunk, bo
   const DensePolicy pol{};
   GDev dev(s, 0);
   dev.set_tensor_cores(tensor_cores);
-  GDev* devp = &dev;
   const auto fill = [&](bf* p, std::size_t n, std::uint32_t seed, float amp) {
     fill_bf16<<<1024, 256, 0, s>>>(p, n, seed, amp);
   };
@@ -377,8 +376,8 @@ PrefillResult run_prefill(const Model& m, std::int64_t N, std::int64_t chunk, bo
   const auto lay = Cache::layout(cfg, sel, pol, enc.scratch_elems(cfg.block()));
   Dev storage(lay.storage_bytes), workspace(lay.workspace_bytes), x(std::size_t(N) * kvd * 2);
   fill(x.as<bf>(), std::size_t(N) * kvd, 21, 1.f);
-  devp->reserve_scratch(devp->scratch_bytes_for(0, block, 4));
-  Cache cache(*devp, cfg, sel, std::span<const SwiGLUEncoder<bf>>(&enc, 1), std::span<const LinearDecoder<bf>>(&decd, 1), pol,
+  dev.reserve_scratch(dev.scratch_bytes_for(0, block, 4));
+  Cache cache(dev, cfg, sel, std::span<const SwiGLUEncoder<bf>>(&enc, 1), std::span<const LinearDecoder<bf>>(&decd, 1), pol,
               std::span<std::byte>(static_cast<std::byte*>(storage.p), lay.storage_bytes),
               std::span<std::byte>(static_cast<std::byte*>(workspace.p), lay.workspace_bytes));
   std::vector<std::int64_t> pos(static_cast<std::size_t>(chunk));
@@ -422,10 +421,10 @@ PrefillResult run_prefill(const Model& m, std::int64_t N, std::int64_t chunk, bo
   {
     const std::int64_t n = 4096;
     Dev xz(std::size_t(n) * dc * 2), scratch(std::size_t(enc.scratch_elems(n)) * 2);
-    enc.encode(*devp, MatrixView<const bf>{x.as<bf>(), n, kvd, kvd}, MatrixView<bf>{xz.as<bf>(), n, dc, dc}, scratch.as<bf>());
+    enc.encode(dev, MatrixView<const bf>{x.as<bf>(), n, kvd, kvd}, MatrixView<bf>{xz.as<bf>(), n, dc, dc}, scratch.as<bf>());
     vendor::event_record(e0, s);
     for (int i = 0; i < 10; ++i)
-      enc.encode(*devp, MatrixView<const bf>{x.as<bf>(), n, kvd, kvd}, MatrixView<bf>{xz.as<bf>(), n, dc, dc}, scratch.as<bf>());
+      enc.encode(dev, MatrixView<const bf>{x.as<bf>(), n, kvd, kvd}, MatrixView<bf>{xz.as<bf>(), n, dc, dc}, scratch.as<bf>());
     vendor::event_record(e1, s);
     const double ms = vendor::event_ms(e0, e1) / 10;
     r.encode_tflops = double(n) * enc_flops / (ms * 1e-3) / 1e12;
@@ -438,12 +437,12 @@ PrefillResult run_prefill(const Model& m, std::int64_t N, std::int64_t chunk, bo
     std::vector<std::int32_t> hv(static_cast<std::size_t>(n), std::int32_t(mref));
     vendor::memcpy_async(vis.p, hv.data(), hv.size() * 4, s);
     vendor::stream_sync(s);
-    devp->reserve_scratch(devp->scratch_bytes_for(0, n, 4));
+    dev.reserve_scratch(dev.scratch_bytes_for(0, n, 4));
     const RefSearchParams<bf> rp{x.as<bf>(), kvd, n, x.as<bf>() + std::int64_t(block) * kvd, kvd, mref, vis.as<std::int32_t>(),
                                  kvd, 4, Metric::l2, ids.as<std::int32_t>()};
-    devp->ref_search(rp);
+    dev.ref_search(rp);
     vendor::event_record(e0, s);
-    for (int i = 0; i < 5; ++i) devp->ref_search(rp);
+    for (int i = 0; i < 5; ++i) dev.ref_search(rp);
     vendor::event_record(e1, s);
     const double ms = vendor::event_ms(e0, e1) / 5;
     r.search_tflops = 2.0 * kvd * double(n) * double(mref) / (ms * 1e-3) / 1e12;
