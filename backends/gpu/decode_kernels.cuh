@@ -486,6 +486,90 @@ inline std::size_t sparse_smem_bytes(int head_dim, int group, int latent_dim, in
   return b + 64;
 }
 
+// Where attended item i of a sequence lives (shared by the fused and the two-pass sparse kernels):
+// pos -1 = not attended (a selected position outside the middle); rows[j] = row * 4 + region
+// (0 sinks, 1 ring, 2 references), nref of them; lrow = latent row or -1; sc, mn its scale, min.
+struct ItemLoc {
+  int pos = -1, lrow = -1, nref = 0;
+  std::int32_t rows[4] = {0, 0, 0, 0};
+  float sc = 0.f, mn = 0.f;
+};
+
+template <class T>
+struct SeqView {  // one sequence of the layer, and its attended list's bounds
+  const T* sinks; const T* ring; const T* refs;
+  const std::uint8_t* lat; const float* scl; const std::int32_t* ids;
+  int n, cfront, s_end, n_sel, w_begin, total;
+};
+
+template <class T>
+DELTAKV_GPU_D SeqView<T> seq_view(const SparseDecodeParams<T>& p, int b) {
+  const auto& L = p.layer;
+  const std::byte* seq = L.base + std::size_t(b) * L.seq_bytes;
+  SeqView<T> v;
+  v.sinks = reinterpret_cast<const T*>(seq + L.off_sinks);
+  v.ring = reinterpret_cast<const T*>(seq + L.off_ring);
+  v.refs = reinterpret_cast<const T*>(seq + L.off_refs);
+  v.lat = reinterpret_cast<const std::uint8_t*>(seq + L.off_lat);
+  v.scl = reinterpret_cast<const float*>(seq + L.off_scale);
+  v.ids = reinterpret_cast<const std::int32_t*>(seq + L.off_ids);
+  v.n = p.n[b];
+  v.cfront = p.c[b];
+  v.s_end = min(p.sinks, v.n);
+  v.w_begin = max(v.s_end, v.n - p.window);
+  v.n_sel = p.sel_count ? p.sel_count[b] : 0;
+  v.total = v.s_end + v.n_sel + (v.n - v.w_begin);
+  return v;
+}
+
+template <class T>
+DELTAKV_GPU_D ItemLoc resolve_item(const SparseDecodeParams<T>& p, const SeqView<T>& v, int b, int i) {
+  const auto& L = p.layer;
+  ItemLoc r;
+  if (i < 0 || i >= v.total) return r;
+  int pos;
+  if (i < v.s_end) {
+    pos = i;
+  } else if (i < v.s_end + v.n_sel) {
+    pos = p.sel[b * p.ld_sel + (i - v.s_end)];
+    if (pos < v.s_end || pos >= v.w_begin) return r;  // not a middle position: ignored
+  } else {
+    pos = v.w_begin + (i - v.s_end - v.n_sel);
+  }
+  r.pos = pos;
+  if (pos < L.sinks) {
+    r.rows[0] = pos * 4 + 0;
+    r.nref = 1;
+  } else if (pos >= v.cfront) {
+    r.rows[0] = ((pos - L.sinks) % L.ring) * 4 + 1;
+    r.nref = 1;
+  } else {
+    const std::int32_t code = L.pos_code[pos];
+    const int row = code >> 2;
+    if ((code & 3) == 1) {
+      r.rows[0] = row * 4 + 2;
+      r.nref = 1;
+    } else {
+      r.lrow = row;
+      for (int j = 0; j < L.k; ++j) {
+        const std::int32_t id = v.ids[std::int64_t(row) * L.k + j];
+        if (id >= 0) r.rows[r.nref++] = id * 4 + 2;
+      }
+      if (L.latent_bits > 0) {
+        r.sc = v.scl[2 * std::int64_t(row)];
+        r.mn = v.scl[2 * std::int64_t(row) + 1];
+      }
+    }
+  }
+  return r;
+}
+
+template <class T>
+DELTAKV_GPU_D const T* item_row(const SeqView<T>& v, std::int32_t code, int kvd) {
+  const int r = code & 3;
+  return (r == 0 ? v.sinks : (r == 1 ? v.ring : v.refs)) + std::int64_t(code >> 2) * kvd;
+}
+
 // One 16-lane group's E dims of a rebuilt key, RoPE applied: the K product (prod, plus prod2 when
 // the product was computed in two halves, Halves; rows indexed by head dim) + the mean of the item's nref
 // reference slices (the exact row for exact items, nref 1) + the bias for latents; refs[j] for
@@ -632,26 +716,9 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
       last_mark = now;
     }
   };
-  const int n = p.n[b], cfront = p.c[b];
-  const int s_end = min(p.sinks, n), w_begin = max(s_end, n - p.window);
-  const int n_sel = p.sel_count ? p.sel_count[b] : 0;
-  const int total = s_end + n_sel + (n - w_begin);
-  const int per = ((total + p.n_splits - 1) / p.n_splits + TT - 1) / TT * TT;
-  const int i0 = split * per, i1 = min(total, i0 + per);
-
-  const std::byte* seq = L.base + std::size_t(b) * L.seq_bytes;
-  const T* sinks_p = reinterpret_cast<const T*>(seq + L.off_sinks);
-  const T* ring_p = reinterpret_cast<const T*>(seq + L.off_ring);
-  const T* refs_p = reinterpret_cast<const T*>(seq + L.off_refs);
-  const std::uint8_t* lat = reinterpret_cast<const std::uint8_t*>(seq + L.off_lat);
-  const float* scl = reinterpret_cast<const float*>(seq + L.off_scale);
-  const std::int32_t* ids = reinterpret_cast<const std::int32_t*>(seq + L.off_ids);
-  // code = row * 4 + region (0 sinks, 1 ring, 2 references); selects, not an indexed array (which
-  // would live in local memory).
-  auto row_ptr = [&](std::int32_t code) {
-    const int r = code & 3;
-    return (r == 0 ? sinks_p : (r == 1 ? ring_p : refs_p)) + std::int64_t(code >> 2) * kvd;
-  };
+  const SeqView<T> v = seq_view(p, b);
+  const int per = ((v.total + p.n_splits - 1) / p.n_splits + TT - 1) / TT * TT;
+  const int i0 = split * per, i1 = min(v.total, i0 + per);
 
   // W_k,h into shared memory ([D][DC] -> ld ldz), 8 loads in flight per thread.
   if constexpr (!WL2) {
@@ -692,7 +759,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
       z_pf[j] = make_uint4(0u, 0u, 0u, 0u);
       if (task < tasks) {
         const int r = s_lrow[c0 + task / pieces];
-        if (r >= 0) z_pf[j] = *reinterpret_cast<const uint4*>(lat + std::int64_t(r) * L.lat_ld + (task % pieces) * 16);
+        if (r >= 0) z_pf[j] = *reinterpret_cast<const uint4*>(v.lat + std::int64_t(r) * L.lat_ld + (task % pieces) * 16);
       }
     }
   };
@@ -703,7 +770,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
       const int nref = s_nref[ci];
 #pragma unroll
       for (int j = 0; j < 4; ++j)
-        g_k[kt][j] = load_head_raw<T, D>(row_ptr(j < nref ? s_row[ci * K + j] : 1) + h * D, lane, half);
+        g_k[kt][j] = load_head_raw<T, D>(item_row(v, j < nref ? s_row[ci * K + j] : 1, kvd) + h * D, lane, half);
     }
 #pragma unroll
     for (int vt = 0; vt < VT; ++vt) {
@@ -711,7 +778,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
       const int nref = s_nref[ci];
 #pragma unroll
       for (int j = 0; j < 4; ++j)
-        g_v[vt][j] = *reinterpret_cast<const uint4*>(row_ptr(j < nref ? s_row[ci * K + j] : 1) + (Hkv + h) * D + d8);
+        g_v[vt][j] = *reinterpret_cast<const uint4*>(item_row(v, j < nref ? s_row[ci * K + j] : 1, kvd) + (Hkv + h) * D + d8);
     }
   };
 
@@ -720,47 +787,15 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
     mark(0);
     {  // resolve: one item per thread
       const int i = chunk + threadIdx.x;
-      int pos = -1, lrow = -1, nref = 0;
-      std::int32_t* rows = s_row + threadIdx.x * K;
-      if (i < i1) {
-        if (i < s_end) {
-          pos = i;
-        } else if (i < s_end + n_sel) {
-          pos = p.sel[b * p.ld_sel + (i - s_end)];
-          if (pos < s_end || pos >= w_begin) pos = -1;  // not a middle position: ignored
-        } else {
-          pos = w_begin + (i - s_end - n_sel);
-        }
+      const ItemLoc it = i < i1 ? resolve_item(p, v, b, i) : ItemLoc{};
+      for (int j = 0; j < it.nref; ++j) s_row[threadIdx.x * K + j] = it.rows[j];
+      if (it.lrow >= 0 && L.latent_bits > 0) {
+        s_sm[2 * threadIdx.x] = it.sc;
+        s_sm[2 * threadIdx.x + 1] = it.mn;
       }
-      if (pos >= 0) {
-        if (pos < L.sinks) {
-          rows[0] = pos * 4 + 0;
-          nref = 1;
-        } else if (pos >= cfront) {
-          rows[0] = ((pos - L.sinks) % L.ring) * 4 + 1;
-          nref = 1;
-        } else {
-          const std::int32_t code = L.pos_code[pos];
-          const int row = code >> 2;
-          if ((code & 3) == 1) {
-            rows[0] = row * 4 + 2;
-            nref = 1;
-          } else {
-            lrow = row;
-            for (int j = 0; j < K; ++j) {
-              const std::int32_t r = ids[std::int64_t(row) * K + j];
-              if (r >= 0) rows[nref++] = r * 4 + 2;
-            }
-            if (L.latent_bits > 0) {
-              s_sm[2 * threadIdx.x] = scl[2 * std::int64_t(row)];
-              s_sm[2 * threadIdx.x + 1] = scl[2 * std::int64_t(row) + 1];
-            }
-          }
-        }
-      }
-      s_pos[threadIdx.x] = pos;
-      s_lrow[threadIdx.x] = lrow;
-      s_nref[threadIdx.x] = nref;
+      s_pos[threadIdx.x] = it.pos;
+      s_lrow[threadIdx.x] = it.lrow;
+      s_nref[threadIdx.x] = it.nref;
     }
     __syncthreads();
     mark(1);
@@ -784,7 +819,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
           raw[j] = make_uint4(0u, 0u, 0u, 0u);
           if (task < tasks) {
             const int r = s_lrow[c0 + task / pieces];
-            if (r >= 0) raw[j] = *reinterpret_cast<const uint4*>(lat + std::int64_t(r) * L.lat_ld + (task % pieces) * 16);
+            if (r >= 0) raw[j] = *reinterpret_cast<const uint4*>(v.lat + std::int64_t(r) * L.lat_ld + (task % pieces) * 16);
           }
         }
 #pragma unroll
