@@ -465,13 +465,22 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_kernel(SelectParams p) {
 // Dynamic shared memory: sparse_smem_bytes().
 // =============================================================================================
 inline constexpr int kSparseTile = 32;  // gpu-check: allow(tokens per tile, not lanes)
-inline constexpr int kSparseThreadsPerBlock = 256;
+inline constexpr int kSparseThreadsPerBlock = 256;  // the default block; 512 for head_dim 128 (below)
+inline constexpr int kSparseChunk = 256;             // items resolved per chunk (one per thread)
+// Threads per block of the fused sparse kernel: twice the warps for head_dim 128 (one block per SM
+// either way: W_k,h takes most of the shared memory), so that more loads and products are in
+// flight; head_dim 64 has too few V tasks per tile for 512. `requested` (SparseDecodeParams::
+// block_threads) overrides where valid; 0 = the default.
+inline int sparse_block_threads(int head_dim, int requested = 0) {
+  if (requested == 256 || (requested == 512 && head_dim == 128)) return requested;
+  return head_dim == 128 ? 512 : 256;
+}
 
 // weights_in_smem = false: the variant that reads W_k,h's tensor-core fragments from global
 // memory (L2-resident: 1 MiB for all heads) instead of holding them, so that two blocks fit per SM.
 inline std::size_t sparse_smem_bytes(int head_dim, int group, int latent_dim, int k, bool weights_in_smem = true) {
   const std::size_t ldz = std::size_t(latent_dim) + 8;  // 16-bit elements
-  const std::size_t NT = kSparseThreadsPerBlock;
+  const std::size_t NT = kSparseChunk;  // the per-chunk arrays (the same for every block size)
   std::size_t b = 0;
   if (weights_in_smem) b += std::size_t(head_dim) * ldz * 2;  // W_k,h
   b += std::size_t(kSparseTile) * ldz * 2;               // Z tile
@@ -680,9 +689,9 @@ DELTAKV_GPU_D void write_sparse_partial(const SparseDecodeParams<T>& p, int b, i
 
 template <class T, int D, int G, int W, int NT, bool WL2 = false>
 __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(SparseDecodeParams<T> p) {
-  constexpr int TT = kSparseTile, NW = NT / W, E = D / 16;
+  constexpr int TT = kSparseTile, NW = NT / W, E = D / 16, CH = kSparseChunk;
   constexpr int KT = TT * 16 / NT, VT = TT * (D / 8) / NT;  // K / V tasks per thread
-  static_assert(NT == kSparseThreadsPerBlock && KT >= 1 && VT >= 1 && NT % W == 0, "sparse_decode_kernel: shape");
+  static_assert((NT == 256 || NT == 512) && KT >= 1 && VT >= 1 && NT % W == 0 && NT >= CH, "sparse_decode_kernel: shape");
   const auto& L = p.layer;
   const int DC = L.latent_dim, K = L.k, ldz = DC + 8, ldk = D + 4;
   const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
@@ -699,12 +708,12 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
   float* s_accv = s_accz + G * DC;                                      // [G][D]
   float* s_q = s_accv + G * D;                                          // [G][D + 2]
   float* s_p = s_q + G * (D + 2);                                       // [G][TT]
-  std::int32_t* s_row = reinterpret_cast<std::int32_t*>(s_p + G * TT);  // [NT][K]: row * 4 + region
-  std::int32_t* s_pos = s_row + NT * K;                                 // [NT]
-  std::int32_t* s_lrow = s_pos + NT;                                    // [NT] latent row or -1
-  std::int32_t* s_nref = s_lrow + NT;                                   // [NT]
-  float* s_sm = reinterpret_cast<float*>(s_nref + NT);                  // [NT][2]
-  float* s_stat = s_sm + 2 * NT;                                        // [G][4]: m, l, alpha, mass
+  std::int32_t* s_row = reinterpret_cast<std::int32_t*>(s_p + G * TT);  // [CH][K]: row * 4 + region
+  std::int32_t* s_pos = s_row + CH * K;                                 // [CH]
+  std::int32_t* s_lrow = s_pos + CH;                                    // [CH] latent row or -1
+  std::int32_t* s_nref = s_lrow + CH;                                   // [CH]
+  float* s_sm = reinterpret_cast<float*>(s_nref + CH);                  // [CH][2]
+  float* s_stat = s_sm + 2 * CH;                                        // [G][4]: m, l, alpha, mass
 
   // Optional per-phase cycle counters (p.profile, for tuning): thread 0 adds the cycles since the
   // previous mark, right after a barrier, so each phase's count is the block's time in it.
@@ -749,7 +758,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
   uint4 g_v[VT][4];
   // The first kZPrefetch 16-byte pieces per thread of a tile's latent codes (all of them for int4
   // at d_c <= 512), loaded ahead like the references.
-  constexpr int kZPrefetch = 2;
+  constexpr int kZPrefetch = 512 / NT;
   uint4 z_pf[kZPrefetch];
   auto z_issue = [&](int c0) {
     const int pieces = int(L.lat_ld / 16), tasks = TT * pieces;
@@ -782,10 +791,10 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
     }
   };
 
-  for (int chunk = i0; chunk < i1; chunk += NT) {
+  for (int chunk = i0; chunk < i1; chunk += CH) {
     __syncthreads();  // the previous chunk's tiles are done with s_row ...
     mark(0);
-    {  // resolve: one item per thread
+    if (threadIdx.x < CH) {  // resolve: one item per thread
       const int i = chunk + threadIdx.x;
       const ItemLoc it = i < i1 ? resolve_item(p, v, b, i) : ItemLoc{};
       for (int j = 0; j < it.nref; ++j) s_row[threadIdx.x * K + j] = it.rows[j];
@@ -799,12 +808,12 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
     }
     __syncthreads();
     mark(1);
-    const int chunk_end = min(i1, chunk + NT);
+    const int chunk_end = min(i1, chunk + CH);
     for (int tile = chunk; tile < chunk_end; tile += TT) {
       const int c0 = tile - chunk;  // first item of the tile within the chunk
       // 1. dequantize: 16-byte pieces of latent rows, every load of the tile issued before any use
       {
-        constexpr int MAXL = 8;  // pieces per thread: 2 (int4), 4 (int8) or 8 (raw) for DC = 512
+        constexpr int MAXL = 2048 / NT;  // pieces per thread (2048: 8 KiB per tile, check_sparse)
         const int pieces = int(L.lat_ld / 16), tasks = TT * pieces;
         const int vals = L.latent_bits == 0 ? 8 : (L.latent_bits == 8 ? 16 : 32);  // gpu-check: allow(int4 values per 16 bytes, not lanes)
         if (tile == chunk) z_issue(c0);
@@ -839,8 +848,9 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
         static_assert(TT == 2 * 16, "two row tiles per column tile");
         // Work unit = (pair of column tiles, half of the latent dimension): 2 x 2 output tiles per
         // warp, so each k-step loads 2 A + 2 B fragments for 4 products (shared-memory reads are what
-        // bounds this phase). The second half's partial sums go to s_v (free until step 3), and step
-        // 3 adds them.
+        // bounds this phase: with 512 threads, one column tile per warp over all 16 warps was
+        // measured slower than this with 8 of them). The second half's partial sums go to s_v (free
+        // until step 3), and step 3 adds them.
         const int half_k = (DC / 16 / 2) * 16;
         constexpr int pairs = D / 16 / 2, units = 2 * pairs;  // pairs of 16-column tiles
         for (int u = warp; u < units; u += NW) {
@@ -949,55 +959,49 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
       }
       __syncthreads();
       mark(6);
-      // 5. accumulate, two columns of every head per thread (one z load feeds 2G FMAs)
-      for (int cp = threadIdx.x; cp < DC / 2; cp += NT) {
+      // 5. accumulate, two columns of every head per thread (one z load feeds 2G FMAs): tasks
+      //    [0, DC/2) are latent column pairs, then [DC/2, DC/2 + D/2) value column pairs
+      for (int task = threadIdx.x; task < DC / 2 + D / 2; task += NT) {
+        const bool lat = task < DC / 2;
+        const int cp = lat ? task : task - DC / 2;
+        float* acc = lat ? s_accz + 2 * cp : s_accv + 2 * cp;
+        const int lda = lat ? DC : D;
         float a0[G], a1[G];
 #pragma unroll
         for (int g = 0; g < G; ++g) {
           const float alpha = s_stat[g * 4 + 2];
-          a0[g] = s_accz[g * DC + 2 * cp] * alpha;
-          a1[g] = s_accz[g * DC + 2 * cp + 1] * alpha;
+          a0[g] = acc[g * lda] * alpha;
+          a1[g] = acc[g * lda + 1] * alpha;
         }
+        if (lat) {
 #pragma unroll 4
-        for (int i = 0; i < TT; ++i) {
-          const unsigned zz = *reinterpret_cast<const unsigned*>(s_z + i * ldz + 2 * cp);
-          const T* zp = reinterpret_cast<const T*>(&zz);
-          const float z0 = to_float(zp[0]), z1 = to_float(zp[1]);
+          for (int i = 0; i < TT; ++i) {
+            const unsigned zz = *reinterpret_cast<const unsigned*>(s_z + i * ldz + 2 * cp);
+            const T* zp = reinterpret_cast<const T*>(&zz);
+            const float z0 = to_float(zp[0]), z1 = to_float(zp[1]);
 #pragma unroll
-          for (int g = 0; g < G; ++g) {
-            const float pg = s_p[i * G + g];
-            a0[g] += pg * z0;
-            a1[g] += pg * z1;
+            for (int g = 0; g < G; ++g) {
+              const float pg = s_p[i * G + g];
+              a0[g] += pg * z0;
+              a1[g] += pg * z1;
+            }
+          }
+        } else {
+#pragma unroll 4
+          for (int i = 0; i < TT; ++i) {
+            const float v0 = s_v[i * ldk + 2 * cp], v1 = s_v[i * ldk + 2 * cp + 1];
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+              const float pg = s_p[i * G + g];
+              a0[g] += pg * v0;
+              a1[g] += pg * v1;
+            }
           }
         }
 #pragma unroll
         for (int g = 0; g < G; ++g) {
-          s_accz[g * DC + 2 * cp] = a0[g];
-          s_accz[g * DC + 2 * cp + 1] = a1[g];
-        }
-      }
-      for (int dp = threadIdx.x; dp < D / 2; dp += NT) {
-        float a0[G], a1[G];
-#pragma unroll
-        for (int g = 0; g < G; ++g) {
-          const float alpha = s_stat[g * 4 + 2];
-          a0[g] = s_accv[g * D + 2 * dp] * alpha;
-          a1[g] = s_accv[g * D + 2 * dp + 1] * alpha;
-        }
-#pragma unroll 4
-        for (int i = 0; i < TT; ++i) {
-          const float v0 = s_v[i * ldk + 2 * dp], v1 = s_v[i * ldk + 2 * dp + 1];
-#pragma unroll
-          for (int g = 0; g < G; ++g) {
-            const float pg = s_p[i * G + g];
-            a0[g] += pg * v0;
-            a1[g] += pg * v1;
-          }
-        }
-#pragma unroll
-        for (int g = 0; g < G; ++g) {
-          s_accv[g * D + 2 * dp] = a0[g];
-          s_accv[g * D + 2 * dp + 1] = a1[g];
+          acc[g * lda] = a0[g];
+          acc[g * lda + 1] = a1[g];
         }
       }
       __syncthreads();

@@ -110,6 +110,8 @@ struct SparseDecodeParams {
   unsigned long long* profile = nullptr;           // optional [9] cycles per phase, summed over blocks
   bool weights_from_l2 = false;                    // read W_k,h from global/L2 instead of holding it in
                                                    // shared memory (smaller blocks: 2 per SM, fits an A100)
+  int block_threads = 0;                           // fused kernel's block: 0 = the default for the
+                                                   // shape (sparse_block_threads), or 256 / 512 (tuning)
   // Two-pass path only (sparse_partials_two_pass): scratch [B, Hq, ld_scores] f32 for the logits of
   // the attended items, ld_scores >= sinks + ld_sel + window.
   float* scores = nullptr; std::int64_t ld_scores = 0;

@@ -8,11 +8,16 @@
 // RoPE over the whole head (rot_dim == head_dim); latent_dim a multiple of 16 with the latent
 // rows 16-byte aligned (latent_bits 4, 8 or 0). Other shapes raise ConfigError (the cache's tiled
 // path serves them).
+//
+// Each (head_dim, group) pair is its own set of kernel instantiations. The entry points take an
+// optional shape set first, dense_partials<ShapeSet<KernelShape<128, 4>>>(p, ...), so an engine that
+// serves one model compiles only its kernels; other shapes then raise ConfigError. Default: all.
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "decode_kernels.cuh"
@@ -80,6 +85,19 @@ inline int sparse_splits(std::int64_t max_attended, int batch, int n_kv_heads, i
   return int(std::min(by_sms, by_work));
 }
 
+// The (head_dim, group) pairs a build instantiates (see the header comment).
+template <int HeadDim, int Group>
+struct KernelShape {};
+template <class... S>
+struct ShapeSet {
+  template <int D, int G>
+  static constexpr bool has = (std::is_same_v<S, KernelShape<D, G>> || ...);
+};
+struct AllShapes {  // head_dim 64 or 128, 1 to 8 q heads per kv head
+  template <int D, int G>
+  static constexpr bool has = true;
+};
+
 namespace detail {
 inline void check_shape(int head_dim, int n_q_heads, int n_kv_heads, const char* what) {
   if (head_dim != 64 && head_dim != 128)
@@ -94,19 +112,27 @@ inline void check_rope(const RopeTableView& r, RopeStyle style, int head_dim, st
   if (max_n > r.max_pos) throw CapacityError(std::string(what) + ": positions exceed the RoPE table");
 }
 
-// Runtime (head_dim, group) -> template arguments, in one place.
-template <class F>
+// Runtime (head_dim, group) -> template arguments, in one place; shapes outside Shapes are refused.
+template <class Shapes, class F>
 void dispatch(int head_dim, int group, F&& f) {
+  auto call = [&](auto d, auto g) {
+    if constexpr (Shapes::template has<decltype(d)::value, decltype(g)::value>) {
+      return f(d, g);
+    } else {
+      throw ConfigError("fused decode: head_dim " + std::to_string(head_dim) + " with " + std::to_string(group) +
+                        " q heads per kv head is not in this build's shape set");
+    }
+  };
   auto by_group = [&](auto d) {
     switch (group) {
-      case 1: return f(d, std::integral_constant<int, 1>{});
-      case 2: return f(d, std::integral_constant<int, 2>{});
-      case 3: return f(d, std::integral_constant<int, 3>{});
-      case 4: return f(d, std::integral_constant<int, 4>{});
-      case 5: return f(d, std::integral_constant<int, 5>{});
-      case 6: return f(d, std::integral_constant<int, 6>{});
-      case 7: return f(d, std::integral_constant<int, 7>{});
-      case 8: return f(d, std::integral_constant<int, 8>{});
+      case 1: return call(d, std::integral_constant<int, 1>{});
+      case 2: return call(d, std::integral_constant<int, 2>{});
+      case 3: return call(d, std::integral_constant<int, 3>{});
+      case 4: return call(d, std::integral_constant<int, 4>{});
+      case 5: return call(d, std::integral_constant<int, 5>{});
+      case 6: return call(d, std::integral_constant<int, 6>{});
+      case 7: return call(d, std::integral_constant<int, 7>{});
+      case 8: return call(d, std::integral_constant<int, 8>{});
       default: throw ConfigError("fused decode: group size out of range");
     }
   };
@@ -134,7 +160,7 @@ CompressedLayerView<T> compressed_view(const LayerStorage& s, const std::int32_t
 }
 
 // Dense split-KV pass (partials in p.part). max_n: an upper bound of p.n[] (host-known).
-template <class T>
+template <class Shapes = AllShapes, class T>
 void dense_partials(const DenseDecodeParams<T>& p, std::int64_t max_n, vendor::stream_t stream) {
   detail::check_shape(p.head_dim, p.n_q_heads, p.n_kv_heads, "dense_decode");
   detail::check_rope(p.rope, p.style, p.head_dim, max_n, "dense_decode");
@@ -143,7 +169,7 @@ void dense_partials(const DenseDecodeParams<T>& p, std::int64_t max_n, vendor::s
   if (p.logits && p.ld_logits < max_n) throw ShapeError("dense_decode: ld_logits < longest sequence");
   if (p.batch == 0) return;
   constexpr int W = vendor::kWarpSize;
-  detail::dispatch(p.head_dim, p.n_q_heads / p.n_kv_heads, [&](auto d, auto g) {
+  detail::dispatch<Shapes>(p.head_dim, p.n_q_heads / p.n_kv_heads, [&](auto d, auto g) {
     dense_decode_kernel<T, decltype(d)::value, decltype(g)::value, W, kDenseThreads>
         <<<dim3(p.n_kv_heads, p.n_splits, p.batch), kDenseThreads, 0, stream>>>(p);
   });
@@ -190,11 +216,13 @@ void check_sparse(const SparseDecodeParams<T>& p, const char* what) {
     throw ConfigError(w + ": latent rows must be packed, a multiple of 16 bytes and at most 8 KiB per 32 tokens");
   if (!L.w_dec || !L.pos_code) throw ConfigError(w + ": decoder weight and position table are required");
   if (p.n_splits <= 0) throw ConfigError(w + ": n_splits must be positive");
+  if (p.block_threads != 0 && p.block_threads != 256 && !(p.block_threads == 512 && p.head_dim == 128))
+    throw ConfigError(w + ": block_threads must be 0 (default), 256, or 512 with head_dim 128");
   check_rope(p.rope, p.style, p.head_dim, 0, what);
 }
 }  // namespace detail
 
-template <class T>
+template <class Shapes = AllShapes, class T>
 void sparse_partials(const SparseDecodeParams<T>& p, vendor::stream_t stream) {
   static_assert(!std::is_same_v<T, float>, "the fused sparse path stores 16-bit values (bf16 / f16)");
   detail::check_sparse(p, "sparse_decode");
@@ -207,22 +235,30 @@ void sparse_partials(const SparseDecodeParams<T>& p, vendor::stream_t stream) {
                         "head_dim x latent_dim and the tiles); the device allows " + std::to_string(smem_max) +
                         " (weights_from_l2 or a smaller latent_dim fits; the cache's tiled attend() serves any shape)");
   constexpr int W = vendor::kWarpSize;
-  detail::dispatch(p.head_dim, p.n_q_heads / p.n_kv_heads, [&](auto d, auto g) {
-    auto launch = [&](auto kernel) {
+  const int threads = p.weights_from_l2 ? 256 : sparse_block_threads(p.head_dim, p.block_threads);
+  detail::dispatch<Shapes>(p.head_dim, p.n_q_heads / p.n_kv_heads, [&](auto d, auto g) {
+    constexpr int Dv = decltype(d)::value, Gv = decltype(g)::value;
+    auto launch = [&](auto kernel, int nt) {
       vendor::allow_dynamic_smem(kernel, int(smem));
-      kernel<<<dim3(p.n_splits, p.n_kv_heads, p.batch), kSparseThreads, smem, stream>>>(p);
+      kernel<<<dim3(p.n_splits, p.n_kv_heads, p.batch), nt, smem, stream>>>(p);
     };
     // The weights-from-L2 variant exists for the tensor-core build only: on HIP the tile product is
     // the per-lane fallback and AMD's 64 KB of LDS per block fits neither variant.
     if constexpr (vendor::kTensorTiles) {
       if (p.weights_from_l2) {
-        launch(sparse_decode_kernel<T, decltype(d)::value, decltype(g)::value, W, kSparseThreads, true>);
+        launch(sparse_decode_kernel<T, Dv, Gv, W, 256, true>, 256);
         return;
       }
     } else {
       if (p.weights_from_l2) throw ConfigError("sparse_decode: weights_from_l2 is built for CUDA (tensor-core tiles) only");
     }
-    launch(sparse_decode_kernel<T, decltype(d)::value, decltype(g)::value, W, kSparseThreads, false>);
+    if constexpr (Dv == 128) {
+      if (threads == 512) {
+        launch(sparse_decode_kernel<T, Dv, Gv, W, 512, false>, 512);
+        return;
+      }
+    }
+    launch(sparse_decode_kernel<T, Dv, Gv, W, 256, false>, 256);
   });
   vendor::check_launch("sparse_decode_kernel");
 }
@@ -245,7 +281,7 @@ inline int two_pass_splits(std::int64_t max_items, int batch, int n_kv_heads, in
 // The same partials as sparse_partials (combine them with combine()), in two launches: scores of
 // every attended item into p.scores, then the values per split. Tested against the float64 reference
 // (tests/cuda/test_decode.cu); on the H100 it is slower than the fused kernel (docs/BENCHMARKS.md).
-template <class T>
+template <class Shapes = AllShapes, class T>
 void sparse_partials_two_pass(const SparseDecodeParams<T>& p, vendor::stream_t stream) {
   static_assert(!std::is_same_v<T, float>, "the sparse path stores 16-bit values (bf16 / f16)");
   detail::check_sparse(p, "sparse_decode (two pass)");
@@ -266,7 +302,7 @@ void sparse_partials_two_pass(const SparseDecodeParams<T>& p, vendor::stream_t s
                         " bytes of shared memory per block; the device allows " + std::to_string(smem_max));
   const unsigned tiles = unsigned(std::max<std::int64_t>(1, (items + kTwoPassTile - 1) / kTwoPassTile));
   constexpr int W = vendor::kWarpSize;
-  detail::dispatch(p.head_dim, G, [&](auto d, auto g) {
+  detail::dispatch<Shapes>(p.head_dim, G, [&](auto d, auto g) {
     constexpr int Dv = decltype(d)::value, Gv = decltype(g)::value;
     auto k1 = sparse_scores_kernel<T, Dv, Gv, W, kTwoPassThreads>;
     vendor::allow_dynamic_smem(k1, int(s1));

@@ -34,6 +34,9 @@
 namespace {
 
 namespace dec = deltakv::gpu::decode;
+// The fused kernels of the two benchmarked models only: Llama-3.1-8B (head_dim 128, 4 q heads per kv
+// head) and Qwen2.5-7B (128, 7).
+using Shapes = dec::ShapeSet<dec::KernelShape<128, 4>, dec::KernelShape<128, 7>>;
 namespace vendor = deltakv::gpu::vendor;
 using bf = vendor::bf16;
 
@@ -101,7 +104,7 @@ double copy_bandwidth(vendor::stream_t s) {  // bytes read + written per second,
 struct Result {
   double dense_ms = 0, deltakv_ms = 0, dense_bytes = 0, deltakv_bytes = 0, resident_bytes = 0, bf16_bytes = 0;
   double dense_layer_ms = 0, sparse_layer_ms = 0, select_ms = 0, full_layer_ms = 0, topk_ms = 0, sparse_l2_ms = 0,
-         sparse_2p_ms = 0;
+         sparse_2p_ms = 0, sparse_256_ms = 0;
 };
 
 template <class F>
@@ -211,7 +214,7 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
     dec::DenseDecodeParams<bf> p{q.as<bf>(), qd, kv, std::int64_t(N) * kvd, n_d.as<std::int32_t>(), B, Hq, Hkv, D, scale,
                                  rope, deltakv::RopeStyle::half, sp.split_len, sp.n_splits, part.as<float>(),
                                  filter ? logits.as<float>() : nullptr, N};
-    dec::dense_partials(p, N, s);
+    dec::dense_partials<Shapes>(p, N, s);
     dec::combine(dec::CombineParams<bf>{part.as<float>(), sp.n_splits, B, Hq, D, out.as<bf>(), qd, filter ? lse.as<float>() : nullptr}, s);
     if (filter) {
       if (!sel[l]) sel[l] = new Dev(std::size_t(B) * TOPK * 4);
@@ -221,9 +224,11 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
                        N, s);
     }
   };
-  // The step's sparse path: DELTAKV_SPARSE=l2 (fused, W_k,h read from L2), =two_pass, else the fused default.
+  // The step's sparse path: DELTAKV_SPARSE=l2 (fused, W_k,h read from L2), =two_pass, =t256 (fused,
+  // 256-thread blocks), else the fused default.
   const char* sparse_env = std::getenv("DELTAKV_SPARSE");
-  const int step_path = !sparse_env ? 0 : (std::strcmp(sparse_env, "l2") == 0 ? 1 : (std::strcmp(sparse_env, "two_pass") == 0 ? 2 : 0));
+  const std::string senv = sparse_env ? sparse_env : "";
+  const int step_path = senv == "l2" ? 1 : (senv == "two_pass" ? 2 : (senv == "t256" ? 3 : 0));
   auto sparse_layer = [&](int ci, int filter_layer, unsigned long long* profile = nullptr, int path = 0) {
     dec::CompressedLayerView<bf> v{reinterpret_cast<const std::byte*>(comp_buf[ci]->p), seq_bytes, off_sinks, off_ring, off_refs,
                                    off_lat, off_scale, off_ids, SINKS, RING, DC, bits, K_REF, lat_ld, code_d.as<std::int32_t>(),
@@ -233,13 +238,14 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
                                   sel_count_all.as<std::int32_t>() + filter_layer * B, B, Hq, Hkv, D, scale, rope,
                                   deltakv::RopeStyle::half, SINKS, RECENT, ssplits, part.as<float>(), profile};
     p.weights_from_l2 = path == 1;
+    if (path == 3) p.block_threads = 256;
     if (path == 2) {
       p.n_splits = tsplits;
       p.scores = scores.as<float>();
       p.ld_scores = attended_max;
-      dec::sparse_partials_two_pass(p, s);
+      dec::sparse_partials_two_pass<Shapes>(p, s);
     } else {
-      dec::sparse_partials(p, s);
+      dec::sparse_partials<Shapes>(p, s);
     }
     dec::combine(dec::CombineParams<bf>{part.as<float>(), p.n_splits, B, Hq, D, out.as<bf>(), qd, nullptr}, s);
   };
@@ -282,6 +288,7 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
   r.sparse_layer_ms = time_graph([&] { sparse_layer(0, filter_of[first_sparse]); }, s, reps * 4);
   r.sparse_l2_ms = time_graph([&] { sparse_layer(0, filter_of[first_sparse], nullptr, 1); }, s, reps * 4);
   r.sparse_2p_ms = time_graph([&] { sparse_layer(0, filter_of[first_sparse], nullptr, 2); }, s, reps * 4);
+  r.sparse_256_ms = time_graph([&] { sparse_layer(0, filter_of[first_sparse], nullptr, 3); }, s, reps * 4);
 
   if (std::getenv("DELTAKV_PHASES")) {  // where a sparse layer's block time goes (cycles per phase)
     Dev prof(9 * 8);
@@ -497,9 +504,9 @@ int main(int argc, char** argv) {
         const Result r = run(m, N, B, sms, s);
         std::printf("{\"model\": \"%s\", \"ctx\": %lld, \"batch\": %d, \"dense_ms\": %.5f, \"deltakv_ms\": %.5f, "
                     "\"dense_bytes\": %.6e, \"deltakv_bytes\": %.6e, \"resident_bytes\": %.6e, \"bf16_bytes\": %.6e, "
-                    "\"full_layer_ms\": %.5f, \"sparse_layer_ms\": %.5f,  \"sparse_l2_ms\": %.5f, \"sparse_2p_ms\": %.5f, \"select_ms\": %.5f, \"topk_ms\": %.5f, \"layers\": %d, \"copy_bw\": %.4e}\n",
+                    "\"full_layer_ms\": %.5f, \"sparse_layer_ms\": %.5f,  \"sparse_l2_ms\": %.5f, \"sparse_2p_ms\": %.5f, \"sparse_256_ms\": %.5f, \"select_ms\": %.5f, \"topk_ms\": %.5f, \"layers\": %d, \"copy_bw\": %.4e}\n",
                     m.name, (long long)N, B, r.dense_ms, r.deltakv_ms, r.dense_bytes, r.deltakv_bytes, r.resident_bytes,
-                    r.bf16_bytes, r.full_layer_ms, r.sparse_layer_ms, r.sparse_l2_ms, r.sparse_2p_ms, r.select_ms, r.topk_ms, m.layers, bw);
+                    r.bf16_bytes, r.full_layer_ms, r.sparse_layer_ms, r.sparse_l2_ms, r.sparse_2p_ms, r.sparse_256_ms, r.select_ms, r.topk_ms, m.layers, bw);
         std::fflush(stdout);
       }
   vendor::stream_destroy(s);

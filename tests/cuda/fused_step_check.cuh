@@ -21,8 +21,9 @@
 namespace dkt_cuda {
 
 // query(l): the host bf16 queries [2, Hq * head_dim] of layer l, one decode row per sequence at
-// position len[s] - 1. Two sequences, 0 and 1, of lengths len.
-template <class Query>
+// position len[s] - 1. Two sequences, 0 and 1, of lengths len. Shapes: the decode shape set to build
+// (the caller's model shape: see decode_step.hpp).
+template <class Shapes, class Query>
 void check_fused_step(GpuHarness<cuda::bf16, OmniKVPolicy>& gpu, const Config& cfg, const OmniKVPolicy& pol,
                       const std::vector<std::int64_t>& len, Query&& query, std::size_t sel_slack, double bound) {
   namespace dec = deltakv::gpu::decode;
@@ -59,9 +60,9 @@ void check_fused_step(GpuHarness<cuda::bf16, OmniKVPolicy>& gpu, const Config& c
       const bf* rows = dec::exact_rows<bf>(st, &stride);
       part.poison();
       logits.poison();
-      dec::dense_partials(dec::DenseDecodeParams<bf>{dq.p, qd, rows, stride, dn.p, 2, Hq, Hkv, HD, scale, rope, cfg.rope.style,
-                                                     sp.split_len, sp.n_splits, part.p, logits.p, max_n},
-                          max_n, nullptr);
+      dec::dense_partials<Shapes>(dec::DenseDecodeParams<bf>{dq.p, qd, rows, stride, dn.p, 2, Hq, Hkv, HD, scale, rope,
+                                                             cfg.rope.style, sp.split_len, sp.n_splits, part.p, logits.p, max_n},
+                                  max_n, nullptr);
       dec::combine(dec::CombineParams<bf>{part.p, sp.n_splits, 2, Hq, HD, got.p, qd, lse.p}, nullptr);
       sel.poison();
       dec::select_topk(dec::SelectParams{logits.p, max_n, lse.p, dn.p, 2, Hq, pol.sinks, pol.window, TOPK, keys.p, max_n,
@@ -91,9 +92,10 @@ void check_fused_step(GpuHarness<cuda::bf16, OmniKVPolicy>& gpu, const Config& c
       const auto& dw = gpu.dec[std::size_t(l)].f;
       const auto view = dec::compressed_view<bf>(st, codes.p, dw.w, dw.b);
       part.poison();
-      dec::sparse_partials(dec::SparseDecodeParams<bf>{dq.p, qd, view, dn.p, dc.p, csel.p, TOPK, ccnt.p, 2, Hq, Hkv, HD, scale,
-                                                       rope, cfg.rope.style, pol.sinks, pol.window, sparse_splits, part.p},
-                           nullptr);
+      dec::sparse_partials<Shapes>(dec::SparseDecodeParams<bf>{dq.p, qd, view, dn.p, dc.p, csel.p, TOPK, ccnt.p, 2, Hq, Hkv, HD,
+                                                               scale, rope, cfg.rope.style, pol.sinks, pol.window, sparse_splits,
+                                                               part.p},
+                                   nullptr);
       dec::combine(dec::CombineParams<bf>{part.p, sparse_splits, 2, Hq, HD, got.p, qd, nullptr}, nullptr);
     }
     const double e = dkt::rel_l2(to_f32(got.get()), to_f32(want.get()));  // NaN (poison) fails the check

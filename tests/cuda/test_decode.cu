@@ -110,54 +110,60 @@ struct RopeDev {
 
 }  // namespace
 
+namespace {
+// One dense pass + combine over random bf16 KV of sequences of lengths n, against float64 attention.
+void run_dense_case(const Shape& s, const std::vector<std::int32_t>& n) {
+  CAPTURE(s.D);
+  CAPTURE(s.Hq);
+  CAPTURE(s.Hkv);
+  const double theta = 10000.0;
+  const int B = int(n.size()), kvd = 2 * s.Hkv * s.D, qd = s.Hq * s.D;
+  const std::int64_t max_n = 2500, stride = max_n * kvd;
+  auto kv = random_bf16(std::size_t(B) * stride, 11 + s.D, -1.f, 1.f);
+  auto q = random_bf16(std::size_t(B) * qd, 12 + s.D, -1.f, 1.f);
+  const double scale = 1.0 / std::sqrt(double(s.D));
+  RopeDev rope(theta, s.D, max_n);
+  DBuf<bf> dkv(kv.b), dq(q.b), dout(std::size_t(B) * qd);
+  DBuf<std::int32_t> dn(n);
+  const auto sp = dec::dense_splits(max_n, B, s.Hkv, 132);
+  DBuf<float> part(dec::partials_floats(B, s.Hq, sp.n_splits, s.D)), logits(std::size_t(B) * s.Hq * max_n),
+      lse(std::size_t(B) * s.Hq);
+  dout.poison();
+  part.poison();
+  logits.poison();
+  lse.poison();
+  dec::DenseDecodeParams<bf> p{dq.p, qd, dkv.p, stride, dn.p, B, s.Hq, s.Hkv, s.D, float(scale), rope.view, s.style,
+                               sp.split_len, sp.n_splits, part.p, logits.p, max_n};
+  dec::dense_partials(p, max_n, nullptr);
+  dec::combine(dec::CombineParams<bf>{part.p, sp.n_splits, B, s.Hq, s.D, dout.p, qd, lse.p}, nullptr);
+  const auto got = f64(dout.get());
+  const auto got_logits = logits.get();
+  const auto got_lse = lse.get();
+  for (int b = 0; b < B; ++b) {
+    std::vector<std::vector<double>> rows(n[b]);
+    std::vector<std::int64_t> pos(n[b]);
+    for (int t = 0; t < n[b]; ++t) {
+      rows[t].assign(kv.d.begin() + b * stride + std::int64_t(t) * kvd, kv.d.begin() + b * stride + std::int64_t(t + 1) * kvd);
+      pos[t] = t;
+    }
+    std::vector<double> wl, wlse;
+    const auto want = naive_attend(s, q.d.data() + b * qd, rows, pos, theta, scale, &wl, &wlse);
+    const std::vector<double> g(got.begin() + b * qd, got.begin() + (b + 1) * qd);
+    CHECK(dkt::rel_l2(g, want) < 1e-2);  // bf16 output rounding (2^-9) dominates
+    std::vector<double> gl;
+    for (int h = 0; h < s.Hq; ++h)
+      for (int t = 0; t < n[b]; ++t) gl.push_back(got_logits[(std::size_t(b) * s.Hq + h) * max_n + t]);
+    CHECK(dkt::rel_l2(gl, wl) < 1e-5);
+    for (int h = 0; h < s.Hq; ++h) CHECK(std::abs(got_lse[b * s.Hq + h] - wlse[h]) < 1e-4);
+  }
+}
+}  // namespace
+
 TEST_CASE("fused dense decode: attention, logits and lse against float64 RoPE attention") {
   DKT_REQUIRE_CUDA();
-  const double theta = 10000.0;
   for (const Shape s : {Shape{8, 2, 128, RopeStyle::half}, Shape{9, 3, 64, RopeStyle::interleaved},
-                        Shape{7, 1, 128, RopeStyle::half}}) {
-    CAPTURE(s.D);
-    CAPTURE(s.Hq);
-    const std::vector<std::int32_t> n = {1, 777, 2500};
-    const int B = int(n.size()), kvd = 2 * s.Hkv * s.D, qd = s.Hq * s.D;
-    const std::int64_t max_n = 2500, stride = max_n * kvd;
-    auto kv = random_bf16(std::size_t(B) * stride, 11 + s.D, -1.f, 1.f);
-    auto q = random_bf16(std::size_t(B) * qd, 12 + s.D, -1.f, 1.f);
-    const double scale = 1.0 / std::sqrt(double(s.D));
-    RopeDev rope(theta, s.D, max_n);
-    DBuf<bf> dkv(kv.b), dq(q.b), dout(std::size_t(B) * qd);
-    DBuf<std::int32_t> dn(n);
-    const auto sp = dec::dense_splits(max_n, B, s.Hkv, 132);
-    DBuf<float> part(dec::partials_floats(B, s.Hq, sp.n_splits, s.D)), logits(std::size_t(B) * s.Hq * max_n),
-        lse(std::size_t(B) * s.Hq);
-    dout.poison();
-    part.poison();
-    logits.poison();
-    lse.poison();
-    dec::DenseDecodeParams<bf> p{dq.p, qd, dkv.p, stride, dn.p, B, s.Hq, s.Hkv, s.D, float(scale), rope.view, s.style,
-                                 sp.split_len, sp.n_splits, part.p, logits.p, max_n};
-    dec::dense_partials(p, max_n, nullptr);
-    dec::combine(dec::CombineParams<bf>{part.p, sp.n_splits, B, s.Hq, s.D, dout.p, qd, lse.p}, nullptr);
-    const auto got = f64(dout.get());
-    const auto got_logits = logits.get();
-    const auto got_lse = lse.get();
-    for (int b = 0; b < B; ++b) {
-      std::vector<std::vector<double>> rows(n[b]);
-      std::vector<std::int64_t> pos(n[b]);
-      for (int t = 0; t < n[b]; ++t) {
-        rows[t].assign(kv.d.begin() + b * stride + std::int64_t(t) * kvd, kv.d.begin() + b * stride + std::int64_t(t + 1) * kvd);
-        pos[t] = t;
-      }
-      std::vector<double> wl, wlse;
-      const auto want = naive_attend(s, q.d.data() + b * qd, rows, pos, theta, scale, &wl, &wlse);
-      const std::vector<double> g(got.begin() + b * qd, got.begin() + (b + 1) * qd);
-      CHECK(dkt::rel_l2(g, want) < 1e-2);  // bf16 output rounding (2^-9) dominates
-      std::vector<double> gl;
-      for (int h = 0; h < s.Hq; ++h)
-        for (int t = 0; t < n[b]; ++t) gl.push_back(got_logits[(std::size_t(b) * s.Hq + h) * max_n + t]);
-      CHECK(dkt::rel_l2(gl, wl) < 1e-5);
-      for (int h = 0; h < s.Hq; ++h) CHECK(std::abs(got_lse[b * s.Hq + h] - wlse[h]) < 1e-4);
-    }
-  }
+                        Shape{7, 1, 128, RopeStyle::half}})
+    run_dense_case(s, {1, 777, 2500});
 }
 
 TEST_CASE("fused OmniKV selection: the k most attended middle positions, in order, ties to the lower") {
@@ -328,7 +334,7 @@ struct CompressedFixture {
   }
 };
 
-enum class SparsePath { fused, fused_w_l2, two_pass };
+enum class SparsePath { fused, fused_256, fused_w_l2, two_pass };  // fused: the default block (512 threads at head_dim 128)
 
 void run_sparse_case(const Shape& s, int bits, const std::vector<std::int32_t>& n, int n_select, int n_splits,
                      SparsePath path = SparsePath::fused, int latent_dim = 0) {
@@ -368,6 +374,7 @@ void run_sparse_case(const Shape& s, int bits, const std::vector<std::int32_t>& 
   dec::SparseDecodeParams<bf> p{dq.p, qd, view, dn.p, dc.p, dsel.p, ld_sel, dcnt.p, B, s.Hq, s.Hkv, s.D,
                                 float(scale), rope.view, s.style, sinks, window, n_splits, part.p};
   p.weights_from_l2 = path == SparsePath::fused_w_l2;
+  if (path == SparsePath::fused_256) p.block_threads = 256;
   const std::int64_t ld_scores = sinks + ld_sel + window + 5;  // the two-pass path's logits scratch
   DBuf<float> scores(std::size_t(B) * s.Hq * ld_scores);
   scores.poison();
@@ -418,6 +425,14 @@ TEST_CASE("fused sparse decode over a compressed layer: sinks + selection + wind
     run_sparse_case(Shape{32, 8, 128, RopeStyle::half}, 4, {1500, 1200}, 400, 5, SparsePath::fused, 512);
     run_sparse_case(Shape{28, 4, 128, RopeStyle::half}, 8, {1200}, 300, 2, SparsePath::two_pass, 256);
   }
+  SUBCASE("256-thread blocks at head_dim 128 (block_threads; the default there is 512)") {
+    for (int bits : {4, 8, 0}) {
+      CAPTURE(bits);
+      run_sparse_case(Shape{8, 2, 128, RopeStyle::half}, bits, {700, 1, 130, 1500}, 200, 3, SparsePath::fused_256);
+    }
+    run_sparse_case(Shape{7, 1, 128, RopeStyle::half}, 4, {900, 64}, 0, 8, SparsePath::fused_256);
+    run_sparse_case(Shape{32, 8, 128, RopeStyle::half}, 4, {1500, 1200}, 400, 5, SparsePath::fused_256, 512);
+  }
   SUBCASE("W_k,h read from global memory (weights_from_l2: two blocks per SM)") {
     if (!deltakv::gpu::vendor::kTensorTiles) {
       MESSAGE("skipped: weights_from_l2 is built for CUDA only");
@@ -432,6 +447,19 @@ TEST_CASE("fused sparse decode over a compressed layer: sinks + selection + wind
   }
 }
 
+// This file builds the fused kernels for every supported shape (the other GPU tests and the
+// benchmark build only their models' shapes): each one runs once here, dense and sparse.
+TEST_CASE("fused decode: every supported shape (head_dim 64 and 128, 1 to 8 q heads per kv head)") {
+  DKT_REQUIRE_CUDA();
+  for (int D : {64, 128})
+    for (int G = 1; G <= 8; ++G) {
+      const Shape s{2 * G, 2, D, D == 64 ? RopeStyle::interleaved : RopeStyle::half};
+      run_dense_case(s, {300, 41});
+      run_sparse_case(s, 4, {400, 90}, 60, 2);
+      if (D == 128) run_sparse_case(s, 4, {400, 90}, 60, 2, SparsePath::fused_256);
+    }
+}
+
 TEST_CASE("fused decode: unsupported shapes are refused with ConfigError") {
   DKT_REQUIRE_CUDA();
   dec::DenseDecodeParams<bf> p{};
@@ -443,15 +471,44 @@ TEST_CASE("fused decode: unsupported shapes are refused with ConfigError") {
   p.n_q_heads = 12;
   p.n_kv_heads = 1;  // group 12
   CHECK_THROWS_AS(dec::dense_partials(p, 10, nullptr), ConfigError);
+  // a supported shape outside the caller's shape set (built for 128 x 4 only)
+  p.n_q_heads = 2;
+  p.batch = 1;
+  p.split_len = 64;
+  p.n_splits = 1;
+  p.style = RopeStyle::none;
+  using Only128x4 = dec::ShapeSet<dec::KernelShape<128, 4>>;
+  CHECK_THROWS_AS(dec::dense_partials<Only128x4>(p, 10, nullptr), ConfigError);
   dec::SparseDecodeParams<bf> sp{};
   sp.head_dim = 128;
   sp.n_q_heads = 4;
   sp.n_kv_heads = 1;
   sp.layer.latent_dim = 40;
   CHECK_THROWS_AS(dec::sparse_partials(sp, nullptr), ConfigError);
-  // a valid shape whose W_k,h and tiles do not fit in one block's shared memory (d_c 768: ~250 KB)
+  // block sizes other than 256, or 512 at head_dim 128 (batch 0: valid parameters return before
+  // any launch, so only the block size can make these throw)
   DBuf<bf> w(1);
   DBuf<std::int32_t> codes(1);
+  sp.layer.latent_dim = 64;
+  sp.layer.latent_bits = 4;
+  sp.layer.lat_ld = 32;
+  sp.layer.k = 4;
+  sp.layer.w_dec = w.p;
+  sp.layer.pos_code = codes.p;
+  sp.n_splits = 1;
+  sp.style = RopeStyle::none;
+  sp.block_threads = 256;
+  CHECK_NOTHROW(dec::sparse_partials(sp, nullptr));
+  sp.block_threads = 512;
+  CHECK_NOTHROW(dec::sparse_partials(sp, nullptr));
+  sp.block_threads = 300;
+  CHECK_THROWS_AS(dec::sparse_partials(sp, nullptr), ConfigError);
+  sp.head_dim = 64;
+  sp.block_threads = 512;
+  CHECK_THROWS_AS(dec::sparse_partials(sp, nullptr), ConfigError);
+  sp.head_dim = 128;
+  sp.block_threads = 0;
+  // a valid shape whose W_k,h and tiles do not fit in one block's shared memory (d_c 768: ~250 KB)
   sp.batch = 1;
   sp.n_splits = 1;
   sp.style = RopeStyle::none;

@@ -48,5 +48,5 @@ TEST_CASE("fused decode on a CompressedCache's own storage equals the cache's at
   // One decode query per sequence, at its last position, the same for every layer. Near-ties at
   // the top-K boundary may swap between the fused and the tiled scores: 2 positions.
   const auto qh = to_bf16(grid_values(std::size_t(2) * qd, 44, -8, 8, 8.f));
-  check_fused_step(gpu, cfg, pol, len, [&](int) { return qh; }, 2, 2e-2);
+  check_fused_step<dec::ShapeSet<dec::KernelShape<HD, Hq / Hkv>>>(gpu, cfg, pol, len, [&](int) { return qh; }, 2, 2e-2);
 }

@@ -12,9 +12,9 @@ using deltakv::gpu::vendor::stream_t;
 template <class T>
 void all(const d::DenseDecodeParams<T>& dense, const d::CombineParams<T>& comb, const d::SparseDecodeParams<T>& sparse,
          stream_t s) {
-  d::dense_partials<T>(dense, 0, s);
+  d::dense_partials(dense, 0, s);
   d::combine<T>(comb, s);
-  d::sparse_partials<T>(sparse, s);
+  d::sparse_partials(sparse, s);
 }
 template void all<deltakv::gpu::vendor::bf16>(const d::DenseDecodeParams<deltakv::gpu::vendor::bf16>&,
                                               const d::CombineParams<deltakv::gpu::vendor::bf16>&,
