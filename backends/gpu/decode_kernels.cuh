@@ -70,6 +70,70 @@ DELTAKV_GPU_D int head_dim_of(int lane, bool half, int reg) {
   return half ? hi * (D / 2) + lane * H + i : lane * E + 2 * i + hi;
 }
 
+// N consecutive f32 in shared memory (16-byte aligned for N >= 4, 8-byte for N == 2) <-> registers,
+// as 16- or 8-byte accesses: one scalar access per value had 4- to 8-way bank conflicts.
+template <int N>
+DELTAKV_GPU_D void ld_f32(const float* src, float* out) {
+  static_assert(N == 2 || N % 4 == 0, "ld_f32: 2 or a multiple of 4 values");
+  if constexpr (N == 2) {
+    const float2 v = *reinterpret_cast<const float2*>(src);
+    out[0] = v.x;
+    out[1] = v.y;
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; i += 4) {
+      const float4 v = *reinterpret_cast<const float4*>(src + i);
+      out[i] = v.x;
+      out[i + 1] = v.y;
+      out[i + 2] = v.z;
+      out[i + 3] = v.w;
+    }
+  }
+}
+template <int N>
+DELTAKV_GPU_D void st_f32(float* dst, const float* in) {
+  static_assert(N == 2 || N % 4 == 0, "st_f32: 2 or a multiple of 4 values");
+  if constexpr (N == 2) {
+    *reinterpret_cast<float2*>(dst) = make_float2(in[0], in[1]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; i += 4) *reinterpret_cast<float4*>(dst + i) = make_float4(in[i], in[i + 1], in[i + 2], in[i + 3]);
+  }
+}
+// One lane's E values of an f32 head row (row 16-byte aligned), in load_head's register order.
+template <int D>
+DELTAKV_GPU_D void load_head_f32(const float* row, int lane, bool half, float* x) {
+  constexpr int E = D / 16, H = E / 2;
+  if (half) {
+    ld_f32<H>(row + lane * H, x);
+    ld_f32<H>(row + D / 2 + lane * H, x + H);
+  } else {
+    float t[E];
+    ld_f32<E>(row + lane * E, t);
+#pragma unroll
+    for (int i = 0; i < H; ++i) {
+      x[i] = t[2 * i];
+      x[i + H] = t[2 * i + 1];
+    }
+  }
+}
+template <int D>
+DELTAKV_GPU_D void store_head_f32(float* row, int lane, bool half, const float* x) {
+  constexpr int E = D / 16, H = E / 2;
+  if (half) {
+    st_f32<H>(row + lane * H, x);
+    st_f32<H>(row + D / 2 + lane * H, x + H);
+  } else {
+    float t[E];
+#pragma unroll
+    for (int i = 0; i < H; ++i) {
+      t[2 * i] = x[i];
+      t[2 * i + 1] = x[i + H];
+    }
+    st_f32<E>(row + lane * E, t);
+  }
+}
+
 // The same E values as load_head, kept packed (16-bit) until used: half the registers, so twice
 // the tokens can be in flight.
 template <class T, int D>
@@ -487,7 +551,7 @@ inline std::size_t sparse_smem_bytes(int head_dim, int group, int latent_dim, in
   b += 2 * std::size_t(kSparseTile) * (head_dim + 4) * 4;  // K and V tiles (f32)
   b += std::size_t(group) * latent_dim * 4;              // acc_z
   b += std::size_t(group) * head_dim * 4;                // acc_v
-  b += std::size_t(group) * (head_dim + 2) * 4;          // q (scaled)
+  b += std::size_t(group) * (head_dim + 4) * 4;          // q (scaled)
   b += std::size_t(group) * kSparseTile * 4;             // probabilities
   b += NT * (std::size_t(k) + 3) * 4;                    // chunk: row codes, pos, latent row, nref
   b += NT * 2 * 4;                                       // chunk: scale, min
@@ -598,11 +662,13 @@ DELTAKV_GPU_D void finish_key(const RawHead<T, D> (&refs)[4], int nref, bool lat
 #pragma unroll
     for (int e = 0; e < E; ++e) sum[e] += w * x[e];
   }
+  float pr[E], pr2[E];
+  load_head_f32<D>(prod, lane, half, pr);
+  if constexpr (Halves) load_head_f32<D>(prod2, lane, half, pr2);
 #pragma unroll
   for (int e = 0; e < E; ++e) {
-    const int d = head_dim_of<D>(lane, half, e);
-    float v = Halves ? prod[d] + prod2[d] + sum[e] * inv : prod[d] + sum[e] * inv;
-    if (latent && bias) v += to_float(bias[d]);
+    float v = Halves ? pr[e] + pr2[e] + sum[e] * inv : pr[e] + sum[e] * inv;
+    if (latent && bias) v += to_float(bias[head_dim_of<D>(lane, half, e)]);
     x[e] = v;
   }
   if (rope && pos >= 0) {
@@ -706,8 +772,8 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
   float* s_v = s_k + TT * ldk;                                          // [TT][ldk]
   float* s_accz = s_v + TT * ldk;                                       // [G][DC]
   float* s_accv = s_accz + G * DC;                                      // [G][D]
-  float* s_q = s_accv + G * D;                                          // [G][D + 2]
-  float* s_p = s_q + G * (D + 2);                                       // [G][TT]
+  float* s_q = s_accv + G * D;                                          // [G][D + 4]
+  float* s_p = s_q + G * (D + 4);                                       // [G][TT]
   std::int32_t* s_row = reinterpret_cast<std::int32_t*>(s_p + G * TT);  // [CH][K]: row * 4 + region
   std::int32_t* s_pos = s_row + CH * K;                                 // [CH]
   std::int32_t* s_lrow = s_pos + CH;                                    // [CH] latent row or -1
@@ -743,7 +809,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
   for (int i = threadIdx.x; i < G * D; i += NT) {
     s_accv[i] = 0.f;
     const int g = i / D, d = i % D;
-    s_q[g * (D + 2) + d] = to_float(p.q[b * p.ldq + (h * G + g) * D + d]) * p.scale;
+    s_q[g * (D + 4) + d] = to_float(p.q[b * p.ldq + (h * G + g) * D + d]) * p.scale;
   }
   if (threadIdx.x < G) {
     s_stat[threadIdx.x * 4 + 0] = kNegInf;
@@ -888,8 +954,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
           float x[E];
           finish_key<T, D, true>(g_k[kt], s_nref[ci], s_lrow[ci] >= 0, s_pos[ci], lane, half, rope, s_k + i * ldk, s_v + i * ldk,
                            L.b_dec ? L.b_dec + h * D : nullptr, p.rope, x);
-#pragma unroll
-          for (int e = 0; e < E; ++e) s_k[i * ldk + head_dim_of<D>(lane, half, e)] = x[e];
+          store_head_f32<D>(s_k + i * ldk, lane, half, x);
         }
         __syncthreads();  // every K task has read its half of the product from s_v
 #pragma unroll
@@ -911,7 +976,8 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
             }
           }
 #pragma unroll
-          for (int e = 0; e < 8; ++e) s_v[i * ldk + d8 + e] = sum[e] * inv;
+          for (int e = 0; e < 8; ++e) sum[e] *= inv;
+          st_f32<8>(s_v + i * ldk + d8, sum);
         }
       }
       // The next tile of this chunk: issue its reference loads now, so that they are in flight
@@ -927,7 +993,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
         const int i = task / (G * 4), g = (task / 4) % G, part = task % 4;
         float d = 0.f;
 #pragma unroll 8
-        for (int e = part; e < D; e += 4) d += s_q[g * (D + 2) + e] * s_k[i * ldk + e];
+        for (int e = part; e < D; e += 4) d += s_q[g * (D + 4) + e] * s_k[i * ldk + e];
         d += vendor::shfl_xor<W>(d, 1);
         d += vendor::shfl_xor<W>(d, 2);
         if (part == 0) s_p[i * G + g] = s_pos[c0 + i] >= 0 ? d : kNegInf;
