@@ -932,6 +932,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
           const int ldw = WL2 ? DC : ldz;
           const T* w0 = WL2 ? L.w_dec + std::int64_t(h * D + 2 * cp * 16) * DC : s_w + (2 * cp) * 16 * ldz;
           const T* w1 = w0 + 16 * ldw;
+#pragma unroll 4
           for (int kk = k0; kk < k1; kk += 16) {
             a00.mac_2x2(a01, a10, a11, s_z + kk, s_z + 16 * ldz + kk, ldz, w0 + kk, w1 + kk, ldw);
           }
