@@ -517,9 +517,10 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_kernel(SelectParams p) {
 //   per tile of 32 items:
 //     1. dequantize the latents into shared memory (zeros for exact items)
 //     2. K_tile = Z W_k,h^T on tensor cores
-//     3. K += mean of the references' K (the exact row for exact items) + bias; RoPE. In the same
-//        pass V_tile = mean of the references' V (the exact V) -- loads of both in flight at once
-//     4. logits; online softmax per q head (a warp per head)
+//     3. K += mean of the references' K (the exact row for exact items) + bias; RoPE; the logits
+//        q.K from registers (a 16-lane sum per q head). In the same pass V_tile = mean of the
+//        references' V (the exact V) -- loads of both in flight at once
+//     4. online softmax per q head (a warp per head)
 //     5. acc_z += p Z; acc_v += p V_tile; mass += p over latent items
 //   and at the end writes acc_v + W_v,h acc_z + mass * b_v as its split's partial.
 // WL2 (SparseDecodeParams::weights_from_l2): W_k,h's fragments come from global memory (L2) instead,
@@ -955,7 +956,19 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
           float x[E];
           finish_key<T, D, true>(g_k[kt], s_nref[ci], s_lrow[ci] >= 0, s_pos[ci], lane, half, rope, s_k + i * ldk, s_v + i * ldk,
                            L.b_dec ? L.b_dec + h * D : nullptr, p.rope, x);
-          store_head_f32<D>(s_k + i * ldk, lane, half, x);
+          // 4. logits of the rebuilt key, straight from registers: per q head, the lane's E dims of
+          //    q (s_q, head-dim order) and a 16-lane sum. The key is never written to shared memory.
+          const bool attended = s_pos[ci] >= 0;
+#pragma unroll
+          for (int g = 0; g < G; ++g) {
+            float qv[E];
+            load_head_f32<D>(s_q + g * (D + 4), lane, half, qv);
+            float d = 0.f;
+#pragma unroll
+            for (int e = 0; e < E; ++e) d += qv[e] * x[e];
+            d = group16_sum<W>(d);
+            if (lane == 0) s_p[i * G + g] = attended ? d : kNegInf;
+          }
         }
         __syncthreads();  // every K task has read its half of the product from s_v
 #pragma unroll
@@ -989,18 +1002,8 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
       }
       __syncthreads();
       mark(4);
-      // 4. logits: (item, head) pairs, 4 threads each; then a warp per head for the softmax
-      for (int task = threadIdx.x; task < TT * G * 4; task += NT) {
-        const int i = task / (G * 4), g = (task / 4) % G, part = task % 4;
-        float d = 0.f;
-#pragma unroll 8
-        for (int e = part; e < D; e += 4) d += s_q[g * (D + 4) + e] * s_k[i * ldk + e];
-        d += vendor::shfl_xor<W>(d, 1);
-        d += vendor::shfl_xor<W>(d, 2);
-        if (part == 0) s_p[i * G + g] = s_pos[c0 + i] >= 0 ? d : kNegInf;
-      }
-      __syncthreads();
-      mark(5);
+      mark(5);  // (the logits are computed in step 3 now: this phase is empty)
+      // softmax: a warp per head
       for (int g = warp; g < G; g += NW) {
         float* st = s_stat + g * 4;
         const float sc = lane_w < TT ? s_p[lane_w * G + g] : kNegInf;

@@ -334,6 +334,8 @@ struct CompressedFixture {
   }
 };
 
+// The two-pass path is opt-in and slower (docs/BENCHMARKS.md): built for the shapes its cases use only.
+using TwoPassShapes = dec::ShapeSet<dec::KernelShape<128, 4>, dec::KernelShape<64, 3>, dec::KernelShape<128, 7>>;
 enum class SparsePath { fused, fused_256, fused_w_l2, two_pass };  // fused: the default block (512 threads at head_dim 128)
 
 void run_sparse_case(const Shape& s, int bits, const std::vector<std::int32_t>& n, int n_select, int n_splits,
@@ -382,7 +384,7 @@ void run_sparse_case(const Shape& s, int bits, const std::vector<std::int32_t>& 
   p.ld_scores = ld_scores;
   if (path == SparsePath::two_pass) {
     REQUIRE(dec::two_pass_max_items(p) <= ld_scores);
-    dec::sparse_partials_two_pass(p, nullptr);
+    dec::sparse_partials_two_pass<TwoPassShapes>(p, nullptr);
   } else {
     dec::sparse_partials(p, nullptr);
   }
