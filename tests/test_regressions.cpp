@@ -117,6 +117,30 @@ TEST_CASE("regression: validate() refuses a model whose kv_dim does not fit in i
   CHECK_THROWS_AS(validate(cfg), ConfigError);
 }
 
+// Review of cache.hpp (third session, noticed and left): n_layers had no bound, so the per-layer host
+// vectors of an absurd count failed an allocation instead of raising a typed error, and storage()
+// cast the ring's row count (recent + block, summed in 64 bits) to int unchecked.
+TEST_CASE("regression: validate() bounds n_layers and the ring's row count") {
+  Config cfg;
+  cfg.model = {kMaxLayers, 2, 1, 8};
+  cfg.comp.recent = 4;
+  cfg.comp.sinks = 0;
+  cfg.cap = {1, 16, 1};
+  validate(cfg);  // the limit itself is valid
+  cfg.model.n_layers = kMaxLayers + 1;
+  CHECK_THROWS_AS(validate(cfg), ConfigError);
+  cfg.model.n_layers = std::numeric_limits<int>::max();
+  CHECK_THROWS_AS(validate(cfg), ConfigError);
+  cfg.model.n_layers = 2;
+  cfg.comp.recent = std::numeric_limits<int>::max() - 8;
+  cfg.comp.block = 8;
+  validate(cfg);  // recent + block = INT_MAX fits
+  cfg.comp.block = 9;
+  CHECK_THROWS_AS(validate(cfg), ConfigError);
+  cfg.comp.block = 0;  // block defaults to recent: 2 * recent overflows int
+  CHECK_THROWS_AS(validate(cfg), ConfigError);
+}
+
 // Review of the layout arithmetic. geometry() and workspace_plan() multiplied and summed byte
 // counts in size_t without checks: a geometry that validate() accepts (every size fits in int)
 // but whose buffers do not fit in size_t wrapped around, and layout() returned a small size

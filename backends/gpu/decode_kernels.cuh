@@ -510,6 +510,210 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_kernel(SelectParams p) {
 }
 
 // =============================================================================================
+// The same selection over (chunks, B) blocks (SelectParams::work, see select_work_words): one block
+// per sequence walked 131072 keys five times at 128K x 8 (0.2 ms, latency-bound on 8 SMs).
+//   select_keys_kernel      keys of a chunk (as score_keys_kernel) + the histogram of their top digit
+//   select_pick_kernel      one block per sequence: the digit of the k-th largest key (as in
+//                           select_kernel), or "take every candidate" / "none"
+//   select_hist_kernel      histogram of the next digit over the keys that match the prefix
+//   select_count_kernel     per chunk: keys above the threshold, keys equal to it
+//   select_write_kernel     per chunk: its offset from the earlier chunks' counts, then the ordered
+//                           write of select_kernel within the chunk
+// Work layout (32-bit words): hist [B][4][256] (zeroed by select_topk), state [B][4] = prefix,
+// remaining, kk, mode (0 radix, 1 every candidate, 2 none), counts [B][chunks][2].
+// =============================================================================================
+inline constexpr int kSelectChunk = 4096;  // positions per block
+
+struct SelectWork {
+  std::uint32_t* hist;
+  std::int32_t* state;
+  std::int32_t* counts;
+  int chunks;
+};
+DELTAKV_GPU_HD SelectWork select_work(std::uint32_t* w, int batch, int chunks) {
+  SelectWork r;
+  r.hist = w;
+  r.state = reinterpret_cast<std::int32_t*>(w + std::size_t(batch) * 4 * 256);
+  r.counts = r.state + std::size_t(batch) * 4;
+  r.chunks = chunks;
+  return r;
+}
+
+// The middle positions of sequence b: [s_end, w_begin).
+struct SelectBounds {
+  int n, s_end, w_begin;
+};
+DELTAKV_GPU_D SelectBounds select_bounds(const SelectParams& p, int b) {
+  SelectBounds r;
+  r.n = p.n[b];
+  r.s_end = min(p.sinks, r.n);
+  r.w_begin = max(r.s_end, r.n - p.window);
+  return r;
+}
+
+// Adds a block's shared histogram into the global one (non-zero bins only).
+template <int NT>
+DELTAKV_GPU_D void flush_hist(const int* s_hist, std::uint32_t* g_hist) {
+  for (int i = threadIdx.x; i < 256; i += NT)
+    if (s_hist[i]) atomicAdd(g_hist + i, std::uint32_t(s_hist[i]));
+}
+
+template <int NT>
+__global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_keys_kernel(SelectParams p, SelectWork w) {
+  __shared__ int hist[256];
+  const int b = blockIdx.y, c = blockIdx.x;
+  const SelectBounds sb = select_bounds(p, b);
+  for (int i = threadIdx.x; i < 256; i += NT) hist[i] = 0;
+  __syncthreads();
+  const int t1 = min(sb.n, (c + 1) * kSelectChunk);
+  for (int t = c * kSelectChunk + threadIdx.x; t < t1; t += NT) {
+    std::uint32_t key = 0;
+    if (t >= sb.s_end && t < sb.w_begin) {
+      float best = 0.f;
+      for (int h = 0; h < p.n_q_heads; ++h) {
+        const float lse = p.lse[b * p.n_q_heads + h];
+        const float lg = p.logits[(std::int64_t(b) * p.n_q_heads + h) * p.ld_logits + t];
+        best = fmaxf(best, expf(lg - lse));
+      }
+      key = vendor::float_bits(best) + 1u;
+    }
+    p.keys[b * p.ld_keys + t] = key;
+    atomicAdd(&hist[key >> 24], 1);
+  }
+  __syncthreads();
+  flush_hist<NT>(hist, w.hist + std::size_t(b) * 4 * 256);
+}
+
+// pass d (0..3): the digit at bits 24 - 8d of the kk-th largest key, from hist [b][d].
+template <int NT>
+__global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_pick_kernel(SelectParams p, SelectWork w, int d) {
+  const int b = blockIdx.x;
+  std::int32_t* st = w.state + b * 4;
+  if (threadIdx.x != 0) return;
+  if (d == 0) {
+    const SelectBounds sb = select_bounds(p, b);
+    const int cand = sb.w_begin - sb.s_end, kk = min(p.k, cand);
+    st[0] = 0;
+    st[1] = kk;
+    st[2] = kk;
+    st[3] = kk <= 0 ? 2 : (kk >= cand ? 1 : 0);
+  }
+  if (st[3] != 0) return;
+  const std::uint32_t* hist = w.hist + (std::size_t(b) * 4 + d) * 256;
+  const int shift = 24 - 8 * d, remaining = st[1];
+  int above = 0, dg = 255;
+  for (; dg > 0; --dg) {
+    const int hc = int(hist[dg]);
+    if (above + hc >= remaining) break;
+    above += hc;
+  }
+  st[0] = int(std::uint32_t(st[0]) | (std::uint32_t(dg) << shift));
+  st[1] = remaining - above;
+}
+
+// pass d (1..3): histogram of the digit at bits 24 - 8d over the keys whose higher digits match.
+template <int NT>
+__global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_hist_kernel(SelectParams p, SelectWork w, int d) {
+  __shared__ int hist[256];
+  const int b = blockIdx.y, c = blockIdx.x;
+  if (w.state[b * 4 + 3] != 0) return;
+  const SelectBounds sb = select_bounds(p, b);
+  const int shift = 24 - 8 * d;
+  const std::uint32_t prefix = std::uint32_t(w.state[b * 4]), mask = ~0u << (shift + 8);
+  for (int i = threadIdx.x; i < 256; i += NT) hist[i] = 0;
+  __syncthreads();
+  const std::uint32_t* keys = p.keys + b * p.ld_keys;
+  const int t1 = min(sb.n, (c + 1) * kSelectChunk);
+#pragma unroll 4
+  for (int t = c * kSelectChunk + threadIdx.x; t < t1; t += NT) {
+    const std::uint32_t key = keys[t];
+    if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1);
+  }
+  __syncthreads();
+  flush_hist<NT>(hist, w.hist + (std::size_t(b) * 4 + d) * 256);
+}
+
+// The threshold and how many keys equal to it to take (mode 1: every candidate, as select_kernel).
+DELTAKV_GPU_D void select_threshold(const SelectWork& w, int b, std::uint32_t* thresh, int* need_eq) {
+  const std::int32_t* st = w.state + b * 4;
+  *thresh = st[3] == 0 ? std::uint32_t(st[0]) : 1u;
+  *need_eq = st[3] == 0 ? st[1] : 0x7fffffff;
+}
+
+template <int NT>
+__global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_count_kernel(SelectParams p, SelectWork w) {
+  __shared__ int s_gt, s_eq;
+  const int b = blockIdx.y, c = blockIdx.x;
+  if (threadIdx.x == 0) s_gt = s_eq = 0;
+  __syncthreads();
+  std::uint32_t thresh;
+  int need_eq;
+  select_threshold(w, b, &thresh, &need_eq);
+  const int n = p.n[b], t1 = min(n, (c + 1) * kSelectChunk);
+  const std::uint32_t* keys = p.keys + b * p.ld_keys;
+  int gt = 0, eq = 0;
+#pragma unroll 4
+  for (int t = c * kSelectChunk + threadIdx.x; t < t1; t += NT) {
+    const std::uint32_t key = keys[t];
+    gt += key > thresh;
+    eq += key != 0u && key == thresh;
+  }
+  if (gt) atomicAdd(&s_gt, gt);
+  if (eq) atomicAdd(&s_eq, eq);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    w.counts[(std::size_t(b) * w.chunks + c) * 2] = s_gt;
+    w.counts[(std::size_t(b) * w.chunks + c) * 2 + 1] = s_eq;
+  }
+}
+
+template <int W, int NT>
+__global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_write_kernel(SelectParams p, SelectWork w) {
+  __shared__ int scratch[NT / W];
+  __shared__ int s_before[2];
+  const int b = blockIdx.y, c = blockIdx.x;
+  const int mode = w.state[b * 4 + 3], kk = w.state[b * 4 + 2];
+  if (c == 0 && threadIdx.x == 0) p.sel_count[b] = kk > 0 ? kk : 0;
+  if (mode == 2) return;
+  std::uint32_t thresh;
+  int need_eq;
+  select_threshold(w, b, &thresh, &need_eq);
+  if (threadIdx.x == 0) {  // keys above the threshold, and equal to it, in the earlier chunks
+    int gt = 0, eq = 0;
+    for (int j = 0; j < c; ++j) {
+      gt += w.counts[(std::size_t(b) * w.chunks + j) * 2];
+      eq += w.counts[(std::size_t(b) * w.chunks + j) * 2 + 1];
+    }
+    s_before[0] = gt;
+    s_before[1] = eq;
+  }
+  __syncthreads();
+  const int n = p.n[b], c0 = c * kSelectChunk, c1 = min(n, c0 + kSelectChunk);
+  const std::uint32_t* keys = p.keys + b * p.ld_keys;
+  constexpr int seg = kSelectChunk / NT;
+  const int a = c0 + threadIdx.x * seg, e = min(c1, a + seg);
+  int gt = 0, eq = 0;
+  for (int t = a; t < e; ++t) {
+    const std::uint32_t key = keys[t];
+    gt += key > thresh;
+    eq += key != 0u && key == thresh;
+  }
+  int eq_total = 0, unused = 0;
+  int eq_before = s_before[1] + block_exclusive_scan<W, NT>(eq, scratch, &eq_total);
+  const int eq_take = max(0, min(eq, need_eq - eq_before));
+  int at = s_before[0] + min(s_before[1], need_eq) + block_exclusive_scan<W, NT>(gt + eq_take, scratch, &unused);
+  for (int t = a; t < e; ++t) {
+    const std::uint32_t key = keys[t];
+    if (key > thresh) {
+      p.sel[b * p.ld_sel + at++] = t;
+    } else if (key != 0u && key == thresh && eq_before < need_eq) {
+      p.sel[b * p.ld_sel + at++] = t;
+      ++eq_before;
+    }
+  }
+}
+
+// =============================================================================================
 // sparse_decode_kernel<T, D, G, W, NT>: grid (n_splits, Hkv, B). The block keeps W_k,h (f_d's K
 // rows of kv head h) in shared memory and walks its share of the attended list:
 //   per chunk of NT items: resolve positions to storage rows, one item per thread (sink / ring /

@@ -69,6 +69,9 @@ struct SelectParams {
   std::uint32_t* keys = nullptr; std::int64_t ld_keys = 0;     // scratch [B, ld_keys >= max n]
   std::int32_t* sel = nullptr; std::int64_t ld_sel = 0;        // out [B, ld_sel >= k]
   std::int32_t* sel_count = nullptr;                           // out [B]
+  // Optional scratch of select_work_words(batch, max n) words: with it the selection runs over
+  // (chunks, B) blocks (five small launches and a memset); without it, one block per sequence.
+  std::uint32_t* work = nullptr;
 };
 
 // One compressed layer of the cache, all sequences: sequence b's regions start at

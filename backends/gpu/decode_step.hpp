@@ -183,12 +183,43 @@ void combine(const CombineParams<T>& p, vendor::stream_t stream) {
   vendor::check_launch("combine_kernel");
 }
 
-// OmniKV selection from the logits and lse of a dense pass over the filter layer.
+// Scratch words of the multi-block selection (SelectParams::work) for batch sequences of at most
+// max_n positions: histograms, per-sequence state and per-chunk counts (see select_write_kernel).
+inline std::size_t select_work_words(int batch, std::int64_t max_n) {
+  const std::int64_t chunks = std::max<std::int64_t>(1, (max_n + kSelectChunk - 1) / kSelectChunk);
+  return std::size_t(batch) * (4 * 256 + 4 + 2 * std::size_t(chunks));
+}
+
+// OmniKV selection from the logits and lse of a dense pass over the filter layer. With p.work
+// (select_work_words(p.batch, max_n) words) the passes run over (chunks, B) blocks; without it,
+// one block per sequence. Same result either way.
 inline void select_topk(const SelectParams& p, std::int64_t max_n, vendor::stream_t stream) {
   if (p.k <= 0) throw ConfigError("select_topk: k must be positive");
   if (p.ld_sel < p.k) throw ShapeError("select_topk: ld_sel < k");
   if (p.ld_keys < max_n) throw ShapeError("select_topk: ld_keys < longest sequence");
   if (p.batch == 0) return;
+  if (p.work) {
+    constexpr int NT = 256;
+    const int chunks = int(std::max<std::int64_t>(1, (max_n + kSelectChunk - 1) / kSelectChunk));
+    const SelectWork w = select_work(p.work, p.batch, chunks);
+    vendor::memset_async(w.hist, 0, std::size_t(p.batch) * 4 * 256 * sizeof(std::uint32_t), stream);
+    const dim3 grid(unsigned(chunks), unsigned(p.batch));
+    select_keys_kernel<NT><<<grid, NT, 0, stream>>>(p, w);
+    vendor::check_launch("select_keys_kernel");
+    for (int d = 0; d < 4; ++d) {
+      if (d > 0) {
+        select_hist_kernel<NT><<<grid, NT, 0, stream>>>(p, w, d);
+        vendor::check_launch("select_hist_kernel");
+      }
+      select_pick_kernel<NT><<<p.batch, vendor::kWarpSize, 0, stream>>>(p, w, d);
+      vendor::check_launch("select_pick_kernel");
+    }
+    select_count_kernel<NT><<<grid, NT, 0, stream>>>(p, w);
+    vendor::check_launch("select_count_kernel");
+    select_write_kernel<vendor::kWarpSize, NT><<<grid, NT, 0, stream>>>(p, w);
+    vendor::check_launch("select_write_kernel");
+    return;
+  }
   const int chunks = int(std::min<std::int64_t>(1024, (max_n + 255) / 256));
   score_keys_kernel<256><<<dim3(std::max(1, chunks), p.batch), 256, 0, stream>>>(p);
   vendor::check_launch("score_keys_kernel");

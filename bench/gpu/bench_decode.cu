@@ -103,7 +103,7 @@ double copy_bandwidth(vendor::stream_t s) {  // bytes read + written per second,
 
 struct Result {
   double dense_ms = 0, deltakv_ms = 0, dense_bytes = 0, deltakv_bytes = 0, resident_bytes = 0, bf16_bytes = 0;
-  double dense_layer_ms = 0, sparse_layer_ms = 0, select_ms = 0, full_layer_ms = 0, topk_ms = 0, sparse_l2_ms = 0,
+  double dense_layer_ms = 0, sparse_layer_ms = 0, select_ms = 0, full_layer_ms = 0, topk_ms = 0, topk1_ms = 0, sparse_l2_ms = 0,
          sparse_2p_ms = 0, sparse_256_ms = 0;
 };
 
@@ -205,6 +205,7 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
   Dev part(dec::partials_floats(B, Hq, std::max({sp.n_splits, ssplits, tsplits}), D) * 4);
   Dev scores(std::size_t(B) * Hq * attended_max * 4);                  // the two-pass path's logits
   Dev logits(std::size_t(B) * Hq * N * 4), lse(std::size_t(B) * Hq * 4), keys(std::size_t(B) * N * 4);
+  Dev select_work(dec::select_work_words(B, N) * 4);  // the multi-block selection's scratch
   std::vector<Dev*> sel;  // one selection per run of sparse layers (owned by its filter layer)
   for (int l = 0; l < m.layers; ++l) sel.push_back(nullptr);
   Dev sel_count_all(std::size_t(m.layers) * B * 4);
@@ -218,10 +219,11 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
     dec::combine(dec::CombineParams<bf>{part.as<float>(), sp.n_splits, B, Hq, D, out.as<bf>(), qd, filter ? lse.as<float>() : nullptr}, s);
     if (filter) {
       if (!sel[l]) sel[l] = new Dev(std::size_t(B) * TOPK * 4);
-      dec::select_topk(dec::SelectParams{logits.as<float>(), N, lse.as<float>(), n_d.as<std::int32_t>(), B, Hq, SINKS, RECENT,
-                                         TOPK, keys.as<std::uint32_t>(), N, sel[l]->as<std::int32_t>(), TOPK,
-                                         sel_count_all.as<std::int32_t>() + l * B},
-                       N, s);
+      dec::SelectParams sp_{logits.as<float>(), N, lse.as<float>(), n_d.as<std::int32_t>(), B, Hq, SINKS, RECENT,
+                            TOPK, keys.as<std::uint32_t>(), N, sel[l]->as<std::int32_t>(), TOPK,
+                            sel_count_all.as<std::int32_t>() + l * B};
+      sp_.work = select_work.as<std::uint32_t>();
+      dec::select_topk(sp_, N, s);
     }
   };
   // The step's sparse path: DELTAKV_SPARSE=l2 (fused, W_k,h read from L2), =two_pass, =t256 (fused,
@@ -277,12 +279,17 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
   r.full_layer_ms = time_graph([&] { dense_layer(full_buf[0]->as<bf>(), false, 0); }, s, reps * 4);
   const int f0 = filter_of[m.layers - 1];
   r.select_ms = time_graph([&] { dense_layer(full_buf[0]->as<bf>(), true, f0); }, s, reps * 4) - r.full_layer_ms;
-  r.topk_ms = time_graph([&] {  // scores + top-K alone, from the logits and lse left by the warm-up
-    dec::select_topk(dec::SelectParams{logits.as<float>(), N, lse.as<float>(), n_d.as<std::int32_t>(), B, Hq, SINKS, RECENT,
-                                       TOPK, keys.as<std::uint32_t>(), N, sel[f0]->as<std::int32_t>(), TOPK,
-                                       sel_count_all.as<std::int32_t>() + f0 * B},
-                     N, s);
-  }, s, reps * 4);
+  // scores + top-K alone, from the logits and lse left by the warm-up: the multi-block path (the
+  // step's) and the one-block-per-sequence path
+  auto topk = [&](bool multi) {
+    dec::SelectParams p{logits.as<float>(), N, lse.as<float>(), n_d.as<std::int32_t>(), B, Hq, SINKS, RECENT,
+                        TOPK, keys.as<std::uint32_t>(), N, sel[f0]->as<std::int32_t>(), TOPK,
+                        sel_count_all.as<std::int32_t>() + f0 * B};
+    if (multi) p.work = select_work.as<std::uint32_t>();
+    dec::select_topk(p, N, s);
+  };
+  r.topk_ms = time_graph([&] { topk(true); }, s, reps * 4);
+  r.topk1_ms = time_graph([&] { topk(false); }, s, reps * 4);
   int first_sparse = 0;
   while (is_full[first_sparse]) ++first_sparse;
   r.sparse_layer_ms = time_graph([&] { sparse_layer(0, filter_of[first_sparse]); }, s, reps * 4);
@@ -504,9 +511,9 @@ int main(int argc, char** argv) {
         const Result r = run(m, N, B, sms, s);
         std::printf("{\"model\": \"%s\", \"ctx\": %lld, \"batch\": %d, \"dense_ms\": %.5f, \"deltakv_ms\": %.5f, "
                     "\"dense_bytes\": %.6e, \"deltakv_bytes\": %.6e, \"resident_bytes\": %.6e, \"bf16_bytes\": %.6e, "
-                    "\"full_layer_ms\": %.5f, \"sparse_layer_ms\": %.5f,  \"sparse_l2_ms\": %.5f, \"sparse_2p_ms\": %.5f, \"sparse_256_ms\": %.5f, \"select_ms\": %.5f, \"topk_ms\": %.5f, \"layers\": %d, \"copy_bw\": %.4e}\n",
+                    "\"full_layer_ms\": %.5f, \"sparse_layer_ms\": %.5f,  \"sparse_l2_ms\": %.5f, \"sparse_2p_ms\": %.5f, \"sparse_256_ms\": %.5f, \"select_ms\": %.5f, \"topk_ms\": %.5f, \"topk1_ms\": %.5f, \"layers\": %d, \"copy_bw\": %.4e}\n",
                     m.name, (long long)N, B, r.dense_ms, r.deltakv_ms, r.dense_bytes, r.deltakv_bytes, r.resident_bytes,
-                    r.bf16_bytes, r.full_layer_ms, r.sparse_layer_ms, r.sparse_l2_ms, r.sparse_2p_ms, r.sparse_256_ms, r.select_ms, r.topk_ms, m.layers, bw);
+                    r.bf16_bytes, r.full_layer_ms, r.sparse_layer_ms, r.sparse_l2_ms, r.sparse_2p_ms, r.sparse_256_ms, r.select_ms, r.topk_ms, r.topk1_ms, m.layers, bw);
         std::fflush(stdout);
       }
   vendor::stream_destroy(s);

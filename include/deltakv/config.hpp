@@ -32,6 +32,9 @@ enum class Metric { l2, dot, cosine };
 // Largest k_neighbors a cache accepts (validate() refuses more): the reference ids of one token are
 // read back into a fixed-size host array, and k beyond a few dozen only costs id bytes.
 inline constexpr int kMaxNeighbors = 64;
+// Layers a cache serves: the cache keeps host tables per layer (plans, offsets, per-sequence state),
+// so an absurd count is refused up front rather than failing an allocation (real models: < 200).
+inline constexpr int kMaxLayers = 4096;
 
 struct CompressionConfig {
   int sinks = 8;         // first tokens kept exact
@@ -65,11 +68,14 @@ inline void validate(const Config& c) {
   const auto& m = c.model;
   if (m.n_layers <= 0 || m.n_q_heads <= 0 || m.n_kv_heads <= 0 || m.head_dim <= 0)
     bad("model shape needs positive n_layers, n_q_heads, n_kv_heads, head_dim");
+  if (m.n_layers > kMaxLayers) bad("n_layers " + std::to_string(m.n_layers) + " is above " + std::to_string(kMaxLayers));
   if (m.n_q_heads % m.n_kv_heads != 0) bad("n_q_heads must be a multiple of n_kv_heads (GQA)");
   constexpr std::int64_t kIntMax = 2147483647;
   if (2 * std::int64_t(m.n_kv_heads) * m.head_dim > kIntMax || std::int64_t(m.n_q_heads) * m.head_dim > kIntMax)
     bad("model shape too large: kv_dim and n_q_heads * head_dim must fit in int");
   if (c.comp.sinks < 0 || c.comp.recent < 0) bad("sinks and recent must be >= 0");
+  // the ring holds recent + block rows, counted in int (LayerStorage::ring_rows)
+  if (std::int64_t(c.comp.recent) + c.block() > kIntMax) bad("recent + block must fit in int");
   if (c.comp.k_neighbors <= 0 || c.comp.k_neighbors > kMaxNeighbors)
     bad("k_neighbors must be in [1, " + std::to_string(kMaxNeighbors) + "]");
   if (c.latent_dim() <= 0) bad("latent_dim must be >= 1");

@@ -39,7 +39,7 @@ void check_fused_step(GpuHarness<cuda::bf16, OmniKVPolicy>& gpu, const Config& c
   const auto sp = dec::dense_splits(max_n, 2, Hkv, 132);
   DBuf<float> part(dec::partials_floats(2, Hq, std::max(sp.n_splits, sparse_splits), HD)),
       logits(std::size_t(2) * Hq * max_n), lse(std::size_t(2) * Hq);
-  DBuf<std::uint32_t> keys(std::size_t(2) * max_n);
+  DBuf<std::uint32_t> keys(std::size_t(2) * max_n), select_work(dec::select_work_words(2, max_n));
   DBuf<std::int32_t> sel(std::size_t(2) * TOPK), sel_count(2), dn(std::vector<std::int32_t>{int(len[0]), int(len[1])});
   DBuf<bf> want(std::size_t(2) * qd), got(std::size_t(2) * qd);
   const std::int32_t sid[2] = {0, 1}, ip[3] = {0, 1, 2};
@@ -65,9 +65,11 @@ void check_fused_step(GpuHarness<cuda::bf16, OmniKVPolicy>& gpu, const Config& c
                                   max_n, nullptr);
       dec::combine(dec::CombineParams<bf>{part.p, sp.n_splits, 2, Hq, HD, got.p, qd, lse.p}, nullptr);
       sel.poison();
-      dec::select_topk(dec::SelectParams{logits.p, max_n, lse.p, dn.p, 2, Hq, pol.sinks, pol.window, TOPK, keys.p, max_n,
-                                         sel.p, TOPK, sel_count.p},
-                       max_n, nullptr);
+      dec::SelectParams selp{logits.p, max_n, lse.p, dn.p, 2, Hq, pol.sinks, pol.window, TOPK, keys.p, max_n,
+                             sel.p, TOPK, sel_count.p};
+      selp.work = select_work.p;  // the multi-block selection (the one the benchmark's step uses)
+      select_work.poison();
+      dec::select_topk(selp, max_n, nullptr);
       const auto gs = sel.get();
       const auto gc = sel_count.get();
       for (int s = 0; s < 2; ++s) {

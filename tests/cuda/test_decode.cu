@@ -166,27 +166,33 @@ TEST_CASE("fused dense decode: attention, logits and lse against float64 RoPE at
     run_dense_case(s, {1, 777, 2500});
 }
 
-TEST_CASE("fused OmniKV selection: the k most attended middle positions, in order, ties to the lower") {
-  DKT_REQUIRE_CUDA();
-  const int Hq = 4, B = 3, K = 64, sinks = 4, window = 32;
-  const std::vector<std::int32_t> n = {3000, 90, 20};  // many candidates / fewer than k / none
-  const std::int64_t ld = 3000;
+namespace {
+// Selection over random logits of sequences of lengths n (row length ld), with a block of 100
+// exact ties starting at position tie0 of sequence 0 (the first 30 of them sure winners), against a
+// stable sort on the host. work: the multi-block path (SelectParams::work) instead of one block per
+// sequence.
+void run_select_case(const std::vector<std::int32_t>& n, std::int64_t ld, int tie0, bool work) {
+  CAPTURE(work);
+  CAPTURE(ld);
+  const int Hq = 4, B = int(n.size()), K = 64, sinks = 4, window = 32;
   std::vector<float> lg(std::size_t(B) * Hq * ld, 0.f), lse(std::size_t(B) * Hq);
-  std::mt19937 rng(5);
+  std::mt19937 rng(5 + unsigned(ld));
   std::normal_distribution<float> nd(0.f, 1.f);
   for (auto& x : lg) x = nd(rng);
   for (int i = 0; i < B * Hq; ++i) lse[i] = 3.f + 0.1f * i;
   // a block of exact ties in sequence 0 straddling the threshold: equal logits in every head
-  for (int t = 1000; t < 1100; ++t)
+  for (int t = tie0; t < tie0 + 100; ++t)
     for (int h = 0; h < Hq; ++h) lg[(std::size_t(0) * Hq + h) * ld + t] = (h == 0 ? 6.f : -50.f);
-  for (int t = 1000; t < 1030; ++t) lg[t] = 9.f;  // 30 sure winners (head 0)
+  for (int t = tie0; t < tie0 + 30; ++t) lg[t] = 9.f;  // 30 sure winners (head 0)
   DBuf<float> dl(lg), dlse(lse);
   DBuf<std::int32_t> dn(n), sel(std::size_t(B) * K), cnt(B);
-  DBuf<std::uint32_t> keys(std::size_t(B) * ld);
+  DBuf<std::uint32_t> keys(std::size_t(B) * ld), scratch(dec::select_work_words(B, ld));
   sel.poison();
   cnt.poison();
-  dec::select_topk(dec::SelectParams{dl.p, ld, dlse.p, dn.p, B, Hq, sinks, window, K, keys.p, ld, sel.p, K, cnt.p},
-                   ld, nullptr);
+  scratch.poison();
+  dec::SelectParams p{dl.p, ld, dlse.p, dn.p, B, Hq, sinks, window, K, keys.p, ld, sel.p, K, cnt.p};
+  if (work) p.work = scratch.p;
+  dec::select_topk(p, ld, nullptr);
   const auto gs = sel.get();
   const auto gc = cnt.get();
   for (int b = 0; b < B; ++b) {
@@ -208,7 +214,16 @@ TEST_CASE("fused OmniKV selection: the k most attended middle positions, in orde
     CHECK(got == want);
   }
   // sequence 0: the 30 sure winners and then the lowest-positioned of the tied block
-  for (int i = 0; i < K; ++i) CHECK(gs[i] == 1000 + i);
+  for (int i = 0; i < K; ++i) CHECK(gs[i] == tie0 + i);
+}
+}  // namespace
+
+TEST_CASE("fused OmniKV selection: the k most attended middle positions, in order, ties to the lower") {
+  DKT_REQUIRE_CUDA();
+  // many candidates / fewer than k / none
+  for (bool work : {false, true}) run_select_case({3000, 90, 20}, 3000, 1000, work);
+  // several 4096-position chunks of the multi-block path, the tied block across a chunk boundary
+  for (bool work : {false, true}) run_select_case({20000, 9000, 4100, 90, 20}, 20000, 4080, work);
 }
 
 namespace {
