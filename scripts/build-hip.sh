@@ -5,6 +5,8 @@
 #   JOBS=<n>       parallel compile jobs (default: the number of cores)
 #   BUILD_DIR=...  build directory (default: build-hip)
 #   HIP_TEST_ARCHS="gfx90a;gfx1030"  targets the tests and GPU benchmarks are built for (fewer: faster)
+#   HIP_OPT=-O1    optimization of the AMD objects (default -O1: this is a compile check, nothing runs;
+#                  -O2 for binaries meant to run on an AMD GPU)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -23,7 +25,7 @@ dir="${BUILD_DIR:-build-hip}"
 start=$(date +%s)
 cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release -DDELTAKV_ENABLE_HIP=ON -DDELTAKV_ENABLE_TESTS=ON \
   -DDELTAKV_ENABLE_EXAMPLES=OFF -DDELTAKV_INSTALL=OFF -DDELTAKV_HIP_BUILD_JOBS="$jobs" \
-  -DDELTAKV_HIP_TEST_ARCHITECTURES="${HIP_TEST_ARCHS:-gfx90a;gfx1030}"
+  -DDELTAKV_HIP_TEST_ARCHITECTURES="${HIP_TEST_ARCHS:-gfx90a;gfx1030}" -DDELTAKV_HIP_OPT="${HIP_OPT:--O1}"
 cmake --build "$dir" --target deltakv_hip_build
 echo "build-hip: built in $(( $(date +%s) - start )) s with $jobs job(s):"
 ls "$dir/backends/hip/hipcc"/deltakv_hip_tests_* "$dir/backends/hip/hipcc"/bench_* 2>/dev/null || true

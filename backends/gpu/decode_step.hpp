@@ -192,7 +192,8 @@ inline std::size_t select_work_words(int batch, std::int64_t max_n) {
 
 // OmniKV selection from the logits and lse of a dense pass over the filter layer. With p.work
 // (select_work_words(p.batch, max_n) words) the passes run over (chunks, B) blocks; without it,
-// one block per sequence. Same result either way.
+// one block per sequence. Same result either way. The one-block path is the measured faster one
+// (docs/BENCHMARKS.md); the multi-block path's pick step has been changed since that measurement.
 inline void select_topk(const SelectParams& p, std::int64_t max_n, vendor::stream_t stream) {
   if (p.k <= 0) throw ConfigError("select_topk: k must be positive");
   if (p.ld_sel < p.k) throw ShapeError("select_topk: ld_sel < k");
@@ -211,7 +212,7 @@ inline void select_topk(const SelectParams& p, std::int64_t max_n, vendor::strea
         select_hist_kernel<NT><<<grid, NT, 0, stream>>>(p, w, d);
         vendor::check_launch("select_hist_kernel");
       }
-      select_pick_kernel<NT><<<p.batch, vendor::kWarpSize, 0, stream>>>(p, w, d);
+      select_pick_kernel<NT><<<p.batch, NT, 0, stream>>>(p, w, d);
       vendor::check_launch("select_pick_kernel");
     }
     select_count_kernel<NT><<<grid, NT, 0, stream>>>(p, w);
@@ -247,8 +248,8 @@ void check_sparse(const SparseDecodeParams<T>& p, const char* what) {
     throw ConfigError(w + ": latent rows must be packed, a multiple of 16 bytes and at most 8 KiB per 32 tokens");
   if (!L.w_dec || !L.pos_code) throw ConfigError(w + ": decoder weight and position table are required");
   if (p.n_splits <= 0) throw ConfigError(w + ": n_splits must be positive");
-  if (p.block_threads != 0 && p.block_threads != 256 && !(p.block_threads == 512 && p.head_dim == 128))
-    throw ConfigError(w + ": block_threads must be 0 (default), 256, or 512 with head_dim 128");
+  if (p.block_threads != 0 && !sparse_block_threads_valid(p.head_dim, p.block_threads))
+    throw ConfigError(w + ": block_threads must be 0 (default), 256, or 512 with head_dim 128 (CUDA)");
   check_rope(p.rope, p.style, p.head_dim, 0, what);
 }
 }  // namespace detail
@@ -283,7 +284,7 @@ void sparse_partials(const SparseDecodeParams<T>& p, vendor::stream_t stream) {
     } else {
       if (p.weights_from_l2) throw ConfigError("sparse_decode: weights_from_l2 is built for CUDA (tensor-core tiles) only");
     }
-    if constexpr (Dv == 128) {
+    if constexpr (Dv == 128 && vendor::kTensorTiles) {
       if (threads == 512) {
         launch(sparse_decode_kernel<T, Dv, Gv, W, 512, false>, 512);
         return;

@@ -67,7 +67,7 @@ void check_fused_step(GpuHarness<cuda::bf16, OmniKVPolicy>& gpu, const Config& c
       sel.poison();
       dec::SelectParams selp{logits.p, max_n, lse.p, dn.p, 2, Hq, pol.sinks, pol.window, TOPK, keys.p, max_n,
                              sel.p, TOPK, sel_count.p};
-      selp.work = select_work.p;  // the multi-block selection (the one the benchmark's step uses)
+      selp.work = select_work.p;  // the multi-block selection (test_decode.cu checks both paths)
       select_work.poison();
       dec::select_topk(selp, max_n, nullptr);
       const auto gs = sel.get();
