@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Checks the shared GPU source (every file in backends/gpu except the vendor headers vendor.hpp and
+# Checks the shared GPU source (every file in backends/gpu/include/deltakv/gpu except the vendor headers vendor.hpp and
 # vendor_ext.hpp: tensor-core tiles, events, graphs) for what would
 # break the "one kernel source for CUDA and HIP" rule:
 #   api   vendor API outside the vendor header: CUDA/HIP runtime or driver calls and types
@@ -15,7 +15,7 @@
 # nothing to do with warps may carry the comment `gpu-check: allow(<reason>)`; it exempts that
 # line from the w32 rule only (never from api/warp), and every such line is listed.
 #
-# Usage: scripts/check-gpu-source.sh [DIR]       (default: backends/gpu of this checkout)
+# Usage: scripts/check-gpu-source.sh [DIR]       (default: backends/gpu/include/deltakv/gpu of this checkout)
 #        scripts/check-gpu-source.sh --self-test (the check must reject planted violations)
 # Exit status: 0 clean, 1 violations found (or the self-test failed), 2 usage error.
 set -euo pipefail
@@ -30,7 +30,7 @@ if [[ "${1:-}" == "--self-test" ]]; then
   setup() {
     rm -rf "$tmp/case"
     mkdir -p "$tmp/case"
-    cp "$here/../backends/gpu/vendor.hpp" "$tmp/case/"
+    cp "$here/../backends/gpu/include/deltakv/gpu/vendor.hpp" "$tmp/case/"
     printf '%s\n' "$1" >"$tmp/case/planted.cuh"
   }
   setup 'template <int W> __device__ float f(float v) { return vendor::shfl_xor<W>(v, 1); }  // 32 in a comment'
@@ -62,7 +62,7 @@ if [[ "${1:-}" == "--self-test" ]]; then
   exit $bad
 fi
 
-dir="${1:-$here/../backends/gpu}"
+dir="${1:-$here/../backends/gpu/include/deltakv/gpu}"
 [[ -d "$dir" ]] || { echo "check-gpu-source: no directory $dir" >&2; exit 2; }
 
 exec python3 - "$dir" <<'PY'

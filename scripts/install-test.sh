@@ -49,12 +49,18 @@ for f in deltakvConfig.cmake deltakvConfigVersion.cmake deltakvTargets.cmake; do
   [[ -f "$cfg_dir/$f" ]] || { echo "install-test: $f was not installed" >&2; exit 1; }
 done
 if [[ ${#cuda_install[@]} -gt 0 ]]; then
-  for f in include/deltakv/cuda/device.hpp include/deltakv/gpu/gpu_device.hpp include/deltakv/gpu/kernels.cuh \
+  for f in include/deltakv/cuda/device.hpp include/deltakv/gpu/gpu_device.hpp include/deltakv/gpu/kernels.cuh include/deltakv/gpu/decode_step.hpp \
            include/deltakv/gpu/vendor.hpp "${cfg_dir#"$PREFIX/"}/deltakvCudaTargets.cmake"; do
     [[ -f "$PREFIX/$f" ]] || { echo "install-test: $f was not installed" >&2; exit 1; }
   done
   grep -q 'deltakv::cuda' "$cfg_dir/deltakvCudaTargets.cmake" ||
     { echo "install-test: deltakvCudaTargets.cmake does not define deltakv::cuda" >&2; exit 1; }
+  # the shared GPU headers have generic names (vendor.hpp, kernels.cuh): consumers reach them as
+  # <deltakv/gpu/...>, never through an include directory of their own
+  if grep -q 'deltakv/gpu' "$cfg_dir/deltakvCudaTargets.cmake"; then
+    echo "install-test: deltakv::cuda puts include/deltakv/gpu on its consumers' include path" >&2
+    exit 1
+  fi
 fi
 if grep -rqF "$ROOT" "$cfg_dir"; then
   echo "install-test: the installed package refers to the source tree:" >&2

@@ -25,11 +25,11 @@
 #include <string>
 #include <vector>
 
-#include "decode_step.hpp"
+#include "deltakv/gpu/decode_step.hpp"
 #include "deltakv/cache.hpp"
-#include "gpu_device.hpp"
-#include "vendor.hpp"
-#include "vendor_ext.hpp"
+#include "deltakv/gpu/gpu_device.hpp"
+#include "deltakv/gpu/vendor.hpp"
+#include "deltakv/gpu/vendor_ext.hpp"
 
 namespace {
 

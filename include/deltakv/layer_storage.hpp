@@ -1,6 +1,6 @@
 #pragma once
 // Where one layer of a CompressedCache lives in the caller's storage buffer, for kernels that read
-// the cache directly (the fused GPU decode step: backends/gpu/decode_step.hpp). Plain data.
+// the cache directly (the fused GPU decode step: deltakv/gpu/decode_step.hpp). Plain data.
 //
 // Sequence s of the layer starts at base + s * seq_bytes; each region at its byte offset in that
 // block. Exact layers use `rows` only ([max_tokens, kv_dim] of T, row = position). Compressed

@@ -15,7 +15,7 @@
 #include <string>
 #include <vector>
 
-#include "decode_step.hpp"
+#include "deltakv/gpu/decode_step.hpp"
 #include "gpu_harness.cuh"
 
 namespace dkt_cuda {

@@ -1,4 +1,4 @@
-// The fused decode-step kernels (backends/gpu/decode_step.hpp) against naive float64 references
+// The fused decode-step kernels (deltakv/gpu/decode_step.hpp) against naive float64 references
 // written here from the method's definition: dense attention with RoPE, the OmniKV selection, and
 // sparse attention over a compressed layer (x = f_d(z) + mean of references). Outputs are
 // poisoned (0xFF bytes: NaN) before every launch.
@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "cuda_test_util.cuh"
-#include "decode_step.hpp"
+#include "deltakv/gpu/decode_step.hpp"
 
 namespace {
 

@@ -1,9 +1,9 @@
-// The fused decode step (backends/gpu/decode_step.hpp, when present) compiled for one AMD target:
+// The fused decode step (deltakv/gpu/decode_step.hpp, when present) compiled for one AMD target:
 // external functions that call every host entry point, so that each of its kernels is
 // instantiated for the storage types the fused path supports (bf16, f16). Nothing here is
 // meant to be called; the object exists so CI compiles those kernels for AMD.
-#if __has_include("decode_step.hpp")
-#include "decode_step.hpp"
+#if __has_include("deltakv/gpu/decode_step.hpp")
+#include "deltakv/gpu/decode_step.hpp"
 
 namespace deltakv::hip::decode_instances {
 namespace d = deltakv::gpu::decode;

@@ -1,5 +1,5 @@
 // The HIP backend's object for one AMD target: every op of HipDevice<T> instantiated (and so
-// every kernel of backends/gpu/kernels.cuh compiled for the target), for each storage type.
+// every kernel of deltakv/gpu/kernels.cuh compiled for the target), for each storage type.
 // Built per target by backends/hip/hipcc/CMakeLists.txt with DELTAKV_HIP_WARP_SIZE matching it.
 #include "deltakv/hip/device.hpp"
 

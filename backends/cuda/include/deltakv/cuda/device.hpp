@@ -1,8 +1,8 @@
 #pragma once
 // The CUDA backend: deltakv::cuda::CudaDevice<T>, every op of the Device concept
 // (include/deltakv/device.hpp) as kernel launches on one CUDA stream. The class is shared with
-// the HIP backend: it is deltakv::gpu::GpuDevice<T> (backends/gpu/gpu_device.hpp), whose kernels
-// (backends/gpu/kernels.cuh) reach CUDA only through backends/gpu/vendor.hpp. See that header for
+// the HIP backend: it is deltakv::gpu::GpuDevice<T> (deltakv/gpu/gpu_device.hpp), whose kernels
+// (deltakv/gpu/kernels.cuh) reach CUDA only through deltakv/gpu/vendor.hpp. See that header for
 // the memory, stream and synchronization contract.
 //
 // T: float, bf16 (__nv_bfloat16) or f16 (__half). Must be compiled by nvcc (.cu) with -std=c++20.
@@ -13,7 +13,7 @@
 #error "deltakv/cuda/device.hpp must be compiled as CUDA (nvcc, .cu) or HIP (hipcc)"
 #endif
 
-#include "gpu_device.hpp"
+#include "deltakv/gpu/gpu_device.hpp"
 
 namespace deltakv::cuda {
 

@@ -1,8 +1,8 @@
 #pragma once
 // The HIP backend (AMD GPUs): deltakv::hip::HipDevice<T>, every op of the Device concept
 // (include/deltakv/device.hpp) as kernel launches on one HIP stream. It is the CUDA backend's
-// class, deltakv::gpu::GpuDevice<T> (backends/gpu/gpu_device.hpp), compiled by hipcc: the kernels
-// (backends/gpu/kernels.cuh) are the same source, and only backends/gpu/vendor.hpp differs per
+// class, deltakv::gpu::GpuDevice<T> (deltakv/gpu/gpu_device.hpp), compiled by hipcc: the kernels
+// (deltakv/gpu/kernels.cuh) are the same source, and only deltakv/gpu/vendor.hpp differs per
 // vendor. See gpu_device.hpp for the memory, stream and synchronization contract.
 //
 // Must be compiled by hipcc (-x hip, -std=c++20) for AMD targets, with DELTAKV_HIP_WARP_SIZE equal
@@ -19,7 +19,7 @@
 #error "deltakv's HIP backend targets AMD GPUs only; use deltakv/cuda/device.hpp (nvcc) for NVIDIA"
 #endif
 
-#include "gpu_device.hpp"
+#include "deltakv/gpu/gpu_device.hpp"
 
 namespace deltakv::hip {
 

@@ -1,5 +1,5 @@
 #pragma once
-// Plain-data parameters of the fused decode-step kernels (backends/gpu/decode_kernels.cuh): one
+// Plain-data parameters of the fused decode-step kernels (deltakv/gpu/decode_kernels.cuh): one
 // query token per sequence, a batch of sequences, one layer per launch. Host code (an engine, the
 // cache, tests) fills them; nothing here needs a GPU compiler.
 //

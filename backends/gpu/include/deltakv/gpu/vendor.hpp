@@ -19,7 +19,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #else
-#error "backends/gpu/vendor.hpp needs a GPU compiler (nvcc for CUDA, hipcc for HIP)"
+#error "deltakv/gpu/vendor.hpp needs a GPU compiler (nvcc for CUDA, hipcc for HIP)"
 #endif
 
 #include <cstddef>
