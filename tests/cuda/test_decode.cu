@@ -506,12 +506,17 @@ TEST_CASE("fused decode: unsupported shapes are refused with ConfigError") {
   // any launch, so only the block size can make these throw)
   DBuf<bf> w(1);
   DBuf<std::int32_t> codes(1);
-  sp.layer.latent_dim = 64;
-  sp.layer.latent_bits = 4;
-  sp.layer.lat_ld = 32;
-  sp.layer.k = 4;
-  sp.layer.w_dec = w.p;
-  sp.layer.pos_code = codes.p;
+  auto int4_layer = [&](int dc) {  // a packed int4 layer view of latent_dim dc, k 4
+    dec::CompressedLayerView<bf> l{};
+    l.latent_dim = dc;
+    l.latent_bits = 4;
+    l.lat_ld = dc / 2;
+    l.k = 4;
+    l.w_dec = w.p;
+    l.pos_code = codes.p;
+    return l;
+  };
+  sp.layer = int4_layer(64);
   sp.n_splits = 1;
   sp.style = RopeStyle::none;
   sp.block_threads = 256;
@@ -530,16 +535,8 @@ TEST_CASE("fused decode: unsupported shapes are refused with ConfigError") {
   sp.head_dim = 128;
   sp.block_threads = 0;
   // a valid shape whose W_k,h and tiles do not fit in one block's shared memory (d_c 768: ~250 KB)
-  sp.batch = 1;
-  sp.n_splits = 1;
-  sp.style = RopeStyle::none;
-  sp.layer = dec::CompressedLayerView<bf>{};
-  sp.layer.latent_dim = 768;
-  sp.layer.latent_bits = 4;
-  sp.layer.lat_ld = 384;
-  sp.layer.k = 4;
-  sp.layer.w_dec = w.p;
-  sp.layer.pos_code = codes.p;
+  sp.batch = 1;  // n_splits 1, no RoPE: as above
+  sp.layer = int4_layer(768);
   CHECK(dec::sparse_smem(128, 4, 1, 768, 4) > std::size_t(vendor::max_smem_per_block(vendor::current_device())));
   CHECK_THROWS_AS(dec::sparse_partials(sp, nullptr), CapacityError);
 }

@@ -117,22 +117,6 @@ DELTAKV_GPU_D void load_head_f32(const float* row, int lane, bool half, float* x
     }
   }
 }
-template <int D>
-DELTAKV_GPU_D void store_head_f32(float* row, int lane, bool half, const float* x) {
-  constexpr int E = D / 16, H = E / 2;
-  if (half) {
-    st_f32<H>(row + lane * H, x);
-    st_f32<H>(row + D / 2 + lane * H, x + H);
-  } else {
-    float t[E];
-#pragma unroll
-    for (int i = 0; i < H; ++i) {
-      t[2 * i] = x[i];
-      t[2 * i + 1] = x[i + H];
-    }
-    st_f32<E>(row + lane * E, t);
-  }
-}
 
 // The same E values as load_head, kept packed (16-bit) until used: half the registers, so twice
 // the tokens can be in flight.
@@ -385,24 +369,36 @@ __global__ void combine_kernel(CombineParams<T> p) {
 // score_keys_kernel: grid (chunks, B); key = float bits of max_h exp(logit - lse_h) plus one for
 // middle positions (probabilities are >= 0, so the bits order like the values), 0 elsewhere.
 // =============================================================================================
+// The middle positions of sequence b: [s_end, w_begin).
+struct SelectBounds {
+  int n, s_end, w_begin;
+};
+DELTAKV_GPU_D SelectBounds select_bounds(const SelectParams& p, int b) {
+  SelectBounds r;
+  r.n = p.n[b];
+  r.s_end = min(p.sinks, r.n);
+  r.w_begin = max(r.s_end, r.n - p.window);
+  return r;
+}
+
+// The key of position t of sequence b (also used by select_keys_kernel).
+DELTAKV_GPU_D std::uint32_t select_key(const SelectParams& p, const SelectBounds& sb, int b, int t) {
+  if (t < sb.s_end || t >= sb.w_begin) return 0u;
+  float best = 0.f;
+  for (int h = 0; h < p.n_q_heads; ++h) {
+    const float lse = p.lse[b * p.n_q_heads + h];
+    const float lg = p.logits[(std::int64_t(b) * p.n_q_heads + h) * p.ld_logits + t];
+    best = fmaxf(best, expf(lg - lse));
+  }
+  return vendor::float_bits(best) + 1u;
+}
+
 // A template (of the block size) so that the header can be included by several translation units.
 template <int NT>
 __global__ void DELTAKV_LAUNCH_BOUNDS(NT) score_keys_kernel(SelectParams p) {
-  const int b = blockIdx.y, n = p.n[b];
-  const int s_end = min(p.sinks, n), w_begin = max(s_end, n - p.window);
-  for (int t = blockIdx.x * NT + threadIdx.x; t < n; t += gridDim.x * NT) {
-    std::uint32_t key = 0;
-    if (t >= s_end && t < w_begin) {
-      float best = 0.f;
-      for (int h = 0; h < p.n_q_heads; ++h) {
-        const float lse = p.lse[b * p.n_q_heads + h];
-        const float lg = p.logits[(std::int64_t(b) * p.n_q_heads + h) * p.ld_logits + t];
-        best = fmaxf(best, expf(lg - lse));
-      }
-      key = vendor::float_bits(best) + 1u;
-    }
-    p.keys[b * p.ld_keys + t] = key;
-  }
+  const int b = blockIdx.y;
+  const SelectBounds sb = select_bounds(p, b);
+  for (int t = blockIdx.x * NT + threadIdx.x; t < sb.n; t += gridDim.x * NT) p.keys[b * p.ld_keys + t] = select_key(p, sb, b, t);
 }
 
 // Block-wide exclusive prefix sum of v (ints); total in *total. Scratch: NT / W ints.
@@ -430,6 +426,37 @@ DELTAKV_GPU_D int block_exclusive_scan(int v, int* scratch, int* total) {
   return before + x - v;
 }
 
+// The ordered write of a selection, one contiguous segment [a, e) of sequence b's keys per thread
+// (every thread of the block calls it: two block scans): every key > thresh, and of the keys ==
+// thresh those whose rank among them is below need_eq, in position order. eq_base / sel_base: keys
+// == thresh / positions selected before this block's first segment (0 for a whole sequence).
+template <int W, int NT>
+DELTAKV_GPU_D void write_selected(const SelectParams& p, int b, int a, int e, std::uint32_t thresh, int need_eq, int eq_base,
+                                  int sel_base, int* scratch) {
+  const std::uint32_t* keys = p.keys + b * p.ld_keys;
+  int gt = 0, eq = 0;
+#pragma unroll 8
+  for (int t = a; t < e; ++t) {
+    const std::uint32_t key = keys[t];
+    gt += key > thresh;
+    eq += key != 0u && key == thresh;
+  }
+  int eq_total = 0, unused = 0;
+  int eq_before = eq_base + block_exclusive_scan<W, NT>(eq, scratch, &eq_total);
+  const int eq_take = max(0, min(eq, need_eq - eq_before));
+  int at = sel_base + block_exclusive_scan<W, NT>(gt + eq_take, scratch, &unused);
+#pragma unroll 4
+  for (int t = a; t < e; ++t) {
+    const std::uint32_t key = keys[t];
+    if (key > thresh) {
+      p.sel[b * p.ld_sel + at++] = t;
+    } else if (key != 0u && key == thresh && eq_before < need_eq) {
+      p.sel[b * p.ld_sel + at++] = t;
+      ++eq_before;
+    }
+  }
+}
+
 // =============================================================================================
 // select_kernel<W, NT>: one block per sequence. Radix select (four 8-bit digits, most significant
 // first) finds the k-th largest key T and how many keys equal to T to take; one ordered pass
@@ -441,11 +468,11 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_kernel(SelectParams p) {
   __shared__ int scratch[NT / W];
   __shared__ std::uint32_t s_prefix;
   __shared__ int s_remaining;
-  const int b = blockIdx.x, n = p.n[b];
+  const int b = blockIdx.x;
   const std::uint32_t* keys = p.keys + b * p.ld_keys;
   // how many candidates (middle positions)
-  const int s_end = min(p.sinks, n), w_begin = max(s_end, n - p.window);
-  const int cand = w_begin - s_end;
+  const SelectBounds sb = select_bounds(p, b);
+  const int n = sb.n, cand = sb.w_begin - sb.s_end;
   const int kk = min(p.k, cand);
   std::uint32_t thresh = 1u;  // take every candidate when there are no more than k
   int need_eq = 0x7fffffff;
@@ -484,27 +511,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_kernel(SelectParams p) {
   // Ordered write: every thread owns a contiguous segment; one scan of the per-segment counts.
   if (kk > 0) {
     const int seg = (n + NT - 1) / NT, a = threadIdx.x * seg, e = min(n, a + seg);
-    int gt = 0, eq = 0;
-#pragma unroll 8
-    for (int t = a; t < e; ++t) {
-      const std::uint32_t key = keys[t];
-      gt += key > thresh;
-      eq += key != 0u && key == thresh;
-    }
-    int eq_total = 0, unused = 0;
-    int eq_before = block_exclusive_scan<W, NT>(eq, scratch, &eq_total);
-    const int eq_take = max(0, min(eq, need_eq - eq_before));
-    int at = block_exclusive_scan<W, NT>(gt + eq_take, scratch, &unused);
-#pragma unroll 4
-    for (int t = a; t < e; ++t) {
-      const std::uint32_t key = keys[t];
-      if (key > thresh) {
-        p.sel[b * p.ld_sel + at++] = t;
-      } else if (key != 0u && key == thresh && eq_before < need_eq) {
-        p.sel[b * p.ld_sel + at++] = t;
-        ++eq_before;
-      }
-    }
+    write_selected<W, NT>(p, b, a, e, thresh, need_eq, 0, 0, scratch);
   }
   if (threadIdx.x == 0) p.sel_count[b] = kk > 0 ? kk : 0;
 }
@@ -539,18 +546,6 @@ DELTAKV_GPU_HD SelectWork select_work(std::uint32_t* w, int batch, int chunks) {
   return r;
 }
 
-// The middle positions of sequence b: [s_end, w_begin).
-struct SelectBounds {
-  int n, s_end, w_begin;
-};
-DELTAKV_GPU_D SelectBounds select_bounds(const SelectParams& p, int b) {
-  SelectBounds r;
-  r.n = p.n[b];
-  r.s_end = min(p.sinks, r.n);
-  r.w_begin = max(r.s_end, r.n - p.window);
-  return r;
-}
-
 // Adds a block's shared histogram into the global one (non-zero bins only).
 template <int NT>
 DELTAKV_GPU_D void flush_hist(const int* s_hist, std::uint32_t* g_hist) {
@@ -567,16 +562,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_keys_kernel(SelectParams p, Sel
   __syncthreads();
   const int t1 = min(sb.n, (c + 1) * kSelectChunk);
   for (int t = c * kSelectChunk + threadIdx.x; t < t1; t += NT) {
-    std::uint32_t key = 0;
-    if (t >= sb.s_end && t < sb.w_begin) {
-      float best = 0.f;
-      for (int h = 0; h < p.n_q_heads; ++h) {
-        const float lse = p.lse[b * p.n_q_heads + h];
-        const float lg = p.logits[(std::int64_t(b) * p.n_q_heads + h) * p.ld_logits + t];
-        best = fmaxf(best, expf(lg - lse));
-      }
-      key = vendor::float_bits(best) + 1u;
-    }
+    const std::uint32_t key = select_key(p, sb, b, t);
     p.keys[b * p.ld_keys + t] = key;
     atomicAdd(&hist[key >> 24], 1);
   }
@@ -695,28 +681,9 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_write_kernel(SelectParams p, Se
   }
   __syncthreads();
   const int n = p.n[b], c0 = c * kSelectChunk, c1 = min(n, c0 + kSelectChunk);
-  const std::uint32_t* keys = p.keys + b * p.ld_keys;
   constexpr int seg = kSelectChunk / NT;
   const int a = c0 + threadIdx.x * seg, e = min(c1, a + seg);
-  int gt = 0, eq = 0;
-  for (int t = a; t < e; ++t) {
-    const std::uint32_t key = keys[t];
-    gt += key > thresh;
-    eq += key != 0u && key == thresh;
-  }
-  int eq_total = 0, unused = 0;
-  int eq_before = s_before[1] + block_exclusive_scan<W, NT>(eq, scratch, &eq_total);
-  const int eq_take = max(0, min(eq, need_eq - eq_before));
-  int at = s_before[0] + min(s_before[1], need_eq) + block_exclusive_scan<W, NT>(gt + eq_take, scratch, &unused);
-  for (int t = a; t < e; ++t) {
-    const std::uint32_t key = keys[t];
-    if (key > thresh) {
-      p.sel[b * p.ld_sel + at++] = t;
-    } else if (key != 0u && key == thresh && eq_before < need_eq) {
-      p.sel[b * p.ld_sel + at++] = t;
-      ++eq_before;
-    }
-  }
+  write_selected<W, NT>(p, b, a, e, thresh, need_eq, s_before[1], s_before[0] + min(s_before[1], need_eq), scratch);
 }
 
 // =============================================================================================
@@ -740,7 +707,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_write_kernel(SelectParams p, Se
 // Dynamic shared memory: sparse_smem_bytes().
 // =============================================================================================
 inline constexpr int kSparseTile = 32;  // gpu-check: allow(tokens per tile, not lanes)
-inline constexpr int kSparseThreadsPerBlock = 256;  // the default block; 512 for head_dim 128 (below)
+inline constexpr int kSparseMaxTilePieces = 2048;   // 16-byte pieces of latent rows per tile (8 KiB)
 inline constexpr int kSparseChunk = 256;             // items resolved per chunk (one per thread)
 // Threads per block of the fused sparse kernel: twice the warps for head_dim 128 (one block per SM
 // either way: W_k,h takes most of the shared memory), so that more loads and products are in
@@ -1094,7 +1061,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
       const int c0 = tile - chunk;  // first item of the tile within the chunk
       // 1. dequantize: 16-byte pieces of latent rows, every load of the tile issued before any use
       {
-        constexpr int MAXL = 2048 / NT;  // pieces per thread (2048: 8 KiB per tile, check_sparse)
+        constexpr int MAXL = kSparseMaxTilePieces / NT;  // pieces per thread
         const int pieces = int(L.lat_ld / 16), tasks = TT * pieces;
         const int vals = L.latent_bits == 0 ? 8 : (L.latent_bits == 8 ? 16 : 32);  // gpu-check: allow(int4 values per 16 bytes, not lanes)
         if (tile == chunk) z_issue(c0);

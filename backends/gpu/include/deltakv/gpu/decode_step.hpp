@@ -30,7 +30,6 @@
 namespace deltakv::gpu::decode {
 
 inline constexpr int kDenseThreads = 128;
-inline constexpr int kSparseThreads = kSparseThreadsPerBlock;
 inline constexpr int kSelectThreads = 1024;
 
 // The two RoPE tables (host, f32 pairs), covering positions < max_pos; see RopeTableView.
@@ -244,7 +243,7 @@ void check_sparse(const SparseDecodeParams<T>& p, const char* what) {
   if (L.latent_bits != 0 && L.latent_bits != 4 && L.latent_bits != 8) throw ConfigError(w + ": latent_bits must be 0, 4 or 8");
   if (L.k < 1 || L.k > 4) throw ConfigError(w + ": 1 to 4 references per latent (the paper uses 4)");
   if (L.lat_ld % 16 != 0 || L.lat_ld * 8 != std::int64_t(L.latent_dim) * (L.latent_bits == 0 ? 8 * int(sizeof(T)) : L.latent_bits) ||
-      L.lat_ld / 16 * kSparseTile > 8 * kSparseThreads)
+      L.lat_ld / 16 * kSparseTile > kSparseMaxTilePieces)
     throw ConfigError(w + ": latent rows must be packed, a multiple of 16 bytes and at most 8 KiB per 32 tokens");
   if (!L.w_dec || !L.pos_code) throw ConfigError(w + ": decoder weight and position table are required");
   if (p.n_splits <= 0) throw ConfigError(w + ": n_splits must be positive");
