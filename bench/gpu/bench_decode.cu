@@ -104,7 +104,7 @@ double copy_bandwidth(vendor::stream_t s) {  // bytes read + written per second,
 struct Result {
   double dense_ms = 0, deltakv_ms = 0, dense_bytes = 0, deltakv_bytes = 0, resident_bytes = 0, bf16_bytes = 0;
   double dense_layer_ms = 0, sparse_layer_ms = 0, select_ms = 0, full_layer_ms = 0, topk_ms = 0, topk1_ms = 0, sparse_l2_ms = 0,
-         sparse_2p_ms = 0, sparse_256_ms = 0;
+         sparse_2p_ms = 0, sparse_256_ms = 0, full_lane_ms = 0;
 };
 
 template <class F>
@@ -211,10 +211,11 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
   Dev sel_count_all(std::size_t(m.layers) * B * 4);
   vendor::stream_sync(s);
 
-  auto dense_layer = [&](const bf* kv, bool filter, int l) {
+  auto dense_layer = [&](const bf* kv, bool filter, int l, bool lane_kernel = false) {
     dec::DenseDecodeParams<bf> p{q.as<bf>(), qd, kv, std::int64_t(N) * kvd, n_d.as<std::int32_t>(), B, Hq, Hkv, D, scale,
                                  rope, deltakv::RopeStyle::half, sp.split_len, sp.n_splits, part.as<float>(),
                                  filter ? logits.as<float>() : nullptr, N};
+    p.lane_kernel = lane_kernel;
     dec::dense_partials<Shapes>(p, N, s);
     dec::combine(dec::CombineParams<bf>{part.as<float>(), sp.n_splits, B, Hq, D, out.as<bf>(), qd, filter ? lse.as<float>() : nullptr}, s);
     if (filter) {
@@ -277,6 +278,8 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
   }, s, reps);
   // per-kind layer times (same kernels, one layer each, many replays)
   r.full_layer_ms = time_graph([&] { dense_layer(full_buf[0]->as<bf>(), false, 0); }, s, reps * 4);
+  // the same layer with the CUDA-core lane kernel (the default before the tensor-core one)
+  r.full_lane_ms = time_graph([&] { dense_layer(full_buf[0]->as<bf>(), false, 0, true); }, s, reps * 4);
   const int f0 = filter_of[m.layers - 1];
   r.select_ms = time_graph([&] { dense_layer(full_buf[0]->as<bf>(), true, f0); }, s, reps * 4) - r.full_layer_ms;
   // scores + top-K alone, from the logits and lse left by the warm-up: the multi-block path
@@ -512,9 +515,9 @@ int main(int argc, char** argv) {
         const Result r = run(m, N, B, sms, s);
         std::printf("{\"model\": \"%s\", \"ctx\": %lld, \"batch\": %d, \"dense_ms\": %.5f, \"deltakv_ms\": %.5f, "
                     "\"dense_bytes\": %.6e, \"deltakv_bytes\": %.6e, \"resident_bytes\": %.6e, \"bf16_bytes\": %.6e, "
-                    "\"full_layer_ms\": %.5f, \"sparse_layer_ms\": %.5f,  \"sparse_l2_ms\": %.5f, \"sparse_2p_ms\": %.5f, \"sparse_256_ms\": %.5f, \"select_ms\": %.5f, \"topk_ms\": %.5f, \"topk1_ms\": %.5f, \"layers\": %d, \"copy_bw\": %.4e}\n",
+                    "\"full_layer_ms\": %.5f, \"sparse_layer_ms\": %.5f,  \"sparse_l2_ms\": %.5f, \"sparse_2p_ms\": %.5f, \"sparse_256_ms\": %.5f, \"select_ms\": %.5f, \"topk_ms\": %.5f, \"topk1_ms\": %.5f, \"full_lane_ms\": %.5f, \"layers\": %d, \"copy_bw\": %.4e}\n",
                     m.name, (long long)N, B, r.dense_ms, r.deltakv_ms, r.dense_bytes, r.deltakv_bytes, r.resident_bytes,
-                    r.bf16_bytes, r.full_layer_ms, r.sparse_layer_ms, r.sparse_l2_ms, r.sparse_2p_ms, r.sparse_256_ms, r.select_ms, r.topk_ms, r.topk1_ms, m.layers, bw);
+                    r.bf16_bytes, r.full_layer_ms, r.sparse_layer_ms, r.sparse_l2_ms, r.sparse_2p_ms, r.sparse_256_ms, r.select_ms, r.topk_ms, r.topk1_ms, r.full_lane_ms, m.layers, bw);
         std::fflush(stdout);
       }
   vendor::stream_destroy(s);

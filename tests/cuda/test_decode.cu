@@ -112,7 +112,12 @@ struct RopeDev {
 
 namespace {
 // One dense pass + combine over random bf16 KV of sequences of lengths n, against float64 attention.
-void run_dense_case(const Shape& s, const std::vector<std::int32_t>& n) {
+// lane_kernel: the CUDA-core kernel instead of the tensor-core one (dense_mma.cuh); with_logits:
+// the filter's variant (logits written; the tensor-core kernel then keeps ~16 bits of them), else
+// only the attention (the tensor-core kernel rounds the rotated K to bf16).
+void run_dense_case(const Shape& s, const std::vector<std::int32_t>& n, bool lane_kernel, bool with_logits = true) {
+  CAPTURE(lane_kernel);
+  CAPTURE(with_logits);
   CAPTURE(s.D);
   CAPTURE(s.Hq);
   CAPTURE(s.Hkv);
@@ -134,6 +139,8 @@ void run_dense_case(const Shape& s, const std::vector<std::int32_t>& n) {
   lse.poison();
   dec::DenseDecodeParams<bf> p{dq.p, qd, dkv.p, stride, dn.p, B, s.Hq, s.Hkv, s.D, float(scale), rope.view, s.style,
                                sp.split_len, sp.n_splits, part.p, logits.p, max_n};
+  p.lane_kernel = lane_kernel;
+  if (!with_logits) p.logits = nullptr;
   dec::dense_partials(p, max_n, nullptr);
   dec::combine(dec::CombineParams<bf>{part.p, sp.n_splits, B, s.Hq, s.D, dout.p, qd, lse.p}, nullptr);
   const auto got = f64(dout.get());
@@ -150,11 +157,12 @@ void run_dense_case(const Shape& s, const std::vector<std::int32_t>& n) {
     const auto want = naive_attend(s, q.d.data() + b * qd, rows, pos, theta, scale, &wl, &wlse);
     const std::vector<double> g(got.begin() + b * qd, got.begin() + (b + 1) * qd);
     CHECK(dkt::rel_l2(g, want) < 1e-2);  // bf16 output rounding (2^-9) dominates
+    for (int h = 0; h < s.Hq; ++h) CHECK(std::abs(got_lse[b * s.Hq + h] - wlse[h]) < (with_logits ? 1e-4 : 1e-3));
+    if (!with_logits) continue;
     std::vector<double> gl;
     for (int h = 0; h < s.Hq; ++h)
       for (int t = 0; t < n[b]; ++t) gl.push_back(got_logits[(std::size_t(b) * s.Hq + h) * max_n + t]);
     CHECK(dkt::rel_l2(gl, wl) < 1e-5);
-    for (int h = 0; h < s.Hq; ++h) CHECK(std::abs(got_lse[b * s.Hq + h] - wlse[h]) < 1e-4);
   }
 }
 }  // namespace
@@ -162,8 +170,9 @@ void run_dense_case(const Shape& s, const std::vector<std::int32_t>& n) {
 TEST_CASE("fused dense decode: attention, logits and lse against float64 RoPE attention") {
   DKT_REQUIRE_CUDA();
   for (const Shape s : {Shape{8, 2, 128, RopeStyle::half}, Shape{9, 3, 64, RopeStyle::interleaved},
-                        Shape{7, 1, 128, RopeStyle::half}})
-    run_dense_case(s, {1, 777, 2500});
+                        Shape{7, 1, 128, RopeStyle::half}, Shape{8, 1, 64, RopeStyle::none}, Shape{2, 2, 128, RopeStyle::half}})
+    for (const bool lane : {false, true})
+      for (const bool with_logits : {true, false}) run_dense_case(s, {1, 777, 2500}, lane, with_logits);
 }
 
 namespace {
@@ -471,7 +480,8 @@ TEST_CASE("fused decode: every supported shape (head_dim 64 and 128, 1 to 8 q he
   for (int D : {64, 128})
     for (int G = 1; G <= 8; ++G) {
       const Shape s{2 * G, 2, D, D == 64 ? RopeStyle::interleaved : RopeStyle::half};
-      run_dense_case(s, {300, 41});
+      for (const bool lane : {false, true})
+        for (const bool with_logits : {true, false}) run_dense_case(s, {300, 41}, lane, with_logits);
       run_sparse_case(s, 4, {400, 90}, 60, 2);
       if (D == 128) run_sparse_case(s, 4, {400, 90}, 60, 2, SparsePath::fused_256);
     }

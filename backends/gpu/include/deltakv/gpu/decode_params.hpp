@@ -46,6 +46,10 @@ struct DenseDecodeParams {
   int split_len = 0, n_splits = 0;                 // tokens per split; n_splits * split_len >= max n
   float* part = nullptr;                           // partials_floats(B, Hq, n_splits, D)
   float* logits = nullptr; std::int64_t ld_logits = 0;  // optional [B, Hq, ld_logits]
+  // Kernel: tensor cores (dense_mma.cuh) where the vendor has them and the split length is a
+  // multiple of 64 with 16-byte aligned rows; otherwise, or with lane_kernel set (tests, timing
+  // comparisons), the CUDA-core lane kernel. Same partials either way.
+  bool lane_kernel = false;
 };
 
 // Merge the splits: out[b, h*D + d] = sum_s acc e^(m_s - M) / sum_s l_s e^(m_s - M); lse[b*Hq+h]

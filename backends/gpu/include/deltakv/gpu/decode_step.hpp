@@ -22,6 +22,7 @@
 
 #include "decode_kernels.cuh"
 #include "decode_params.hpp"
+#include "dense_mma.cuh"
 #include "sparse_two_pass.cuh"
 #include "deltakv/error.hpp"
 #include "deltakv/layer_storage.hpp"
@@ -168,9 +169,27 @@ void dense_partials(const DenseDecodeParams<T>& p, std::int64_t max_n, vendor::s
   if (p.logits && p.ld_logits < max_n) throw ShapeError("dense_decode: ld_logits < longest sequence");
   if (p.batch == 0) return;
   constexpr int W = vendor::kWarpSize;
+  const dim3 grid(p.n_kv_heads, p.n_splits, p.batch);
+  if constexpr (vendor::kTensorTiles) {
+    if (!p.lane_kernel && dense_mma_fits(p)) {
+      detail::dispatch<Shapes>(p.head_dim, p.n_q_heads / p.n_kv_heads, [&](auto d, auto g) {
+        const std::size_t smem = dense_mma_smem_bytes(p.head_dim);
+        auto launch = [&](auto kernel) {
+          vendor::allow_dynamic_smem(kernel, int(smem));
+          kernel<<<grid, kDenseMmaThreads, smem, stream>>>(p);
+        };
+        constexpr int Dv = decltype(d)::value, Gv = decltype(g)::value;
+        if (p.logits)  // the filter's logits keep ~16 bits (see dense_mma.cuh)
+          launch(dense_mma_kernel<T, Dv, Gv, true>);
+        else
+          launch(dense_mma_kernel<T, Dv, Gv, false>);
+      });
+      vendor::check_launch("dense_mma_kernel");
+      return;
+    }
+  }
   detail::dispatch<Shapes>(p.head_dim, p.n_q_heads / p.n_kv_heads, [&](auto d, auto g) {
-    dense_decode_kernel<T, decltype(d)::value, decltype(g)::value, W, kDenseThreads>
-        <<<dim3(p.n_kv_heads, p.n_splits, p.batch), kDenseThreads, 0, stream>>>(p);
+    dense_decode_kernel<T, decltype(d)::value, decltype(g)::value, W, kDenseThreads><<<grid, kDenseThreads, 0, stream>>>(p);
   });
   vendor::check_launch("dense_decode_kernel");
 }

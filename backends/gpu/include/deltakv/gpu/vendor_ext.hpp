@@ -121,6 +121,100 @@ struct mma16 {  // lane-parallel fallback: each lane owns 256 / warp-size entrie
 };
 #endif
 
+// ---- register-fragment tensor-core products (the dense decode kernel, dense_mma.cuh) ---------
+// PTX mma.sync on 16-bit T (bf16 or f16), f32 accumulators, operands in registers in PTX's
+// fragment layouts (g = lane / 4, c = lane % 4; each unsigned holds two T, the lower column first):
+//   m16n8k16: A regs {(g, 2c..2c+1), (g+8, 2c..), (g, 2c+8..), (g+8, 2c+8..)}, B regs {(k 2c.., n g),
+//             (k 2c+8.., n g)}, C {(g, 2c), (g, 2c+1), (g+8, 2c), (g+8, 2c+1)}
+//   m16n8k8:  A regs {(g, 2c..), (g+8, 2c..)}, B reg (k 2c.., n g), C as above
+// transpose8x8: an 8x8 16-bit matrix held one unsigned per lane as (row g, cols 2c..2c+1) comes
+// back transposed in the same layout. CUDA only: kTensorTiles says whether they exist; on HIP they
+// fail to instantiate, and the callers are only instantiated behind kTensorTiles.
+#if defined(__CUDACC__) && !defined(__HIPCC__)
+template <class T>
+DELTAKV_GPU_D unsigned pack2(float lo, float hi) {  // round to nearest even
+  static_assert(std::is_same_v<T, bf16> || std::is_same_v<T, f16>, "pack2: bf16 or f16");
+  if constexpr (std::is_same_v<T, bf16>) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const unsigned*>(&v);
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const unsigned*>(&v);
+  }
+}
+template <class T>
+DELTAKV_GPU_D void mma_16816(float (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    static_assert(std::is_same_v<T, f16>, "mma_16816: bf16 or f16");
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+template <class T>
+DELTAKV_GPU_D void mma_1688(float (&d)[4], unsigned a0, unsigned a1, unsigned b) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(b));
+  } else {
+    static_assert(std::is_same_v<T, f16>, "mma_1688: bf16 or f16");
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(b));
+  }
+}
+template <class T>
+DELTAKV_GPU_D unsigned transpose8x8(unsigned x) {
+  unsigned y;
+  asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+// Asynchronous 16-byte global -> shared copies (cp.async, L1 bypassed), in groups: commit closes
+// a group, wait<N> returns once at most N of this thread's groups are still in flight.
+DELTAKV_GPU_D void cp_async16(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+}
+DELTAKV_GPU_D void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+DELTAKV_GPU_D void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+#else
+// Synchronous stand-ins with the same meaning.
+DELTAKV_GPU_D void cp_async16(void* smem, const void* gmem) {
+  *reinterpret_cast<uint4*>(smem) = *reinterpret_cast<const uint4*>(gmem);
+}
+DELTAKV_GPU_D void cp_async_commit() {}
+template <int N>
+DELTAKV_GPU_D void cp_async_wait() {}
+template <class T>
+inline constexpr bool kNoRegisterMma = false;  // dependent false: an error only where instantiated
+template <class T>
+DELTAKV_GPU_D unsigned pack2(float, float) {
+  static_assert(kNoRegisterMma<T>, "register-fragment mma is CUDA only (vendor::kTensorTiles)");
+  return 0;
+}
+template <class T>
+DELTAKV_GPU_D void mma_16816(float (&)[4], unsigned, unsigned, unsigned, unsigned, unsigned, unsigned) {
+  static_assert(kNoRegisterMma<T>, "register-fragment mma is CUDA only (vendor::kTensorTiles)");
+}
+template <class T>
+DELTAKV_GPU_D void mma_1688(float (&)[4], unsigned, unsigned, unsigned) {
+  static_assert(kNoRegisterMma<T>, "register-fragment mma is CUDA only (vendor::kTensorTiles)");
+}
+template <class T>
+DELTAKV_GPU_D unsigned transpose8x8(unsigned) {
+  static_assert(kNoRegisterMma<T>, "register-fragment mma is CUDA only (vendor::kTensorTiles)");
+  return 0;
+}
+#endif
+
 // ---- events and graphs (benchmarks and engines that replay a decode step) -------------------
 #if defined(__HIPCC__)
 using event_t = hipEvent_t;

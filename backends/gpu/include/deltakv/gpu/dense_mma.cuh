@@ -1,0 +1,295 @@
+#pragma once
+// dense_mma_kernel: the dense decode pass (DenseDecodeParams, same partials as dense_decode_kernel)
+// with both products on tensor cores, operands straight from registers (vendor_ext.hpp's
+// mma_16816 / mma_1688 / transpose8x8; CUDA only, behind vendor::kTensorTiles).
+//
+// Why: the lane kernel spends ~150 warp instructions per (token, kv head) on 16-lane dot products,
+// shuffles and per-lane softmax, and is issue-bound at 75% of its byte floor (ncu). Here a warp
+// takes 8 tokens at a time:
+//   S[16 x 8] = Q[16 x D] K^T  (m16n8k16; rows = the G q heads, zero-padded to 16). Lane (g, c)
+//     holds 16-byte chunks d = 8c + 32i .. +7 (i < D/32) of token g's K row. Because a dot product
+//     may take its terms in any order, those chunks are fed as the k16 slices as they are (Q's
+//     fragment uses the same order), and RoPE partners (d, d + D/2, or d, d + 1) sit in one lane.
+//   O^T[D x 8] += V^T[D x 8] P^T  (m16n8k8; columns = the q heads). S's accumulator layout is
+//     P^T's operand layout, and V's row chunks become V^T's operand by one movmatrix each.
+// Precision: the rotated K enters the product rounded to T, as a cache of post-RoPE rows would hold
+// it. Where the logits are written (the OmniKV filter layers, Split = true) it enters as two T parts,
+// rounded value + rounding error, so the logits keep about 16 bits like the f32 lane kernel's
+// (measured on the H100 at Llama 128K x 8: 1.79 ms per layer with the split, 1.50 without).
+// Rows are copied to shared memory by each lane itself (cp.async, two stages per warp), so no
+// barrier is needed until the merge. Each lane's position mod 64 stays fixed (8 warps x 8 tokens =
+// 64 positions per step, splits start at multiples of 64), so RoPE needs one row of each table.
+#include <cstddef>
+#include <cstdint>
+
+#include "decode_kernels.cuh"
+#include "decode_params.hpp"
+#include "vendor.hpp"
+#include "vendor_ext.hpp"
+
+namespace deltakv::gpu::decode {
+
+inline constexpr int kDenseMmaThreads = 256;  // 8 warps of 32: the RoPE scheme above needs exactly 8
+inline constexpr int kDenseMmaChunkStride = 4 * 8;  // elements between a lane's chunks: 4 lanes x 8 values
+
+// Dynamic shared memory of one block: per warp two stages of 8 K rows and 8 V rows (row stride
+// D + 32 elements: the extra 64 bytes put 8 lanes' 16-byte reads on distinct banks); the final
+// merge reuses it.
+inline std::size_t dense_mma_smem_bytes(int head_dim) {
+  return std::size_t(kDenseMmaThreads / vendor::kWarpSize) * 2 * 16 * (head_dim + kDenseMmaChunkStride) * sizeof(std::uint16_t);
+}
+
+// Whether dense_mma_kernel can take p: tensor cores, 64-aligned splits, 16-byte aligned rows.
+template <class T>
+inline bool dense_mma_fits(const DenseDecodeParams<T>& p) {
+  if constexpr (!vendor::kTensorTiles) {
+    return false;
+  } else {
+    const auto al16 = [](const void* x) { return reinterpret_cast<std::uintptr_t>(x) % 16 == 0; };
+    return p.split_len % 64 == 0 && al16(p.kv) && al16(p.q) && p.seq_stride % 8 == 0 && p.ldq % 8 == 0;
+  }
+}
+
+namespace mma_detail {
+union Chunk {  // 8 16-bit values = 4 words = 16 bytes
+  uint4 v;
+  unsigned w[4];
+};
+// Round 4 floats to T as 2 words (hi), and the rounding error as 2 more (lo).
+template <class T>
+DELTAKV_GPU_D void pack4_split(const float* f, unsigned* hi, unsigned* lo) {
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    hi[j] = vendor::pack2<T>(f[2 * j], f[2 * j + 1]);
+    const T* e = reinterpret_cast<const T*>(&hi[j]);
+    lo[j] = vendor::pack2<T>(f[2 * j] - to_float(e[0]), f[2 * j + 1] - to_float(e[1]));
+  }
+}
+// cos, sin of N (even) consecutive frequencies from f0 (even), at the
+// position whose table rows are hi_row / lo_row: angle addition of the two tables.
+template <int N>
+DELTAKV_GPU_D void rope_cs_rows(const RopeTableView& t, std::int64_t hi_row, int lo_row, int f0, float* c, float* s) {
+  const float4* hi = reinterpret_cast<const float4*>(t.hi + (hi_row * t.half + f0) * 2);
+  const float4* lo = reinterpret_cast<const float4*>(t.lo + (std::int64_t(lo_row) * t.half + f0) * 2);
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) {
+    const float4 a = hi[i], b = lo[i];
+    c[2 * i] = a.x * b.x - a.y * b.y;
+    s[2 * i] = a.y * b.x + a.x * b.y;
+    c[2 * i + 1] = a.z * b.z - a.w * b.w;
+    s[2 * i + 1] = a.w * b.z + a.z * b.w;
+  }
+}
+}  // namespace mma_detail
+
+// grid (Hkv, n_splits, B), kDenseMmaThreads threads, dense_mma_smem_bytes(D) of dynamic shared
+// memory. Warp w takes tokens t0 + 64k + 8w .. +7; each lane copies its own chunks of the next
+// 8 rows into the warp's other stage (cp.async) while it computes on this one, so no barrier is
+// needed until the merge.
+template <class T, int D, int G, bool Split>
+__global__ void DELTAKV_LAUNCH_BOUNDS_MIN(kDenseMmaThreads, 2) dense_mma_kernel(DenseDecodeParams<T> p) {
+  using mma_detail::Chunk;
+  constexpr int NT = kDenseMmaThreads, W = vendor::kWarpSize, NW = NT / W, CS = kDenseMmaChunkStride, NC = D / CS,
+                MB = D / 16, RS = D + CS;
+  static_assert(!vendor::kTensorTiles || W == 4 * 8, "the mma fragment layouts are for 32-lane warps");
+  static_assert(NW == 8 && G <= 8 && (D == 64 || D == 128), "dense_mma_kernel: 8 warps, G <= 8, D 64 or 128");
+  static_assert((NW * G * D + 2 * NW * G) * sizeof(float) <= NW * 2 * 16 * RS * sizeof(T), "the merge fits the stages");
+  extern __shared__ uint4 dense_mma_smem[];
+  const int h = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
+  const int warp = threadIdx.x / W, lane = threadIdx.x % W, g = lane / 4, c = lane % 4;
+  const bool half = p.style != RopeStyle::interleaved, rope = p.style != RopeStyle::none;
+  const int n = p.n[b];
+  const int t0 = split * p.split_len, t1 = min(n, t0 + p.split_len);
+  const int Hq = p.n_q_heads, ld = 2 * p.n_kv_heads * D;
+
+  // Q as the A operand: row g (a q head of the group, zero past G), this lane's chunks.
+  Chunk qc[NC];
+#pragma unroll
+  for (int i = 0; i < NC; ++i) {
+    qc[i].v = make_uint4(0u, 0u, 0u, 0u);
+    if (g < G) qc[i].v = *reinterpret_cast<const uint4*>(p.q + b * p.ldq + (h * G + g) * D + 8 * c + CS * i);
+  }
+  float m = kNegInf, l = 0.f;  // head g's running max (same in the 4 lanes of g) and this lane's sum
+  float o[MB][4];              // O^T blocks: rows d (see below), columns heads 2c, 2c + 1
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb) o[mb][0] = o[mb][1] = o[mb][2] = o[mb][3] = 0.f;
+  const int lo_row = 8 * warp + g;  // this lane's token position mod 64, fixed
+  const T* base = p.kv + b * p.seq_stride;
+  // This lane's slots in the warp's two stages: K row g at row g, V row g at row 8 + g.
+  T* const my_stage = reinterpret_cast<T*>(dense_mma_smem) + warp * 2 * 16 * RS + g * RS + 8 * c;
+  auto issue = [&](int tb, int st) {  // rows past t1 copy a valid row (t0), masked later
+    const int row = tb + g < t1 ? tb + g : t0;
+    const T* rp = base + std::int64_t(row) * ld + 8 * c;
+    T* sk = my_stage + st * 16 * RS;
+#pragma unroll
+    for (int i = 0; i < NC; ++i) {
+      vendor::cp_async16(sk + CS * i, rp + h * D + CS * i);
+      vendor::cp_async16(sk + 8 * RS + CS * i, rp + (p.n_kv_heads + h) * D + CS * i);
+    }
+  };
+  if (t0 + 8 * warp < t1) issue(t0 + 8 * warp, 0);
+  vendor::cp_async_commit();
+
+  int st = 0;
+  for (int tb = t0 + 8 * warp; tb < t1; tb += 64, st ^= 1) {  // warp-uniform bound
+    const T* sk = my_stage + st * 16 * RS;
+    if (tb + 64 < t1) issue(tb + 64, st ^ 1);
+    vendor::cp_async_commit();
+    vendor::cp_async_wait<1>();  // this stage's copies have landed (the lane's own: no barrier)
+    Chunk kc[NC];
+#pragma unroll
+    for (int i = 0; i < NC; ++i) kc[i].v = *reinterpret_cast<const uint4*>(sk + CS * i);
+    // Two accumulators, slice parity alternating (and the split's error part in the second), halve
+    // the chain of dependent products per step.
+    float sacc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    // k16 slice (i, hh) = chunk i's words 2hh, 2hh + 1, for Q and K alike. RoPE is applied one
+    // slice at a time (4 values per chunk) to keep the temporaries small.
+    auto qk = [&](int i, int hh, unsigned k0, unsigned k1, int acc) {
+      vendor::mma_16816<T>(sacc[acc], qc[i].w[2 * hh], 0u, qc[i].w[2 * hh + 1], 0u, k0, k1);
+    };
+    auto unpack4 = [&](const Chunk& x, int hh, float* f) {
+      const T* e = reinterpret_cast<const T*>(&x.w[2 * hh]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) f[j] = to_float(e[j]);
+    };
+    // Both 16-bit halves of 4 rotated values (rounded, then the rounding error) into the product.
+    auto qk_split = [&](int i, int hh, const float* f) {
+      unsigned hw[2], lw[2];
+      mma_detail::pack4_split<T>(f, hw, lw);
+      if constexpr (Split) {
+        qk(i, hh, hw[0], hw[1], 0);
+        qk(i, hh, lw[0], lw[1], 1);
+      } else {
+        qk(i, hh, hw[0], hw[1], hh);
+      }
+    };
+    if (!rope) {
+#pragma unroll
+      for (int i = 0; i < NC; ++i)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) qk(i, hh, kc[i].w[2 * hh], kc[i].w[2 * hh + 1], hh);
+    } else {
+      const std::int64_t hi_row = tb >> 6;
+      if (half) {  // chunk i (i < NC/2) and chunk i + NC/2 are partners: frequencies 8c + CS i + j
+#pragma unroll
+        for (int i = 0; i < NC / 2; ++i)
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            float cs[4], sn[4], x1[4], x2[4];
+            mma_detail::rope_cs_rows<4>(p.rope, hi_row, lo_row, 8 * c + CS * i + 4 * hh, cs, sn);
+            unpack4(kc[i], hh, x1);
+            unpack4(kc[i + NC / 2], hh, x2);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              const float a = x1[j], bb = x2[j];
+              x1[j] = a * cs[j] - bb * sn[j];
+              x2[j] = bb * cs[j] + a * sn[j];
+            }
+            qk_split(i, hh, x1);
+            qk_split(i + NC / 2, hh, x2);
+          }
+      } else {  // interleaved: pairs (2e, 2e + 1) of chunk i, frequencies 4c + (CS / 2) i + e
+#pragma unroll
+        for (int i = 0; i < NC; ++i)
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            float cs[2], sn[2], x[4];
+            mma_detail::rope_cs_rows<2>(p.rope, hi_row, lo_row, 4 * c + (CS / 2) * i + 2 * hh, cs, sn);
+            unpack4(kc[i], hh, x);
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const float a = x[2 * e], bb = x[2 * e + 1];
+              x[2 * e] = a * cs[e] - bb * sn[e];
+              x[2 * e + 1] = bb * cs[e] + a * sn[e];
+            }
+            qk_split(i, hh, x);
+          }
+      }
+    }
+    // sacc[.][0..1]: head g, tokens tb + 2c, tb + 2c + 1 ([2..3]: padding rows).
+    const bool ok0 = tb + 2 * c < t1, ok1 = tb + 2 * c + 1 < t1;
+    const float s0 = ok0 ? (sacc[0][0] + sacc[1][0]) * p.scale : kNegInf,
+                s1 = ok1 ? (sacc[0][1] + sacc[1][1]) * p.scale : kNegInf;
+    if (p.logits && g < G) {
+      float* lg = p.logits + (std::int64_t(b) * Hq + h * G + g) * p.ld_logits + tb + 2 * c;
+      if (ok0) lg[0] = s0;
+      if (ok1) lg[1] = s1;
+    }
+    float mx = fmaxf(s0, s1);
+    mx = fmaxf(mx, vendor::shfl_xor<W>(mx, 1));
+    mx = fmaxf(mx, vendor::shfl_xor<W>(mx, 2));
+    const float mn = fmaxf(m, mx);
+    const float alpha = mn == kNegInf ? 1.f : __expf(m - mn);  // m = -inf: 0 (nothing to rescale)
+    const float p0 = ok0 ? __expf(s0 - mn) : 0.f, p1 = ok1 ? __expf(s1 - mn) : 0.f;
+    m = mn;
+    l = l * alpha + p0 + p1;
+    // O^T's columns are heads 2c and 2c + 1, whose alphas live in lanes 8c and 8c + 4.
+    const float a0 = vendor::shfl<W>(alpha, 8 * c), a1 = vendor::shfl<W>(alpha, 8 * c + 4);
+    const unsigned pb = vendor::pack2<T>(p0, p1);  // P^T operand: tokens 2c, 2c + 1, head g
+#pragma unroll
+    for (int i = 0; i < NC; ++i) {
+      Chunk vc;
+      vc.v = *reinterpret_cast<const uint4*>(sk + 8 * RS + CS * i);
+#pragma unroll
+      for (int e = 0; e < 4; e += 2) {
+        float(&acc)[4] = o[2 * i + e / 2];
+        acc[0] *= a0;
+        acc[1] *= a1;
+        acc[2] *= a0;
+        acc[3] *= a1;
+        vendor::mma_1688<T>(acc, vendor::transpose8x8<T>(vc.w[e]), vendor::transpose8x8<T>(vc.w[e + 1]), pb);
+      }
+    }
+  }
+  vendor::cp_async_wait<0>();
+  l += vendor::shfl_xor<W>(l, 1);
+  l += vendor::shfl_xor<W>(l, 2);
+  __syncthreads();  // every warp is done with its stages: the merge reuses the memory
+  auto s_acc = reinterpret_cast<float(*)[G][D]>(dense_mma_smem);      // [NW][G][D]
+  auto s_m = reinterpret_cast<float(*)[G]>(&s_acc[NW][0][0]);         // [NW][G]
+  auto s_l = s_m + NW;                                                // [NW][G]
+  // O^T block 2i + e/2: row j (= g) of word e maps to d = 8(j/2) + CS i + 2e + j%2 (rows 0-7), of
+  // word e + 1 to the same plus 2 (rows 8-15).
+#pragma unroll
+  for (int i = 0; i < NC; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; e += 2) {
+      const int dx = 8 * (g / 2) + CS * i + 2 * e + g % 2, dy = dx + 2;
+      const float(&acc)[4] = o[2 * i + e / 2];
+      if (2 * c < G) {
+        s_acc[warp][2 * c][dx] = acc[0];
+        s_acc[warp][2 * c][dy] = acc[2];
+      }
+      if (2 * c + 1 < G) {
+        s_acc[warp][2 * c + 1][dx] = acc[1];
+        s_acc[warp][2 * c + 1][dy] = acc[3];
+      }
+    }
+  if (c == 0 && g < G) {
+    s_m[warp][g] = m;
+    s_l[warp][g] = l;
+  }
+  __syncthreads();
+  float* part = p.part + ((std::int64_t(b) * Hq + h * G) * p.n_splits + split) * (D + 2);
+  const std::int64_t head_stride = std::int64_t(p.n_splits) * (D + 2);
+  for (int i = threadIdx.x; i < G * D; i += NT) {
+    const int gg = i / D, d = i % D;
+    float M = kNegInf;
+    for (int r = 0; r < NW; ++r) M = fmaxf(M, s_m[r][gg]);
+    float a = 0.f, L = 0.f;
+    if (M != kNegInf)
+      for (int r = 0; r < NW; ++r) {
+        const float w = expf(s_m[r][gg] - M);
+        a += s_acc[r][gg][d] * w;
+        L += s_l[r][gg] * w;
+      }
+    float* out = part + gg * head_stride;
+    out[d] = a;
+    if (d == 0) {
+      out[D] = M;
+      out[D + 1] = L;
+    }
+  }
+}
+
+}  // namespace deltakv::gpu::decode
