@@ -223,9 +223,7 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
       dec::SelectParams sp_{logits.as<float>(), N, lse.as<float>(), n_d.as<std::int32_t>(), B, Hq, SINKS, RECENT,
                             TOPK, keys.as<std::uint32_t>(), N, sel[l]->as<std::int32_t>(), TOPK,
                             sel_count_all.as<std::int32_t>() + l * B};
-      // the path select_multi_block_preferred picks, or DELTAKV_SELECT_MULTI=1 / 0
-      const char* multi_env = std::getenv("DELTAKV_SELECT_MULTI");
-      if (multi_env ? std::atoi(multi_env) != 0 : dec::select_multi_block_preferred(B, N)) sp_.work = select_work.as<std::uint32_t>();
+      if (std::getenv("DELTAKV_SELECT_MULTI")) sp_.work = select_work.as<std::uint32_t>();  // else one block per sequence
       dec::select_topk(sp_, N, s);
     }
   };
@@ -285,8 +283,8 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
   const int f0 = filter_of[m.layers - 1];
   r.select_ms = time_graph([&] { dense_layer(full_buf[0]->as<bf>(), true, f0); }, s, reps * 4) - r.full_layer_ms;
   // scores + top-K alone, from the logits and lse left by the warm-up: the multi-block path
-  // (topk_ms) and the one-block-per-sequence path (topk1_ms); the step takes the one
-  // select_multi_block_preferred picks (DELTAKV_SELECT_MULTI=1 / 0 overrides)
+  // (topk_ms; the step's with DELTAKV_SELECT_MULTI=1) and the one-block-per-sequence path (topk1_ms,
+  // the step's default)
   auto topk = [&](bool multi) {
     dec::SelectParams p{logits.as<float>(), N, lse.as<float>(), n_d.as<std::int32_t>(), B, Hq, SINKS, RECENT,
                         TOPK, keys.as<std::uint32_t>(), N, sel[f0]->as<std::int32_t>(), TOPK,

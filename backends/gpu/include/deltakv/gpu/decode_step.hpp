@@ -213,14 +213,10 @@ inline std::size_t select_work_words(int batch, std::int64_t max_n) {
   return std::size_t(batch) * (4 * 256 + 4 + 2 * std::size_t(chunks));
 }
 
-// Whether to hand select_topk the multi-block scratch: it is the faster path for one long sequence
-// (H100, scores + top-K: 0.125 vs 0.193 ms at Llama 128K x 1), not at batch 8 (0.249 vs 0.249 at
-// 128K x 8) or at 32K (0.126 vs 0.071 at 32K x 1). Shapes between those measured are a guess.
-inline bool select_multi_block_preferred(int batch, std::int64_t max_n) { return batch == 1 && max_n >= 65536; }
-
 // OmniKV selection from the logits and lse of a dense pass over the filter layer. With p.work
 // (select_work_words(p.batch, max_n) words) the passes run over (chunks, B) blocks; without it,
-// one block per sequence. Same result either way; select_multi_block_preferred says which is faster.
+// one block per sequence. Same result either way. The one-block path is the measured faster one
+// (docs/BENCHMARKS.md); the multi-block path's pick step has been changed since that measurement.
 inline void select_topk(const SelectParams& p, std::int64_t max_n, vendor::stream_t stream) {
   if (p.k <= 0) throw ConfigError("select_topk: k must be positive");
   if (p.ld_sel < p.k) throw ShapeError("select_topk: ld_sel < k");
