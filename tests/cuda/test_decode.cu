@@ -114,8 +114,10 @@ namespace {
 // One dense pass + combine over random bf16 KV of sequences of lengths n, against float64 attention.
 // lane_kernel: the CUDA-core kernel instead of the tensor-core one (dense_mma.cuh); with_logits:
 // the filter's variant (logits written; the tensor-core kernel then keeps ~16 bits of them), else
-// only the attention (the tensor-core kernel rounds the rotated K to bf16).
-void run_dense_case(const Shape& s, const std::vector<std::int32_t>& n, bool lane_kernel, bool with_logits = true) {
+// only the attention (the tensor-core kernel rounds the rotated K to bf16). split_len > 0: that split
+// length instead of dense_splits' (one that is not a multiple of 64 must fall back to the lane kernel).
+void run_dense_case(const Shape& s, const std::vector<std::int32_t>& n, bool lane_kernel, bool with_logits = true,
+                    int split_len = 0) {
   CAPTURE(lane_kernel);
   CAPTURE(with_logits);
   CAPTURE(s.D);
@@ -130,7 +132,8 @@ void run_dense_case(const Shape& s, const std::vector<std::int32_t>& n, bool lan
   RopeDev rope(theta, s.D, max_n);
   DBuf<bf> dkv(kv.b), dq(q.b), dout(std::size_t(B) * qd);
   DBuf<std::int32_t> dn(n);
-  const auto sp = dec::dense_splits(max_n, B, s.Hkv, 132);
+  auto sp = dec::dense_splits(max_n, B, s.Hkv, 132);
+  if (split_len > 0) sp = dec::SplitPlan{split_len, int((max_n + split_len - 1) / split_len)};
   DBuf<float> part(dec::partials_floats(B, s.Hq, sp.n_splits, s.D)), logits(std::size_t(B) * s.Hq * max_n),
       lse(std::size_t(B) * s.Hq);
   dout.poison();
@@ -141,6 +144,7 @@ void run_dense_case(const Shape& s, const std::vector<std::int32_t>& n, bool lan
                                sp.split_len, sp.n_splits, part.p, logits.p, max_n};
   p.lane_kernel = lane_kernel;
   if (!with_logits) p.logits = nullptr;
+  CHECK(dec::dense_mma_fits(p) == (vendor::kTensorTiles && sp.split_len % 64 == 0));
   dec::dense_partials(p, max_n, nullptr);
   dec::combine(dec::CombineParams<bf>{part.p, sp.n_splits, B, s.Hq, s.D, dout.p, qd, lse.p}, nullptr);
   const auto got = f64(dout.get());
@@ -173,6 +177,9 @@ TEST_CASE("fused dense decode: attention, logits and lse against float64 RoPE at
                         Shape{7, 1, 128, RopeStyle::half}, Shape{8, 1, 64, RopeStyle::none}, Shape{2, 2, 128, RopeStyle::half}})
     for (const bool lane : {false, true})
       for (const bool with_logits : {true, false}) run_dense_case(s, {1, 777, 2500}, lane, with_logits);
+  // a split length the tensor-core kernel cannot take (not a multiple of 64): the lane kernel serves it
+  run_dense_case(Shape{8, 2, 128, RopeStyle::half}, {1, 777, 2500}, false, true, 200);
+  run_dense_case(Shape{8, 2, 128, RopeStyle::half}, {1, 777, 2500}, false, true, 320);
 }
 
 namespace {
