@@ -199,10 +199,11 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
   vendor::memcpy_async(n_d.p, nh.data(), B * 4, s);
   vendor::memcpy_async(c_d.p, ch.data(), B * 4, s);
   const auto sp = dec::dense_splits(N, B, Hkv, sms);
+  const auto sp_lane = dec::dense_splits(N, B, Hkv, sms, dec::kDenseLaneBlocksPerSm);  // the lane kernel's own
   const int attended_max = SINKS + TOPK + RECENT;
   const int ssplits = dec::sparse_splits(attended_max, B, Hkv, sms);
   const int tsplits = dec::two_pass_splits(attended_max, B, Hkv, sms);  // the two-pass path's values splits
-  Dev part(dec::partials_floats(B, Hq, std::max({sp.n_splits, ssplits, tsplits}), D) * 4);
+  Dev part(dec::partials_floats(B, Hq, std::max({sp.n_splits, sp_lane.n_splits, ssplits, tsplits}), D) * 4);
   Dev scores(std::size_t(B) * Hq * attended_max * 4);                  // the two-pass path's logits
   Dev logits(std::size_t(B) * Hq * N * 4), lse(std::size_t(B) * Hq * 4), keys(std::size_t(B) * N * 4);
   Dev select_work(dec::select_work_words(B, N) * 4);  // the multi-block selection's scratch
@@ -212,12 +213,13 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
   vendor::stream_sync(s);
 
   auto dense_layer = [&](const bf* kv, bool filter, int l, bool lane_kernel = false) {
+    const dec::SplitPlan& pl = lane_kernel ? sp_lane : sp;
     dec::DenseDecodeParams<bf> p{q.as<bf>(), qd, kv, std::int64_t(N) * kvd, n_d.as<std::int32_t>(), B, Hq, Hkv, D, scale,
-                                 rope, deltakv::RopeStyle::half, sp.split_len, sp.n_splits, part.as<float>(),
+                                 rope, deltakv::RopeStyle::half, pl.split_len, pl.n_splits, part.as<float>(),
                                  filter ? logits.as<float>() : nullptr, N};
     p.lane_kernel = lane_kernel;
     dec::dense_partials<Shapes>(p, N, s);
-    dec::combine(dec::CombineParams<bf>{part.as<float>(), sp.n_splits, B, Hq, D, out.as<bf>(), qd, filter ? lse.as<float>() : nullptr}, s);
+    dec::combine(dec::CombineParams<bf>{part.as<float>(), pl.n_splits, B, Hq, D, out.as<bf>(), qd, filter ? lse.as<float>() : nullptr}, s);
     if (filter) {
       if (!sel[l]) sel[l] = new Dev(std::size_t(B) * TOPK * 4);
       dec::SelectParams sp_{logits.as<float>(), N, lse.as<float>(), n_d.as<std::int32_t>(), B, Hq, SINKS, RECENT,

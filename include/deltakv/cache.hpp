@@ -217,8 +217,8 @@ class CompressedCache {
   // Per position p < max_tokens: (row << 2) | class, class 1 = reference (row in refs), 2 = latent
   // (row in lat), 0 = sink. Depends on positions only: one table serves every layer and sequence.
   std::vector<std::int32_t> position_codes() const {
-    if (cfg_.cap.max_tokens >= (std::int64_t(1) << 29))
-      throw CapacityError("position_codes: max_tokens must be below 2^29 for (row << 2) codes");
+    // (row << 2) fits int32: preflight() refused max_tokens above kMaxCacheTokens at construction.
+    static_assert(kMaxCacheTokens < (std::int64_t(1) << 29), "position codes are (row << 2) | class in int32");
     std::vector<std::int32_t> code(std::size_t(cfg_.cap.max_tokens));
     for (std::size_t p = 0; p < code.size(); ++p)
       code[p] = g_.cls[p] == 0 ? 0 : (g_.row_of[p] << 2) | g_.cls[p];

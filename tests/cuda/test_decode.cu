@@ -116,8 +116,9 @@ namespace {
 // the filter's variant (logits written; the tensor-core kernel then keeps ~16 bits of them), else
 // only the attention (the tensor-core kernel rounds the rotated K to bf16). split_len > 0: that split
 // length instead of dense_splits' (one that is not a multiple of 64 must fall back to the lane kernel).
+// max_n: the longest sequence allowed, which the RoPE table covers exactly when a multiple of 64.
 void run_dense_case(const Shape& s, const std::vector<std::int32_t>& n, bool lane_kernel, bool with_logits = true,
-                    int split_len = 0) {
+                    int split_len = 0, std::int64_t max_n = 2500) {
   CAPTURE(lane_kernel);
   CAPTURE(with_logits);
   CAPTURE(s.D);
@@ -125,7 +126,7 @@ void run_dense_case(const Shape& s, const std::vector<std::int32_t>& n, bool lan
   CAPTURE(s.Hkv);
   const double theta = 10000.0;
   const int B = int(n.size()), kvd = 2 * s.Hkv * s.D, qd = s.Hq * s.D;
-  const std::int64_t max_n = 2500, stride = max_n * kvd;
+  const std::int64_t stride = max_n * kvd;
   auto kv = random_bf16(std::size_t(B) * stride, 11 + s.D, -1.f, 1.f);
   auto q = random_bf16(std::size_t(B) * qd, 12 + s.D, -1.f, 1.f);
   const double scale = 1.0 / std::sqrt(double(s.D));
@@ -180,6 +181,10 @@ TEST_CASE("fused dense decode: attention, logits and lse against float64 RoPE at
   // a split length the tensor-core kernel cannot take (not a multiple of 64): the lane kernel serves it
   run_dense_case(Shape{8, 2, 128, RopeStyle::half}, {1, 777, 2500}, false, true, 200);
   run_dense_case(Shape{8, 2, 128, RopeStyle::half}, {1, 777, 2500}, false, true, 320);
+  // A sequence as long as the RoPE table, split into 200s: a 16-lane group of the lane kernel whose
+  // tokens all lie past the end starts at position 2368, one past the table (it read the table
+  // there until the fix; memcheck over this case is what sees such a read).
+  run_dense_case(Shape{8, 2, 128, RopeStyle::half}, {2368}, true, true, 200, 2368);
 }
 
 namespace {

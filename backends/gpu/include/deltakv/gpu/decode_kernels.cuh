@@ -4,7 +4,9 @@
 //
 //   dense_decode_kernel   split-KV (flash-decoding) attention of one query token per sequence over
 //                         exact pre-RoPE rows; RoPE on chip from a two-level table; optionally
-//                         writes the logits the OmniKV filter scores.
+//                         writes the logits the OmniKV filter scores. On CUDA the tensor-core
+//                         dense_mma_kernel (dense_mma.cuh) is the default; this one serves HIP and
+//                         the shapes that kernel does not take (DenseDecodeParams::lane_kernel).
 //   combine_kernel        merges the splits (shared by the dense and the sparse kernel).
 //   score_keys_kernel     OmniKV score per middle position, as an order-preserving 32-bit key.
 //   select_kernel         radix select of the k largest keys per sequence, one block each,
@@ -247,7 +249,8 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, (G <= 4 ? 3 : 2)) dense_decode_ker
     // cos/sin at t from the tables, then stepped one position at a time (angle addition with the
     // one-position rotation): U consecutive tokens cost one table read.
     float rc[H], rs[H];
-    if (rope) rope_cs<H>(p.rope, t, lane * H, rc, rs);
+    // (a group whose tokens all lie past t1 reads the table at t1 - 1: its t may be max_pos)
+    if (rope) rope_cs<H>(p.rope, t < t1 ? t : t1 - 1, lane * H, rc, rs);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       float k[E];

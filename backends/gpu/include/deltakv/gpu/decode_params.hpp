@@ -46,9 +46,9 @@ struct DenseDecodeParams {
   int split_len = 0, n_splits = 0;                 // tokens per split; n_splits * split_len >= max n
   float* part = nullptr;                           // partials_floats(B, Hq, n_splits, D)
   float* logits = nullptr; std::int64_t ld_logits = 0;  // optional [B, Hq, ld_logits]
-  // Kernel: tensor cores (dense_mma.cuh) where the vendor has them and the split length is a
-  // multiple of 64 with 16-byte aligned rows; otherwise, or with lane_kernel set (tests, timing
-  // comparisons), the CUDA-core lane kernel. Same partials either way.
+  // Kernel: tensor cores (dense_mma.cuh) where the vendor has them, the split length is a multiple
+  // of 64, and kv, q, seq_stride and ldq keep 16-byte alignment (dense_mma_fits); otherwise, or with
+  // lane_kernel set (tests, timing comparisons), the CUDA-core lane kernel. Same partials either way.
   bool lane_kernel = false;
 };
 

@@ -65,8 +65,10 @@ inline RopeTableHost rope_table(double theta, int rot_dim, std::int64_t max_pos)
 
 // Blocks per multiprocessor the dense splits aim at: one wave of the tensor-core kernel (two
 // resident per SM; on the H100 this took a layer at Llama 128K x 1 from 0.27 to 0.21 ms and at
-// 32K x 1 from 0.126 to 0.069, batch 8 unchanged), several waves of the lane kernel (HIP).
-inline constexpr int kDenseBlocksPerSm = vendor::kTensorTiles ? 2 : 8;
+// 32K x 1 from 0.126 to 0.069, batch 8 unchanged), several waves of the lane kernel, which HIP
+// runs (a caller forcing the lane kernel on CUDA passes kDenseLaneBlocksPerSm itself).
+inline constexpr int kDenseLaneBlocksPerSm = 8;
+inline constexpr int kDenseBlocksPerSm = vendor::kTensorTiles ? 2 : kDenseLaneBlocksPerSm;
 
 // Splits for the dense pass: tokens per split (a multiple of 64, 256 to 4096) and how many, about
 // blocks_per_sm blocks per multiprocessor.

@@ -18,7 +18,10 @@
 // (measured on the H100 at Llama 128K x 8: 1.79 ms per layer with the split, 1.50 without).
 // Rows are copied to shared memory by each lane itself (cp.async, two stages per warp), so no
 // barrier is needed until the merge. Each lane's position mod 64 stays fixed (8 warps x 8 tokens =
-// 64 positions per step, splits start at multiples of 64), so RoPE needs one row of each table.
+// 64 positions per step, splits start at multiples of 64), so the small RoPE table's entries a lane
+// reads never change (L1 hits) and the large table's row is the same for the whole block step.
+// f16 storage: a rotated K above 65504 / sqrt(2) in magnitude overflows its f16 parts (the f32 lane
+// kernel does not); bf16 has the range of f32.
 #include <cstddef>
 #include <cstdint>
 
@@ -31,12 +34,13 @@ namespace deltakv::gpu::decode {
 
 inline constexpr int kDenseMmaThreads = 256;  // 8 warps of 32: the RoPE scheme above needs exactly 8
 inline constexpr int kDenseMmaChunkStride = 4 * 8;  // elements between a lane's chunks: 4 lanes x 8 values
+inline constexpr int kDenseMmaRowPad = 64 / 2;      // elements (64 bytes) after each staged row (see below)
 
-// Dynamic shared memory of one block: per warp two stages of 8 K rows and 8 V rows (row stride
-// D + 32 elements: the extra 64 bytes put 8 lanes' 16-byte reads on distinct banks); the final
-// merge reuses it.
+// Dynamic shared memory of one block: per warp two stages of 8 K rows and 8 V rows of 16-bit
+// values (row stride D + kDenseMmaRowPad: the extra 64 bytes put 8 lanes' 16-byte reads on distinct
+// banks); the final merge reuses it.
 inline std::size_t dense_mma_smem_bytes(int head_dim) {
-  return std::size_t(kDenseMmaThreads / vendor::kWarpSize) * 2 * 16 * (head_dim + kDenseMmaChunkStride) * sizeof(std::uint16_t);
+  return std::size_t(kDenseMmaThreads / vendor::kWarpSize) * 2 * 16 * (head_dim + kDenseMmaRowPad) * 2;
 }
 
 // Whether dense_mma_kernel can take p: tensor cores, 64-aligned splits, 16-byte aligned rows.
@@ -46,7 +50,7 @@ inline bool dense_mma_fits(const DenseDecodeParams<T>& p) {
     return false;
   } else {
     const auto al16 = [](const void* x) { return reinterpret_cast<std::uintptr_t>(x) % 16 == 0; };
-    return p.split_len % 64 == 0 && al16(p.kv) && al16(p.q) && p.seq_stride % 8 == 0 && p.ldq % 8 == 0;
+    return p.split_len > 0 && p.split_len % 64 == 0 && al16(p.kv) && al16(p.q) && p.seq_stride % 8 == 0 && p.ldq % 8 == 0;
   }
 }
 
@@ -65,21 +69,6 @@ DELTAKV_GPU_D void pack4_split(const float* f, unsigned* hi, unsigned* lo) {
     lo[j] = vendor::pack2<T>(f[2 * j] - to_float(e[0]), f[2 * j + 1] - to_float(e[1]));
   }
 }
-// cos, sin of N (even) consecutive frequencies from f0 (even), at the
-// position whose table rows are hi_row / lo_row: angle addition of the two tables.
-template <int N>
-DELTAKV_GPU_D void rope_cs_rows(const RopeTableView& t, std::int64_t hi_row, int lo_row, int f0, float* c, float* s) {
-  const float4* hi = reinterpret_cast<const float4*>(t.hi + (hi_row * t.half + f0) * 2);
-  const float4* lo = reinterpret_cast<const float4*>(t.lo + (std::int64_t(lo_row) * t.half + f0) * 2);
-#pragma unroll
-  for (int i = 0; i < N / 2; ++i) {
-    const float4 a = hi[i], b = lo[i];
-    c[2 * i] = a.x * b.x - a.y * b.y;
-    s[2 * i] = a.y * b.x + a.x * b.y;
-    c[2 * i + 1] = a.z * b.z - a.w * b.w;
-    s[2 * i + 1] = a.w * b.z + a.z * b.w;
-  }
-}
 }  // namespace mma_detail
 
 // grid (Hkv, n_splits, B), kDenseMmaThreads threads, dense_mma_smem_bytes(D) of dynamic shared
@@ -90,9 +79,10 @@ template <class T, int D, int G, bool Split>
 __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(kDenseMmaThreads, 2) dense_mma_kernel(DenseDecodeParams<T> p) {
   using mma_detail::Chunk;
   constexpr int NT = kDenseMmaThreads, W = vendor::kWarpSize, NW = NT / W, CS = kDenseMmaChunkStride, NC = D / CS,
-                MB = D / 16, RS = D + CS;
+                MB = D / 16, RS = D + kDenseMmaRowPad;
   static_assert(!vendor::kTensorTiles || W == 4 * 8, "the mma fragment layouts are for 32-lane warps");
   static_assert(NW == 8 && G <= 8 && (D == 64 || D == 128), "dense_mma_kernel: 8 warps, G <= 8, D 64 or 128");
+  static_assert(sizeof(T) == 2, "16-bit storage (dense_mma_smem_bytes)");
   static_assert((NW * G * D + 2 * NW * G) * sizeof(float) <= NW * 2 * 16 * RS * sizeof(T), "the merge fits the stages");
   extern __shared__ uint4 dense_mma_smem[];
   const int h = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
@@ -113,7 +103,6 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(kDenseMmaThreads, 2) dense_mma_kernel(
   float o[MB][4];              // O^T blocks: rows d (see below), columns heads 2c, 2c + 1
 #pragma unroll
   for (int mb = 0; mb < MB; ++mb) o[mb][0] = o[mb][1] = o[mb][2] = o[mb][3] = 0.f;
-  const int lo_row = 8 * warp + g;  // this lane's token position mod 64, fixed
   const T* base = p.kv + b * p.seq_stride;
   // This lane's slots in the warp's two stages: K row g at row g, V row g at row 8 + g.
   T* const my_stage = reinterpret_cast<T*>(dense_mma_smem) + warp * 2 * 16 * RS + g * RS + 8 * c;
@@ -169,14 +158,14 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(kDenseMmaThreads, 2) dense_mma_kernel(
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) qk(i, hh, kc[i].w[2 * hh], kc[i].w[2 * hh + 1], hh);
     } else {
-      const std::int64_t hi_row = tb >> 6;
+      const std::int64_t pos = tb + g;  // (tb + g) & 63 = 8 warp + g: this lane's small-table rows never change
       if (half) {  // chunk i (i < NC/2) and chunk i + NC/2 are partners: frequencies 8c + CS i + j
 #pragma unroll
         for (int i = 0; i < NC / 2; ++i)
 #pragma unroll
           for (int hh = 0; hh < 2; ++hh) {
             float cs[4], sn[4], x1[4], x2[4];
-            mma_detail::rope_cs_rows<4>(p.rope, hi_row, lo_row, 8 * c + CS * i + 4 * hh, cs, sn);
+            rope_cs<4>(p.rope, pos, 8 * c + CS * i + 4 * hh, cs, sn);
             unpack4(kc[i], hh, x1);
             unpack4(kc[i + NC / 2], hh, x2);
 #pragma unroll
@@ -188,13 +177,13 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(kDenseMmaThreads, 2) dense_mma_kernel(
             qk_split(i, hh, x1);
             qk_split(i + NC / 2, hh, x2);
           }
-      } else {  // interleaved: pairs (2e, 2e + 1) of chunk i, frequencies 4c + (CS / 2) i + e
+      } else {  // interleaved: pairs (2e, 2e + 1) of chunk i, frequencies 4c + (CS / 2) i + 2hh + e
 #pragma unroll
         for (int i = 0; i < NC; ++i)
 #pragma unroll
           for (int hh = 0; hh < 2; ++hh) {
             float cs[2], sn[2], x[4];
-            mma_detail::rope_cs_rows<2>(p.rope, hi_row, lo_row, 4 * c + (CS / 2) * i + 2 * hh, cs, sn);
+            rope_cs<2>(p.rope, pos, 4 * c + (CS / 2) * i + 2 * hh, cs, sn);
             unpack4(kc[i], hh, x);
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
@@ -210,7 +199,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(kDenseMmaThreads, 2) dense_mma_kernel(
     const bool ok0 = tb + 2 * c < t1, ok1 = tb + 2 * c + 1 < t1;
     const float s0 = ok0 ? (sacc[0][0] + sacc[1][0]) * p.scale : kNegInf,
                 s1 = ok1 ? (sacc[0][1] + sacc[1][1]) * p.scale : kNegInf;
-    if (p.logits && g < G) {
+    if (Split && p.logits && g < G) {  // dispatch pairs logits with Split (their ~16 bits)
       float* lg = p.logits + (std::int64_t(b) * Hq + h * G + g) * p.ld_logits + tb + 2 * c;
       if (ok0) lg[0] = s0;
       if (ok1) lg[1] = s1;
@@ -246,7 +235,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(kDenseMmaThreads, 2) dense_mma_kernel(
   l += vendor::shfl_xor<W>(l, 2);
   __syncthreads();  // every warp is done with its stages: the merge reuses the memory
   auto s_acc = reinterpret_cast<float(*)[G][D]>(dense_mma_smem);      // [NW][G][D]
-  auto s_m = reinterpret_cast<float(*)[G]>(&s_acc[NW][0][0]);         // [NW][G]
+  auto s_m = reinterpret_cast<float(*)[G]>(reinterpret_cast<float*>(dense_mma_smem) + NW * G * D);  // [NW][G]
   auto s_l = s_m + NW;                                                // [NW][G]
   // O^T block 2i + e/2: row j (= g) of word e maps to d = 8(j/2) + CS i + 2e + j%2 (rows 0-7), of
   // word e + 1 to the same plus 2 (rows 8-15).
