@@ -22,7 +22,8 @@ using namespace dkt_cuda;
 namespace dec = deltakv::gpu::decode;
 using bf = deltakv::cuda::bf16;
 
-std::vector<double> f64(const std::vector<bf>& v) {
+template <class T>
+std::vector<double> f64(const std::vector<T>& v) {
   std::vector<double> o(v.size());
   for (std::size_t i = 0; i < v.size(); ++i) o[i] = vendor::to_float(v[i]);
   return o;
@@ -36,6 +37,21 @@ struct Bf16Data {
 Bf16Data random_bf16(std::size_t n, std::uint32_t seed, float lo, float hi) {
   Bf16Data r;
   r.b = to_bf16(uniform(n, seed, lo, hi));
+  r.d = f64(r.b);
+  return r;
+}
+// The same for 16-bit storage T (bf16 or f16): values rounded to T, and their exact f64 values.
+template <class T>
+struct Data16 {
+  std::vector<T> b;
+  std::vector<double> d;
+};
+template <class T>
+Data16<T> random_16(std::size_t n, std::uint32_t seed, float lo, float hi) {
+  Data16<T> r;
+  const auto u = uniform(n, seed, lo, hi);
+  r.b.resize(n);
+  for (std::size_t i = 0; i < n; ++i) r.b[i] = vendor::from_float<T>(u[i]);
   r.d = f64(r.b);
   return r;
 }
@@ -111,12 +127,14 @@ struct RopeDev {
 }  // namespace
 
 namespace {
-// One dense pass + combine over random bf16 KV of sequences of lengths n, against float64 attention.
+// One dense pass + combine over random 16-bit (T: bf16, or f16 with the shape set Shapes) KV of
+// sequences of lengths n, against float64 attention.
 // lane_kernel: the CUDA-core kernel instead of the tensor-core one (dense_mma.cuh); with_logits:
 // the filter's variant (logits written; the tensor-core kernel then keeps ~16 bits of them), else
 // only the attention (the tensor-core kernel rounds the rotated K to bf16). split_len > 0: that split
 // length instead of dense_splits' (one that is not a multiple of 64 must fall back to the lane kernel).
 // max_n: the longest sequence allowed, which the RoPE table covers exactly when a multiple of 64.
+template <class T = bf, class Shapes = dec::AllShapes>
 void run_dense_case(const Shape& s, const std::vector<std::int32_t>& n, bool lane_kernel, bool with_logits = true,
                     int split_len = 0, std::int64_t max_n = 2500) {
   CAPTURE(lane_kernel);
@@ -127,11 +145,11 @@ void run_dense_case(const Shape& s, const std::vector<std::int32_t>& n, bool lan
   const double theta = 10000.0;
   const int B = int(n.size()), kvd = 2 * s.Hkv * s.D, qd = s.Hq * s.D;
   const std::int64_t stride = max_n * kvd;
-  auto kv = random_bf16(std::size_t(B) * stride, 11 + s.D, -1.f, 1.f);
-  auto q = random_bf16(std::size_t(B) * qd, 12 + s.D, -1.f, 1.f);
+  auto kv = random_16<T>(std::size_t(B) * stride, 11 + s.D, -1.f, 1.f);
+  auto q = random_16<T>(std::size_t(B) * qd, 12 + s.D, -1.f, 1.f);
   const double scale = 1.0 / std::sqrt(double(s.D));
   RopeDev rope(theta, s.D, max_n);
-  DBuf<bf> dkv(kv.b), dq(q.b), dout(std::size_t(B) * qd);
+  DBuf<T> dkv(kv.b), dq(q.b), dout(std::size_t(B) * qd);
   DBuf<std::int32_t> dn(n);
   auto sp = dec::dense_splits(max_n, B, s.Hkv, 132);
   if (split_len > 0) sp = dec::SplitPlan{split_len, int((max_n + split_len - 1) / split_len)};
@@ -141,13 +159,13 @@ void run_dense_case(const Shape& s, const std::vector<std::int32_t>& n, bool lan
   part.poison();
   logits.poison();
   lse.poison();
-  dec::DenseDecodeParams<bf> p{dq.p, qd, dkv.p, stride, dn.p, B, s.Hq, s.Hkv, s.D, float(scale), rope.view, s.style,
-                               sp.split_len, sp.n_splits, part.p, logits.p, max_n};
+  dec::DenseDecodeParams<T> p{dq.p, qd, dkv.p, stride, dn.p, B, s.Hq, s.Hkv, s.D, float(scale), rope.view, s.style,
+                              sp.split_len, sp.n_splits, part.p, logits.p, max_n};
   p.lane_kernel = lane_kernel;
   if (!with_logits) p.logits = nullptr;
   CHECK(dec::dense_mma_fits(p) == (vendor::kTensorTiles && sp.split_len % 64 == 0));
-  dec::dense_partials(p, max_n, nullptr);
-  dec::combine(dec::CombineParams<bf>{part.p, sp.n_splits, B, s.Hq, s.D, dout.p, qd, lse.p}, nullptr);
+  dec::dense_partials<Shapes>(p, max_n, nullptr);
+  dec::combine(dec::CombineParams<T>{part.p, sp.n_splits, B, s.Hq, s.D, dout.p, qd, lse.p}, nullptr);
   const auto got = f64(dout.get());
   const auto got_logits = logits.get();
   const auto got_lse = lse.get();
@@ -161,7 +179,7 @@ void run_dense_case(const Shape& s, const std::vector<std::int32_t>& n, bool lan
     std::vector<double> wl, wlse;
     const auto want = naive_attend(s, q.d.data() + b * qd, rows, pos, theta, scale, &wl, &wlse);
     const std::vector<double> g(got.begin() + b * qd, got.begin() + (b + 1) * qd);
-    CHECK(dkt::rel_l2(g, want) < 1e-2);  // bf16 output rounding (2^-9) dominates
+    CHECK(dkt::rel_l2(g, want) < 1e-2);  // bf16 output rounding (2^-9) dominates (f16: 2^-12)
     for (int h = 0; h < s.Hq; ++h) CHECK(std::abs(got_lse[b * s.Hq + h] - wlse[h]) < (with_logits ? 1e-4 : 1e-3));
     if (!with_logits) continue;
     std::vector<double> gl;
@@ -185,6 +203,11 @@ TEST_CASE("fused dense decode: attention, logits and lse against float64 RoPE at
   // tokens all lie past the end starts at position 2368, one past the table (it read the table
   // there until the fix; memcheck over this case is what sees such a read).
   run_dense_case(Shape{8, 2, 128, RopeStyle::half}, {2368}, true, true, 200, 2368);
+  // f16 storage (one shape): both kernels, with and without logits
+  using F16Shapes = dec::ShapeSet<dec::KernelShape<128, 4>>;
+  for (const bool lane : {false, true})
+    for (const bool with_logits : {true, false})
+      run_dense_case<vendor::f16, F16Shapes>(Shape{8, 2, 128, RopeStyle::half}, {1, 777, 2500}, lane, with_logits);
 }
 
 namespace {
