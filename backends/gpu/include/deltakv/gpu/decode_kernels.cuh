@@ -196,6 +196,34 @@ DELTAKV_GPU_D float group16_sum(float v) {
   return v;
 }
 
+// A dense block's partial for its split: its R row groups' (acc, m, l) per q head of the group,
+// merged under their common max, written as [acc (D) | M | L] (partials_floats' layout). Shared by
+// the lane kernel and dense_mma_kernel; called after the barrier that publishes the row groups.
+template <class T, int D, int G, int R, int NT>
+DELTAKV_GPU_D void write_dense_partial(const DenseDecodeParams<T>& p, int b, int h, int split, const float (*s_acc)[G][D],
+                                       const float (*s_m)[G], const float (*s_l)[G]) {
+  float* part = p.part + ((std::int64_t(b) * p.n_q_heads + h * G) * p.n_splits + split) * (D + 2);
+  const std::int64_t head_stride = std::int64_t(p.n_splits) * (D + 2);
+  for (int i = threadIdx.x; i < G * D; i += NT) {
+    const int g = i / D, d = i % D;
+    float M = kNegInf;
+    for (int r = 0; r < R; ++r) M = fmaxf(M, s_m[r][g]);
+    float a = 0.f, L = 0.f;
+    if (M != kNegInf)
+      for (int r = 0; r < R; ++r) {
+        const float w = expf(s_m[r][g] - M);
+        a += s_acc[r][g][d] * w;
+        L += s_l[r][g] * w;
+      }
+    float* out = part + g * head_stride;
+    out[d] = a;
+    if (d == 0) {
+      out[D] = M;
+      out[D + 1] = L;
+    }
+  }
+}
+
 // =============================================================================================
 // dense_decode_kernel<T, D, G, W, NT>: grid (Hkv, n_splits, B), NT threads = NT/16 token groups.
 // Each group streams U tokens at a time of its block's split (K and V slices of kv head h), keeps
@@ -318,26 +346,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, (G <= 4 ? 3 : 2)) dense_decode_ker
     }
   }
   __syncthreads();
-  float* part = p.part + ((std::int64_t(b) * Hq + h * G) * p.n_splits + split) * (D + 2);
-  const std::int64_t head_stride = std::int64_t(p.n_splits) * (D + 2);
-  for (int i = threadIdx.x; i < G * D; i += NT) {
-    const int g = i / D, d = i % D;
-    float M = kNegInf;
-    for (int r = 0; r < NG; ++r) M = fmaxf(M, s_m[r][g]);
-    float a = 0.f, L = 0.f;
-    if (M != kNegInf)
-      for (int r = 0; r < NG; ++r) {
-        const float w = expf(s_m[r][g] - M);
-        a += s_acc[r][g][d] * w;
-        L += s_l[r][g] * w;
-      }
-    float* out = part + g * head_stride;
-    out[d] = a;
-    if (d == 0) {
-      out[D] = M;
-      out[D + 1] = L;
-    }
-  }
+  write_dense_partial<T, D, G, NG, NT>(p, b, h, split, s_acc, s_m, s_l);
 }
 
 // =============================================================================================

@@ -259,26 +259,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(kDenseMmaThreads, 2) dense_mma_kernel(
     s_l[warp][g] = l;
   }
   __syncthreads();
-  float* part = p.part + ((std::int64_t(b) * Hq + h * G) * p.n_splits + split) * (D + 2);
-  const std::int64_t head_stride = std::int64_t(p.n_splits) * (D + 2);
-  for (int i = threadIdx.x; i < G * D; i += NT) {
-    const int gg = i / D, d = i % D;
-    float M = kNegInf;
-    for (int r = 0; r < NW; ++r) M = fmaxf(M, s_m[r][gg]);
-    float a = 0.f, L = 0.f;
-    if (M != kNegInf)
-      for (int r = 0; r < NW; ++r) {
-        const float w = expf(s_m[r][gg] - M);
-        a += s_acc[r][gg][d] * w;
-        L += s_l[r][gg] * w;
-      }
-    float* out = part + gg * head_stride;
-    out[d] = a;
-    if (d == 0) {
-      out[D] = M;
-      out[D + 1] = L;
-    }
-  }
+  write_dense_partial<T, D, G, NW, NT>(p, b, h, split, s_acc, s_m, s_l);
 }
 
 }  // namespace deltakv::gpu::decode
