@@ -951,6 +951,11 @@ template <class T, int D, int G, int W, int NT, bool WL2 = false>
 __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(SparseDecodeParams<T> p) {
   constexpr int TT = kSparseTile, NW = NT / W, E = D / 16, CH = kSparseChunk;
   constexpr int KT = TT * 16 / NT, VT = TT * (D / 8) / NT;  // K / V tasks per thread
+  // Register-fragment tensor-core products (CUDA; W_k,h in shared memory): the K product by
+  // ldmatrix + mma.sync, and the accumulation (acc += P^T [Z | V]) on tensor cores too, with the
+  // value tile kept as T. Otherwise (HIP, WL2) the mma16 tiles and the CUDA-core accumulation.
+  constexpr bool kRegMma = vendor::kTensorTiles && !WL2 && W == 32;  // gpu-check: allow(fragment layouts are for 32 lanes)
+  constexpr int ldvb = D + 8;  // the value tile as T (kRegMma), over s_v
   static_assert((NT == 256 || NT == 512) && KT >= 1 && VT >= 1 && NT % W == 0 && NT >= CH, "sparse_decode_kernel: shape");
   const auto& L = p.layer;
   const int DC = L.latent_dim, K = L.k, ldz = DC + 8, ldk = D + 4;
@@ -1113,6 +1118,50 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
         // until step 3), and step 3 adds them.
         const int half_k = (DC / 16 / 2) * 16;
         constexpr int pairs = D / 16 / 2, units = 2 * pairs;  // pairs of 16-column tiles
+        if constexpr (kRegMma) {
+          // Register fragments: ldmatrix from explicit shared addresses and mma.sync m16n8k16.
+          // (wmma's loads took generic 32-bit loads and 64-bit address arithmetic: two loads and
+          // ~3 address instructions per tensor-core product, measured by ncu at 4800 cycles a tile.)
+          // Lane l's ldmatrix rows: A (Z) row l % 16, k offset 8 (l / 16); B (W_k,h rows = output
+          // columns) column l % 8 + 8 (l / 16), k offset 8 ((l / 8) % 2).
+          const T* a_row = s_z + (lane_w % 16) * ldz + 8 * (lane_w / 16);
+          for (int u = warp; u < units; u += NW) {
+            const int cp = u % pairs, kh = u / pairs;
+            const int k0 = kh == 0 ? 0 : half_k, k1 = kh == 0 ? half_k : DC;
+            const T* b_row = s_w + (2 * cp * 16 + lane_w % 8 + 8 * (lane_w / 16)) * ldz + 8 * ((lane_w / 8) % 2);
+            float acc[2][4][4];  // [row tile][8-column tile][fragment]
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+#pragma unroll
+              for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[r][j][e] = 0.f;
+#pragma unroll 2
+            for (int kk = k0; kk < k1; kk += 16) {
+              unsigned a[2][4], b[2][4];
+              vendor::ldmatrix_x4(a[0], a_row + kk);
+              vendor::ldmatrix_x4(a[1], a_row + 16 * ldz + kk);
+              vendor::ldmatrix_x4(b[0], b_row + kk);
+              vendor::ldmatrix_x4(b[1], b_row + 16 * ldz + kk);
+#pragma unroll
+              for (int r = 0; r < 2; ++r)
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+                  vendor::mma_16816<T>(acc[r][j], a[r][0], a[r][1], a[r][2], a[r][3], b[j / 2][2 * (j % 2)],
+                                       b[j / 2][2 * (j % 2) + 1]);
+            }
+            float* out = kh == 0 ? s_k : s_v;
+            const int g = lane_w / 4, c = lane_w % 4;
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+#pragma unroll
+              for (int j = 0; j < 4; ++j) {
+                float* o = out + (16 * r + g) * ldk + 2 * cp * 16 + 8 * j + 2 * c;
+                *reinterpret_cast<float2*>(o) = make_float2(acc[r][j][0], acc[r][j][1]);
+                *reinterpret_cast<float2*>(o + 8 * ldk) = make_float2(acc[r][j][2], acc[r][j][3]);
+              }
+          }
+        } else
         for (int u = warp; u < units; u += NW) {
           const int cp = u % pairs, kh = u / pairs;
           const int k0 = kh == 0 ? 0 : half_k, k1 = kh == 0 ? half_k : DC;
@@ -1184,7 +1233,14 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
           }
 #pragma unroll
           for (int e = 0; e < 8; ++e) sum[e] *= inv;
-          st_f32<8>(s_v + i * ldk + d8, sum);
+          if constexpr (kRegMma) {
+            T vb[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) vb[e] = from_float<T>(sum[e]);
+            *reinterpret_cast<uint4*>(reinterpret_cast<T*>(s_v) + i * ldvb + d8) = *reinterpret_cast<const uint4*>(vb);
+          } else {
+            st_f32<8>(s_v + i * ldk + d8, sum);
+          }
         }
       }
       // The next tile of this chunk: issue its reference loads now, so that they are in flight
@@ -1222,8 +1278,51 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
       }
       __syncthreads();
       mark(6);
-      // 5. accumulate, two columns of every head per thread (one z load feeds 2G FMAs): tasks
-      //    [0, DC/2) are latent column pairs, then [DC/2, DC/2 + D/2) value column pairs
+      // 5. accumulate: acc_z = alpha acc_z + P^T Z, acc_v = alpha acc_v + P^T V
+      if constexpr (kRegMma) {
+        // On tensor cores: A = P^T (rows = q heads g < G, the rest zero; k = the tile's 32 items)
+        // as T, B = 8-column slices of Z / V (ldmatrix .trans of the row-major [item][column]
+        // tiles). A warp per 8-column slice; lane (g, c) owns acc[g][n0 + 2c, +1].
+        static_assert(G <= 8 && TT == 32, "one 8-row half of the A fragment holds the group; two k-steps");  // gpu-check: allow(32 items per tile)
+        const int g = lane_w / 4, c = lane_w % 4;
+        unsigned a[2][2];  // [k-step][a0, a2]
+#pragma unroll
+        for (int ks = 0; ks < 2; ++ks)
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            const int i = 16 * ks + 8 * hf + 2 * c;
+            a[ks][hf] = g < G ? vendor::pack2<T>(s_p[i * G + g], s_p[(i + 1) * G + g]) : 0u;
+          }
+        const float alpha = g < G ? s_stat[g * 4 + 2] : 0.f;
+        const T* s_vb = reinterpret_cast<const T*>(s_v);
+        // Three slices per warp at a time, all loads before any product: one slice at a time was
+        // a serial chain of shared-memory and tensor-core latencies.
+        constexpr int S = 3;
+        const int nt = DC / 8 + D / 8;
+        for (int t0 = warp; t0 < nt; t0 += S * NW) {
+          unsigned bf[S][4];
+          float2 o[S];
+          float2* acc[S];
+#pragma unroll
+          for (int j = 0; j < S; ++j) {
+            const int t = min(t0 + j * NW, nt - 1);  // past the end: a repeat, not stored
+            const bool lat = t < DC / 8;
+            const int n0 = (lat ? t : t - DC / 8) * 8;
+            vendor::ldmatrix_x4<true>(bf[j], lat ? s_z + lane_w * ldz + n0 : s_vb + lane_w * ldvb + n0);
+            acc[j] = reinterpret_cast<float2*>((lat ? s_accz + (g % G) * DC : s_accv + (g % G) * D) + n0 + 2 * c);
+            o[j] = *acc[j];
+          }
+#pragma unroll
+          for (int j = 0; j < S; ++j) {
+            float d[4] = {0.f, 0.f, 0.f, 0.f};
+            vendor::mma_16816<T>(d, a[0][0], 0u, a[0][1], 0u, bf[j][0], bf[j][1]);
+            vendor::mma_16816<T>(d, a[1][0], 0u, a[1][1], 0u, bf[j][2], bf[j][3]);
+            if (g < G && t0 + j * NW < nt) *acc[j] = make_float2(o[j].x * alpha + d[0], o[j].y * alpha + d[1]);
+          }
+        }
+      } else
+      // two columns of every head per thread (one z load feeds 2G FMAs): tasks [0, DC/2) are
+      // latent column pairs, then [DC/2, DC/2 + D/2) value column pairs
       for (int task = threadIdx.x; task < DC / 2 + D / 2; task += NT) {
         const bool lat = task < DC / 2;
         const int cp = lat ? task : task - DC / 2;

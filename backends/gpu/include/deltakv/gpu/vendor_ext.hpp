@@ -174,6 +174,20 @@ DELTAKV_GPU_D unsigned transpose8x8(unsigned x) {
   asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
   return y;
 }
+// Four 8x8 16-bit matrices from shared memory (ldmatrix .x4): lane l gives the address of row l % 8
+// of matrix l / 8 (16 contiguous bytes, 16-byte aligned); r[i] is matrix i in the (row g, cols
+// 2c..2c+1) layout, or with Trans its transpose, (rows 2c..2c+1, col g): an m16n8k16 B fragment
+// from a row-major [k][n] tile.
+template <bool Trans = false>
+DELTAKV_GPU_D void ldmatrix_x4(unsigned (&r)[4], const void* smem_row) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
+  if constexpr (Trans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
 // Asynchronous 16-byte global -> shared copies (cp.async, L1 bypassed), in groups: commit closes
 // a group, wait<N> returns once at most N of this thread's groups are still in flight.
 DELTAKV_GPU_D void cp_async16(void* smem, const void* gmem) {
@@ -212,6 +226,10 @@ template <class T>
 DELTAKV_GPU_D unsigned transpose8x8(unsigned) {
   static_assert(kNoRegisterMma<T>, "register-fragment mma is CUDA only (vendor::kTensorTiles)");
   return 0;
+}
+template <bool Trans = false>
+DELTAKV_GPU_D void ldmatrix_x4(unsigned (&)[4], const void*) {
+  static_assert(kNoRegisterMma<std::integral_constant<bool, Trans>>, "ldmatrix is CUDA only (vendor::kTensorTiles)");
 }
 #endif
 
