@@ -1305,12 +1305,14 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
           float2* acc[S];
 #pragma unroll
           for (int j = 0; j < S; ++j) {
-            const int t = min(t0 + j * NW, nt - 1);  // past the end: a repeat, not stored
+            // Past the end: the last slice's B again (read only; its product is not stored), and no
+            // read of the accumulator, which another warp writes.
+            const int t = min(t0 + j * NW, nt - 1);
             const bool lat = t < DC / 8;
             const int n0 = (lat ? t : t - DC / 8) * 8;
             vendor::ldmatrix_x4<true>(bf[j], lat ? s_z + lane_w * ldz + n0 : s_vb + lane_w * ldvb + n0);
             acc[j] = reinterpret_cast<float2*>((lat ? s_accz + (g % G) * DC : s_accv + (g % G) * D) + n0 + 2 * c);
-            o[j] = *acc[j];
+            o[j] = g < G && t0 + j * NW < nt ? *acc[j] : make_float2(0.f, 0.f);
           }
 #pragma unroll
           for (int j = 0; j < S; ++j) {
