@@ -268,6 +268,9 @@ TEST_CASE("fused OmniKV selection: the k most attended middle positions, in orde
   for (bool work : {false, true}) run_select_case({3000, 90, 20}, 3000, 1000, work);
   // several 4096-position chunks of the multi-block path, the tied block across a chunk boundary
   for (bool work : {false, true}) run_select_case({20000, 9000, 4100, 90, 20}, 20000, 4080, work);
+  // rows of an odd length: sequence 1's keys are not 16-byte aligned (the one-block path's scalar
+  // loads), lengths not multiples of 4 (the vector loads' tails)
+  for (bool work : {false, true}) run_select_case({3001, 2999, 90, 21}, 3001, 1000, work);
 }
 
 namespace {

@@ -423,7 +423,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) score_keys_kernel(SelectParams p) {
 template <int W, int NT>
 DELTAKV_GPU_D void write_selected(const SelectParams& p, int b, int a, int e, std::uint32_t thresh, int need_eq, int eq_base,
                                   int sel_base, int* scratch) {
-  constexpr int NW = NT / W, U = 8;  // U: loads in flight per lane
+  constexpr int NW = NT / W, U = 16;  // U: loads in flight per lane
   const int lane = threadIdx.x % W, warp = threadIdx.x / W;
   const std::uint32_t* keys = p.keys + b * p.ld_keys;
   const int per = ((e - a + NW - 1) / NW + W - 1) / W * W;
@@ -491,6 +491,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_kernel(SelectParams p) {
   __shared__ int s_remaining;
   const int b = blockIdx.x;
   const std::uint32_t* keys = p.keys + b * p.ld_keys;
+  const bool vec = reinterpret_cast<std::uintptr_t>(keys) % 16 == 0;  // the same for every thread
   // how many candidates (middle positions)
   const SelectBounds sb = select_bounds(p, b);
   const int n = sb.n, cand = sb.w_begin - sb.s_end;
@@ -504,12 +505,25 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_kernel(SelectParams p) {
       for (int i = threadIdx.x; i < 256; i += NT) hist[i] = 0;
       __syncthreads();
       // One block walks the whole sequence: keep 8 loads in flight per thread (latency, not
-      // bandwidth, bounds a single block).
-#pragma unroll 8
-      for (int t = threadIdx.x; t < n; t += NT) {
-        const std::uint32_t key = keys[t];
+      // bandwidth, bounds a single block), of four keys each where the row is 16-byte aligned.
+      auto count = [&](std::uint32_t key) {
         if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1);
+      };
+      int t = threadIdx.x;
+      if (vec) {
+        const uint4* keys4 = reinterpret_cast<const uint4*>(keys);
+#pragma unroll 8
+        for (int t4 = threadIdx.x; t4 < n / 4; t4 += NT) {
+          const uint4 k4 = keys4[t4];
+          count(k4.x);
+          count(k4.y);
+          count(k4.z);
+          count(k4.w);
+        }
+        t = n / 4 * 4 + threadIdx.x;  // the last n % 4 keys
       }
+#pragma unroll 8
+      for (; t < n; t += NT) count(keys[t]);
       __syncthreads();
       if (threadIdx.x == 0) {
         int above = 0, d = 255;
