@@ -428,7 +428,7 @@ DELTAKV_GPU_D void write_selected(const SelectParams& p, int b, int a, int e, st
   const std::uint32_t* keys = p.keys + b * p.ld_keys;
   const int per = ((e - a + NW - 1) / NW + W - 1) / W * W;
   const int wa = min(e, a + warp * per), we = min(e, wa + per);
-  const auto below = (vendor::lane_mask_t<W>(1) << lane) - 1u;  // lanes before this one
+  const vendor::lane_mask_t<W> one = 1, below = (one << lane) - one;  // lanes before this one
   // pass 1: the warp's keys above / equal to the threshold
   int gt = 0, eq = 0;
   for (int t0 = wa; t0 < we; t0 += U * W) {
