@@ -215,10 +215,13 @@ namespace {
 // exact ties starting at position tie0 of sequence 0 (the first 30 of them sure winners), against a
 // stable sort on the host. work: the multi-block path (SelectParams::work) instead of one block per
 // sequence.
-void run_select_case(const std::vector<std::int32_t>& n, std::int64_t ld, int tie0, bool work) {
+// extra >= 0: sequence 0 also gets a sure winner at that position (one above the tied block).
+void run_select_case(const std::vector<std::int32_t>& n, std::int64_t ld, int tie0, bool work, int window = 32,
+                     int extra = -1) {
   CAPTURE(work);
   CAPTURE(ld);
-  const int Hq = 4, B = int(n.size()), K = 64, sinks = 4, window = 32;
+  CAPTURE(window);
+  const int Hq = 4, B = int(n.size()), K = 64, sinks = 4;
   std::vector<float> lg(std::size_t(B) * Hq * ld, 0.f), lse(std::size_t(B) * Hq);
   std::mt19937 rng(5 + unsigned(ld));
   std::normal_distribution<float> nd(0.f, 1.f);
@@ -228,6 +231,7 @@ void run_select_case(const std::vector<std::int32_t>& n, std::int64_t ld, int ti
   for (int t = tie0; t < tie0 + 100; ++t)
     for (int h = 0; h < Hq; ++h) lg[(std::size_t(0) * Hq + h) * ld + t] = (h == 0 ? 6.f : -50.f);
   for (int t = tie0; t < tie0 + 30; ++t) lg[t] = 9.f;  // 30 sure winners (head 0)
+  if (extra >= 0) lg[extra] = 12.f;
   DBuf<float> dl(lg), dlse(lse);
   DBuf<std::int32_t> dn(n), sel(std::size_t(B) * K), cnt(B);
   DBuf<std::uint32_t> keys(std::size_t(B) * ld), scratch(dec::select_work_words(B, ld));
@@ -257,8 +261,10 @@ void run_select_case(const std::vector<std::int32_t>& n, std::int64_t ld, int ti
     std::vector<int> got(gs.begin() + b * K, gs.begin() + b * K + kk);
     CHECK(got == want);
   }
-  // sequence 0: the 30 sure winners and then the lowest-positioned of the tied block
-  for (int i = 0; i < K; ++i) CHECK(gs[i] == tie0 + i);
+  // sequence 0: the 30 sure winners and then the lowest-positioned of the tied block (and the extra winner last)
+  const int from_block = extra >= 0 ? K - 1 : K;
+  for (int i = 0; i < from_block; ++i) CHECK(gs[i] == tie0 + i);
+  if (extra >= 0) CHECK(gs[K - 1] == extra);
 }
 }  // namespace
 
@@ -268,9 +274,10 @@ TEST_CASE("fused OmniKV selection: the k most attended middle positions, in orde
   for (bool work : {false, true}) run_select_case({3000, 90, 20}, 3000, 1000, work);
   // several 4096-position chunks of the multi-block path, the tied block across a chunk boundary
   for (bool work : {false, true}) run_select_case({20000, 9000, 4100, 90, 20}, 20000, 4080, work);
-  // rows of an odd length: sequence 1's keys are not 16-byte aligned (the one-block path's scalar
-  // loads), lengths not multiples of 4 (the vector loads' tails)
-  for (bool work : {false, true}) run_select_case({3001, 2999, 90, 21}, 3001, 1000, work);
+  // rows of an odd length: sequences 1-3's keys are not 16-byte aligned (the one-block path's scalar
+  // loads); sequence 0's row is, its length is not a multiple of 4 and, with a one-position window, a
+  // winner sits in the last n % 4 keys (the vector loads' scalar tail)
+  for (bool work : {false, true}) run_select_case({3003, 2999, 90, 21}, 3003, 1000, work, 1, 3001);
 }
 
 namespace {

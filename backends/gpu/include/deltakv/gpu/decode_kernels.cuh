@@ -350,31 +350,53 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, (G <= 4 ? 3 : 2)) dense_decode_ker
 }
 
 // =============================================================================================
-// combine_kernel<T>: one block per (sequence, q head), threads over head_dim.
+// combine_kernel<T, W>: one block per (sequence, q head), threads over head_dim (rounded up to whole
+// warps). The splits' maxima and sums are taken a split per thread and reduced across the block (every
+// thread walking every split was a chain of load latencies: ~n_splits / 4 round trips twice over, at
+// batch 1 with tens of splits); the output columns then walk the splits with 8 loads in flight.
 // =============================================================================================
-template <class T>
+inline constexpr int kCombineMaxWarps = 32;  // gpu-check: allow(warps per block, not lanes)
+
+template <int W, class Op>
+DELTAKV_GPU_D float block_reduce(float v, float* red, Op op) {
+#pragma unroll
+  for (int o = W / 2; o > 0; o >>= 1) v = op(v, vendor::shfl_xor<W>(v, o));
+  __syncthreads();  // red may still be read by an earlier reduction
+  if (threadIdx.x % W == 0) red[threadIdx.x / W] = v;
+  __syncthreads();
+  float r = red[0];
+  for (int w = 1; w < int(blockDim.x) / W; ++w) r = op(r, red[w]);
+  return r;
+}
+
+template <class T, int W>
 __global__ void combine_kernel(CombineParams<T> p) {
-  const int bh = blockIdx.x, D = p.head_dim;
-  const float* part = p.part + std::int64_t(bh) * p.n_splits * (D + 2);
-  float M = kNegInf;
-  for (int s = 0; s < p.n_splits; ++s) M = fmaxf(M, part[s * (D + 2) + D]);
-  const int b = bh / p.n_q_heads, h = bh % p.n_q_heads;
-  float L = 0.f;
+  __shared__ float red[kCombineMaxWarps];
+  const int bh = blockIdx.x, D = p.head_dim, S = p.n_splits, tid = threadIdx.x, nt = blockDim.x;
+  const float* part = p.part + std::int64_t(bh) * S * (D + 2);
+  float m = kNegInf;
+  for (int s = tid; s < S; s += nt) m = fmaxf(m, part[std::int64_t(s) * (D + 2) + D]);
+  const float M = block_reduce<W>(m, red, [](float a, float c) { return fmaxf(a, c); });
+  float l = 0.f;
   if (M != kNegInf)
-    for (int s = 0; s < p.n_splits; ++s) {
-      const float* ps = part + s * (D + 2);
-      if (ps[D + 1] > 0.f) L += ps[D + 1] * expf(ps[D] - M);
+    for (int s = tid; s < S; s += nt) {
+      const float* ps = part + std::int64_t(s) * (D + 2);
+      if (ps[D + 1] > 0.f) l += ps[D + 1] * expf(ps[D] - M);
     }
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+  const float L = block_reduce<W>(l, red, [](float a, float c) { return a + c; });
+  const int b = bh / p.n_q_heads, h = bh % p.n_q_heads;
+  for (int d = tid; d < D; d += nt) {
     float a = 0.f;
-    if (L > 0.f)
-      for (int s = 0; s < p.n_splits; ++s) {
-        const float* ps = part + s * (D + 2);
+    if (L > 0.f) {
+#pragma unroll 8
+      for (int s = 0; s < S; ++s) {
+        const float* ps = part + std::int64_t(s) * (D + 2);
         if (ps[D + 1] > 0.f) a += ps[d] * expf(ps[D] - M);
       }
+    }
     p.out[b * p.ldo + h * D + d] = from_float<T>(L > 0.f ? a / L : 0.f);
   }
-  if (p.lse && threadIdx.x == 0) p.lse[bh] = L > 0.f ? M + logf(L) : kNegInf;
+  if (p.lse && tid == 0) p.lse[bh] = L > 0.f ? M + logf(L) : kNegInf;
 }
 
 // =============================================================================================

@@ -204,7 +204,10 @@ void dense_partials(const DenseDecodeParams<T>& p, std::int64_t max_n, vendor::s
 template <class T>
 void combine(const CombineParams<T>& p, vendor::stream_t stream) {
   if (p.batch == 0) return;
-  combine_kernel<T><<<p.batch * p.n_q_heads, p.head_dim, 0, stream>>>(p);
+  constexpr int W = vendor::kWarpSize;
+  const int threads = (p.head_dim + W - 1) / W * W;
+  if (threads > kCombineMaxWarps * W) throw ConfigError("combine: head_dim above " + std::to_string(kCombineMaxWarps * W));
+  combine_kernel<T, W><<<p.batch * p.n_q_heads, threads, 0, stream>>>(p);
   vendor::check_launch("combine_kernel");
 }
 

@@ -121,7 +121,7 @@ struct mma16 {  // lane-parallel fallback: each lane owns 256 / warp-size entrie
 };
 #endif
 
-// ---- register-fragment tensor-core products (the dense decode kernel, dense_mma.cuh) ---------
+// ---- register-fragment tensor-core products (dense_mma.cuh; the fused sparse kernel) ---------
 // PTX mma.sync on 16-bit T (bf16 or f16), f32 accumulators, operands in registers in PTX's
 // fragment layouts (g = lane / 4, c = lane % 4; each unsigned holds two T, the lower column first):
 //   m16n8k16: A regs {(g, 2c..2c+1), (g+8, 2c..), (g, 2c+8..), (g+8, 2c+8..)}, B regs {(k 2c.., n g),
