@@ -451,15 +451,19 @@ DELTAKV_GPU_D void write_selected(const SelectParams& p, int b, int a, int e, st
   const int per = ((e - a + NW - 1) / NW + W - 1) / W * W;
   const int wa = min(e, a + warp * per), we = min(e, wa + per);
   const vendor::lane_mask_t<W> one = 1, below = (one << lane) - one;  // lanes before this one
-  // pass 1: the warp's keys above / equal to the threshold
-  int gt = 0, eq = 0;
-  for (int t0 = wa; t0 < we; t0 += U * W) {
-    std::uint32_t key[U];
+  // The warp's next U * W keys from t0 (0 past the segment's end), U loads in flight per lane.
+  auto load_keys = [&](int t0, std::uint32_t (&key)[U]) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int t = t0 + u * W + lane;
       key[u] = t < we ? keys[t] : 0u;
     }
+  };
+  // pass 1: the warp's keys above / equal to the threshold
+  int gt = 0, eq = 0;
+  for (int t0 = wa; t0 < we; t0 += U * W) {
+    std::uint32_t key[U];
+    load_keys(t0, key);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       gt += vendor::popcount(vendor::ballot<W>(key[u] > thresh));
@@ -482,11 +486,7 @@ DELTAKV_GPU_D void write_selected(const SelectParams& p, int b, int a, int e, st
   // pass 2: a key's index = keys above before it + min(keys equal before it, cap)
   for (int t0 = wa; t0 < we; t0 += U * W) {
     std::uint32_t key[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int t = t0 + u * W + lane;
-      key[u] = t < we ? keys[t] : 0u;
-    }
+    load_keys(t0, key);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const bool above = key[u] > thresh, equal = key[u] != 0u && key[u] == thresh;
