@@ -937,37 +937,55 @@ DELTAKV_GPU_D void dequant16(const uint4& raw, int bits, float sc, float mn, T* 
 }
 
 // A sparse block's partial for its split, per head g of the group: acc_v + W_v,h acc_z + mass * b_v,
-// then m and l. stat: [G][4] = m, l, (the kernel's own), mass. A warp per four output rows (their
-// weight loads in flight together), lanes over the latent dimension. Shared by the fused and the
-// two-pass kernels.
+// then m and l. stat: [G][4] = m, l, (the kernel's own), mass. A warp takes RW rows of W_v,h at a
+// time, its lanes 16-byte pieces of them (8 latent columns), all of a row group's loads issued
+// before any product: with one 2-byte load per lane and four rows per warp step this phase was a
+// chain of L2 latencies, 34% of the block's time at batch 1 (5.5% at batch 8). Shared by the fused
+// and the two-pass kernels.
 template <class T, int D, int G, int W, int NT>
 DELTAKV_GPU_D void write_sparse_partial(const SparseDecodeParams<T>& p, int b, int h, int split, const float* s_accz,
                                         const float* s_accv, const float* s_stat) {
-  constexpr int NW = NT / W;
-  static_assert(D % (4 * NW) == 0, "four output rows per warp step");
+  // RW rows per warp step (at most 8, and RW * G sums in registers <= 32: more spilled at 128
+  // registers), PU pieces per lane per step
+  constexpr int NW = NT / W, RW0 = G <= 4 ? 8 : (G <= 8 ? 4 : 2), RW = D / NW < RW0 ? D / NW : RW0, PU = 1;
+  static_assert(RW >= 1 && D % (RW * NW) == 0, "whole row groups per warp step");
   const auto& L = p.layer;
-  const int DC = L.latent_dim, Hkv = p.n_kv_heads, warp = threadIdx.x / W, lane_w = threadIdx.x % W;
+  const int DC = L.latent_dim, P8 = DC / 8, Hkv = p.n_kv_heads, warp = threadIdx.x / W, lane_w = threadIdx.x % W;
   float* part = p.part + ((std::int64_t(b) * p.n_q_heads + h * G) * p.n_splits + split) * (D + 2);
   const std::int64_t head_stride = std::int64_t(p.n_splits) * (D + 2);
-  for (int d0 = warp * 4; d0 < D; d0 += NW * 4) {
-    float dot[4][G];
+  for (int d0 = warp * RW; d0 < D; d0 += NW * RW) {
+    const T* wrow = L.w_dec + std::int64_t(Hkv * D + h * D + d0) * DC;  // W_v,h row d0 (rows DC apart)
+    float dot[RW][G];
 #pragma unroll
-    for (int r = 0; r < 4; ++r)
+    for (int r = 0; r < RW; ++r)
 #pragma unroll
       for (int g = 0; g < G; ++g) dot[r][g] = 0.f;
-    for (int c = lane_w; c < DC; c += W) {
-      float w[4];
+    for (int c0 = lane_w; c0 < P8; c0 += PU * W) {
+      uint4 w[PU][RW];
 #pragma unroll
-      for (int r = 0; r < 4; ++r) w[r] = to_float(L.w_dec[std::int64_t(Hkv * D + h * D + d0 + r) * DC + c]);
+      for (int u = 0; u < PU; ++u)
 #pragma unroll
-      for (int g = 0; g < G; ++g) {
-        const float a = s_accz[g * DC + c];
+        for (int r = 0; r < RW; ++r)
+          w[u][r] = c0 + u * W < P8 ? *reinterpret_cast<const uint4*>(wrow + std::int64_t(r) * DC + (c0 + u * W) * 8)
+                                    : make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
-        for (int r = 0; r < 4; ++r) dot[r][g] += w[r] * a;
+      for (int u = 0; u < PU; ++u) {
+        if (c0 + u * W >= P8) continue;
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          float a[8];
+          ld_f32<8>(s_accz + g * DC + (c0 + u * W) * 8, a);
+#pragma unroll
+          for (int r = 0; r < RW; ++r) {
+            const T* wv = reinterpret_cast<const T*>(&w[u][r]);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) dot[r][g] += to_float(wv[e]) * a[e];
+          }
+        }
       }
     }
 #pragma unroll
-    for (int r = 0; r < 4; ++r)
+    for (int r = 0; r < RW; ++r)
 #pragma unroll
       for (int g = 0; g < G; ++g) {
         float v = dot[r][g];
