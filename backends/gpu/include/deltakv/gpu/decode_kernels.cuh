@@ -1039,9 +1039,10 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
 
   // Optional per-phase cycle counters (p.profile, for tuning): thread 0 adds the cycles since the
   // previous mark, right after a barrier, so each phase's count is the block's time in it.
-  long long last_mark = p.profile ? clock64() : 0;
+  const bool profiling = p.profile != nullptr && threadIdx.x == 0;  // one register test per mark
+  long long last_mark = profiling ? clock64() : 0;
   auto mark = [&](int phase) {
-    if (p.profile && threadIdx.x == 0) {
+    if (profiling) {
       const long long now = clock64();
       atomicAdd(p.profile + phase, static_cast<unsigned long long>(now - last_mark));
       last_mark = now;
