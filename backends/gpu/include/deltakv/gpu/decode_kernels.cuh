@@ -744,10 +744,11 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_write_kernel(SelectParams p, Se
 //     reference: one exact row; latent: its code row and its k references)
 //   per tile of 32 items:
 //     1. dequantize the latents into shared memory (zeros for exact items)
-//     2. K_tile = Z W_k,h^T on tensor cores
+//     2. K_tile = Z W_k,h^T on tensor cores; with 512 threads the warps without a product unit
+//        build V_tile = mean of the references' V (the exact V) meanwhile
 //     3. K += mean of the references' K (the exact row for exact items) + bias; RoPE; the logits
-//        q.K from registers (a 16-lane sum per q head). In the same pass V_tile = mean of the
-//        references' V (the exact V) -- loads of both in flight at once
+//        q.K from registers (a 16-lane sum per q head). With 256 threads V_tile is built in this
+//        pass too, its loads in flight with the K loads
 //     4. online softmax per q head (a warp per head)
 //     5. acc_z += p Z; acc_v += p V_tile; mass += p over latent items
 //   and at the end writes acc_v + W_v,h acc_z + mass * b_v as its split's partial.
@@ -789,6 +790,7 @@ inline std::size_t sparse_smem_bytes(int head_dim, int group, int latent_dim, in
   b += NT * (std::size_t(k) + 3) * 4;                    // chunk: row codes, pos, latent row, nref
   b += NT * 2 * 4;                                       // chunk: scale, min
   b += std::size_t(group) * 4 * 4;                       // m, l, alpha, mass
+  b += std::size_t(kSparseTile) * (head_dim + 8) * 2;    // value tile as T, built during the K product
   return b + 64;
 }
 
@@ -1012,7 +1014,15 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
   // ldmatrix + mma.sync, and the accumulation (acc += P^T [Z | V]) on tensor cores too, with the
   // value tile kept as T. Otherwise (HIP, WL2) the mma16 tiles and the CUDA-core accumulation.
   constexpr bool kRegMma = vendor::kTensorTiles && !WL2 && W == 32;  // gpu-check: allow(fragment layouts are for 32 lanes)
-  constexpr int ldvb = D + 8;  // the value tile as T (kRegMma), over s_v
+  constexpr int ldvb = D + 8;  // the value tile as T (kRegMma): in s_vt, or over s_v
+  // The K product runs on KU = D / 16 warps. Where the block has more (512 threads, CUDA register
+  // path), the others build the tile's value rows meanwhile (mean of the references' V, loaded
+  // then rather than a tile ahead) into s_vt: the V tasks used to be a phase of their own after
+  // the K tasks, with the 8 spare warps idle at the barrier that ends the product.
+  constexpr int KU = D / 16;
+  constexpr bool kVOverlap = kRegMma && NW > KU;
+  constexpr int VTO = kVOverlap ? TT * (D / 8) / ((NW - KU) * W) : 1;  // V tasks per spare thread
+  static_assert(!kVOverlap || (VTO >= 1 && TT * (D / 8) % ((NW - KU) * W) == 0), "whole V tasks per spare thread");
   static_assert((NT == 256 || NT == 512) && KT >= 1 && VT >= 1 && NT % W == 0 && NT >= CH, "sparse_decode_kernel: shape");
   const auto& L = p.layer;
   const int DC = L.latent_dim, K = L.k, ldz = DC + 8, ldk = D + 4;
@@ -1036,6 +1046,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
   std::int32_t* s_nref = s_lrow + CH;                                   // [CH]
   float* s_sm = reinterpret_cast<float*>(s_nref + CH);                  // [CH][2]
   float* s_stat = s_sm + 2 * CH;                                        // [G][4]: m, l, alpha, mass
+  T* s_vt = reinterpret_cast<T*>(s_stat + G * 4);                       // [TT][ldvb] (kVOverlap)
 
   // Optional per-phase cycle counters (p.profile, for tuning): thread 0 adds the cycles since the
   // previous mark, right after a barrier, so each phase's count is the block's time in it.
@@ -1104,14 +1115,34 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
       for (int j = 0; j < 4; ++j)
         g_k[kt][j] = load_head_raw<T, D>(item_row(v, j < nref ? s_row[ci * K + j] : 1, kvd) + h * D, lane, half);
     }
+    if constexpr (!kVOverlap) {
 #pragma unroll
-    for (int vt = 0; vt < VT; ++vt) {
-      const int task = threadIdx.x + vt * NT, ci = c0 + task / (D / 8), d8 = (task % (D / 8)) * 8;
-      const int nref = s_nref[ci];
+      for (int vt = 0; vt < VT; ++vt) {
+        const int task = threadIdx.x + vt * NT, ci = c0 + task / (D / 8), d8 = (task % (D / 8)) * 8;
+        const int nref = s_nref[ci];
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
-        g_v[vt][j] = *reinterpret_cast<const uint4*>(item_row(v, j < nref ? s_row[ci * K + j] : 1, kvd) + (Hkv + h) * D + d8);
+        for (int j = 0; j < 4; ++j)
+          g_v[vt][j] = *reinterpret_cast<const uint4*>(item_row(v, j < nref ? s_row[ci * K + j] : 1, kvd) + (Hkv + h) * D + d8);
+      }
     }
+  };
+  // Mean of an item's reference V slices (8 dims; refs[j] for j >= nref ignored), as T at dst.
+  auto v_mean = [&](const uint4 (&refs)[4], int nref, T* dst) {
+    const float inv = nref > 0 ? 1.f / float(nref) : 0.f;
+    float sum[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sum[e] = 0.f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const T* ev = reinterpret_cast<const T*>(&refs[j]);
+      const float w = j < nref ? 1.f : 0.f;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) sum[e] += w * to_float(ev[e]);
+    }
+    T vb[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) vb[e] = from_float<T>(sum[e] * inv);
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(vb);
   };
 
   for (int chunk = i0; chunk < i1; chunk += CH) {
@@ -1219,6 +1250,27 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
                 *reinterpret_cast<float2*>(o + 8 * ldk) = make_float2(acc[r][j][2], acc[r][j][3]);
               }
           }
+          if constexpr (kVOverlap) {
+            if (warp >= KU) {  // the value rows of this tile, every load issued before any use
+              const int vtid = (warp - KU) * W + lane_w;
+              uint4 r[VTO][4];
+              int nrefs[VTO];
+#pragma unroll
+              for (int o = 0; o < VTO; ++o) {
+                const int task = vtid + o * (NW - KU) * W, ci = c0 + task / (D / 8), d8 = (task % (D / 8)) * 8;
+                const int nref = s_nref[ci];
+                nrefs[o] = nref;
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+                  r[o][j] = *reinterpret_cast<const uint4*>(item_row(v, j < nref ? s_row[ci * K + j] : 1, kvd) + (Hkv + h) * D + d8);
+              }
+#pragma unroll
+              for (int o = 0; o < VTO; ++o) {
+                const int task = vtid + o * (NW - KU) * W;
+                v_mean(r[o], nrefs[o], s_vt + (task / (D / 8)) * ldvb + (task % (D / 8)) * 8);
+              }
+            }
+          }
         } else
         for (int u = warp; u < units; u += NW) {
           const int cp = u % pairs, kh = u / pairs;
@@ -1246,8 +1298,9 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
       }
       __syncthreads();
       mark(3);
-      // 3. K: + reference mean (+ bias for latents), RoPE; V: reference mean. The loads were issued
-      //    ahead (prefetch, below) unless this is the first tile of its chunk.
+      // 3. K: + reference mean (+ bias for latents), RoPE; V: reference mean (unless built during
+      //    the product). The loads were issued ahead (prefetch, below) unless this is the first
+      //    tile of its chunk.
       if (tile == chunk) gather_issue(c0);
       {
 #pragma unroll
@@ -1270,34 +1323,30 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
             if (lane == 0) s_p[i * G + g] = attended ? d : kNegInf;
           }
         }
-        __syncthreads();  // every K task has read its half of the product from s_v
+        if constexpr (!kVOverlap) {
+          __syncthreads();  // every K task has read its half of the product from s_v
 #pragma unroll
-        for (int vt = 0; vt < VT; ++vt) {
-          const int task = threadIdx.x + vt * NT, i = task / (D / 8), ci = c0 + i, d8 = (task % (D / 8)) * 8;
-          const int nref = s_nref[ci];
-          const float inv = nref > 0 ? 1.f / float(nref) : 0.f;
-          float sum[8], x[8];
+          for (int vt = 0; vt < VT; ++vt) {
+            const int task = threadIdx.x + vt * NT, i = task / (D / 8), ci = c0 + i, d8 = (task % (D / 8)) * 8;
+            if constexpr (kRegMma) {
+              v_mean(g_v[vt], s_nref[ci], reinterpret_cast<T*>(s_v) + i * ldvb + d8);
+            } else {
+              const int nref = s_nref[ci];
+              const float inv = nref > 0 ? 1.f / float(nref) : 0.f;
+              float sum[8];
 #pragma unroll
-          for (int e = 0; e < 8; ++e) sum[e] = 0.f;
+              for (int e = 0; e < 8; ++e) sum[e] = 0.f;
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const T* ev = reinterpret_cast<const T*>(&g_v[vt][j]);
-            const float w = j < nref ? 1.f : 0.f;
+              for (int j = 0; j < 4; ++j) {
+                const T* ev = reinterpret_cast<const T*>(&g_v[vt][j]);
+                const float w = j < nref ? 1.f : 0.f;
 #pragma unroll
-            for (int e = 0; e < 8; ++e) {
-              x[e] = to_float(ev[e]);
-              sum[e] += w * x[e];
+                for (int e = 0; e < 8; ++e) sum[e] += w * to_float(ev[e]);
+              }
+#pragma unroll
+              for (int e = 0; e < 8; ++e) sum[e] *= inv;
+              st_f32<8>(s_v + i * ldk + d8, sum);
             }
-          }
-#pragma unroll
-          for (int e = 0; e < 8; ++e) sum[e] *= inv;
-          if constexpr (kRegMma) {
-            T vb[8];
-#pragma unroll
-            for (int e = 0; e < 8; ++e) vb[e] = from_float<T>(sum[e]);
-            *reinterpret_cast<uint4*>(reinterpret_cast<T*>(s_v) + i * ldvb + d8) = *reinterpret_cast<const uint4*>(vb);
-          } else {
-            st_f32<8>(s_v + i * ldk + d8, sum);
           }
         }
       }
@@ -1352,7 +1401,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
             a[ks][hf] = g < G ? vendor::pack2<T>(s_p[i * G + g], s_p[(i + 1) * G + g]) : 0u;
           }
         const float alpha = g < G ? s_stat[g * 4 + 2] : 0.f;
-        const T* s_vb = reinterpret_cast<const T*>(s_v);
+        const T* s_vb = kVOverlap ? s_vt : reinterpret_cast<const T*>(s_v);
         // Three slices per warp at a time, all loads before any product: one slice at a time was
         // a serial chain of shared-memory and tensor-core latencies.
         constexpr int S = 3;
