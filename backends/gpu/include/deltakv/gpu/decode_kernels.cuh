@@ -1021,8 +1021,9 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
   // the K tasks, with the 8 spare warps idle at the barrier that ends the product.
   constexpr int KU = D / 16;
   constexpr bool kVOverlap = kRegMma && NW > KU;
-  constexpr int VTO = kVOverlap ? TT * (D / 8) / ((NW - KU) * W) : 1;  // V tasks per spare thread
-  static_assert(!kVOverlap || (VTO >= 1 && TT * (D / 8) % ((NW - KU) * W) == 0), "whole V tasks per spare thread");
+  constexpr int VTH = kVOverlap ? (NW - KU) * W : 1;  // spare threads (1 where there are none: no division by 0)
+  constexpr int VTO = kVOverlap ? TT * (D / 8) / VTH : 1;  // V tasks per spare thread
+  static_assert(!kVOverlap || (VTO >= 1 && TT * (D / 8) % VTH == 0), "whole V tasks per spare thread");
   static_assert((NT == 256 || NT == 512) && KT >= 1 && VT >= 1 && NT % W == 0 && NT >= CH, "sparse_decode_kernel: shape");
   const auto& L = p.layer;
   const int DC = L.latent_dim, K = L.k, ldz = DC + 8, ldk = D + 4;
