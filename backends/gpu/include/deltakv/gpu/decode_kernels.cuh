@@ -1127,22 +1127,28 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
       }
     }
   };
-  // Mean of an item's reference V slices (8 dims; refs[j] for j >= nref ignored), as T at dst.
-  auto v_mean = [&](const uint4 (&refs)[4], int nref, T* dst) {
+  // Mean of an item's reference V slices (8 dims; refs[j] for j >= nref ignored): as f32 in mean,
+  // or as T at dst (v_mean).
+  auto v_mean_f32 = [&](const uint4 (&refs)[4], int nref, float (&mean)[8]) {
     const float inv = nref > 0 ? 1.f / float(nref) : 0.f;
-    float sum[8];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) sum[e] = 0.f;
+    for (int e = 0; e < 8; ++e) mean[e] = 0.f;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const T* ev = reinterpret_cast<const T*>(&refs[j]);
       const float w = j < nref ? 1.f : 0.f;
 #pragma unroll
-      for (int e = 0; e < 8; ++e) sum[e] += w * to_float(ev[e]);
+      for (int e = 0; e < 8; ++e) mean[e] += w * to_float(ev[e]);
     }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) mean[e] *= inv;
+  };
+  auto v_mean = [&](const uint4 (&refs)[4], int nref, T* dst) {
+    float mean[8];
+    v_mean_f32(refs, nref, mean);
     T vb[8];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) vb[e] = from_float<T>(sum[e] * inv);
+    for (int e = 0; e < 8; ++e) vb[e] = from_float<T>(mean[e]);
     *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(vb);
   };
 
@@ -1332,21 +1338,9 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
             if constexpr (kRegMma) {
               v_mean(g_v[vt], s_nref[ci], reinterpret_cast<T*>(s_v) + i * ldvb + d8);
             } else {
-              const int nref = s_nref[ci];
-              const float inv = nref > 0 ? 1.f / float(nref) : 0.f;
-              float sum[8];
-#pragma unroll
-              for (int e = 0; e < 8; ++e) sum[e] = 0.f;
-#pragma unroll
-              for (int j = 0; j < 4; ++j) {
-                const T* ev = reinterpret_cast<const T*>(&g_v[vt][j]);
-                const float w = j < nref ? 1.f : 0.f;
-#pragma unroll
-                for (int e = 0; e < 8; ++e) sum[e] += w * to_float(ev[e]);
-              }
-#pragma unroll
-              for (int e = 0; e < 8; ++e) sum[e] *= inv;
-              st_f32<8>(s_v + i * ldk + d8, sum);
+              float mean[8];
+              v_mean_f32(g_v[vt], s_nref[ci], mean);
+              st_f32<8>(s_v + i * ldk + d8, mean);
             }
           }
         }
