@@ -948,8 +948,8 @@ template <class T, int D, int G, int W, int NT>
 DELTAKV_GPU_D void write_sparse_partial(const SparseDecodeParams<T>& p, int b, int h, int split, const float* s_accz,
                                         const float* s_accv, const float* s_stat) {
   // RW rows per warp step (at most 8, and RW * G sums in registers <= 32: more spilled at 128
-  // registers), PU pieces per lane per step
-  constexpr int NW = NT / W, RW0 = G <= 4 ? 8 : (G <= 8 ? 4 : 2), RW = D / NW < RW0 ? D / NW : RW0, PU = 1;
+  // registers); one 16-byte piece per lane per step (two spilled too)
+  constexpr int NW = NT / W, RW0 = G <= 4 ? 8 : (G <= 8 ? 4 : 2), RW = D / NW < RW0 ? D / NW : RW0;
   static_assert(RW >= 1 && D % (RW * NW) == 0, "whole row groups per warp step");
   const auto& L = p.layer;
   const int DC = L.latent_dim, P8 = DC / 8, Hkv = p.n_kv_heads, warp = threadIdx.x / W, lane_w = threadIdx.x % W;
@@ -962,27 +962,19 @@ DELTAKV_GPU_D void write_sparse_partial(const SparseDecodeParams<T>& p, int b, i
     for (int r = 0; r < RW; ++r)
 #pragma unroll
       for (int g = 0; g < G; ++g) dot[r][g] = 0.f;
-    for (int c0 = lane_w; c0 < P8; c0 += PU * W) {
-      uint4 w[PU][RW];
+    for (int c0 = lane_w; c0 < P8; c0 += W) {  // piece c0: latent columns 8 c0 .. 8 c0 + 7
+      uint4 w[RW];
 #pragma unroll
-      for (int u = 0; u < PU; ++u)
+      for (int r = 0; r < RW; ++r) w[r] = *reinterpret_cast<const uint4*>(wrow + std::int64_t(r) * DC + c0 * 8);
 #pragma unroll
-        for (int r = 0; r < RW; ++r)
-          w[u][r] = c0 + u * W < P8 ? *reinterpret_cast<const uint4*>(wrow + std::int64_t(r) * DC + (c0 + u * W) * 8)
-                                    : make_uint4(0u, 0u, 0u, 0u);
+      for (int g = 0; g < G; ++g) {
+        float a[8];
+        ld_f32<8>(s_accz + g * DC + c0 * 8, a);
 #pragma unroll
-      for (int u = 0; u < PU; ++u) {
-        if (c0 + u * W >= P8) continue;
+        for (int r = 0; r < RW; ++r) {
+          const T* wv = reinterpret_cast<const T*>(&w[r]);
 #pragma unroll
-        for (int g = 0; g < G; ++g) {
-          float a[8];
-          ld_f32<8>(s_accz + g * DC + (c0 + u * W) * 8, a);
-#pragma unroll
-          for (int r = 0; r < RW; ++r) {
-            const T* wv = reinterpret_cast<const T*>(&w[u][r]);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) dot[r][g] += to_float(wv[e]) * a[e];
-          }
+          for (int e = 0; e < 8; ++e) dot[r][g] += to_float(wv[e]) * a[e];
         }
       }
     }
