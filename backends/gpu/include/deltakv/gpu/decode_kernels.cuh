@@ -1099,6 +1099,15 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
       }
     }
   };
+  // The four reference V slices (dims d8 .. d8 + 7 of kv head h) of chunk item ci; a missing
+  // reference reads ring row 0 (weight 0 later), so every load is unconditional. Returns nref.
+  auto load_v_refs = [&](int ci, int d8, uint4 (&r)[4]) {
+    const int nref = s_nref[ci];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      r[j] = *reinterpret_cast<const uint4*>(item_row(v, j < nref ? s_row[ci * K + j] : 1, kvd) + (Hkv + h) * D + d8);
+    return nref;
+  };
   auto gather_issue = [&](int c0) {
 #pragma unroll
     for (int kt = 0; kt < KT; ++kt) {
@@ -1111,11 +1120,8 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
     if constexpr (!kVOverlap) {
 #pragma unroll
       for (int vt = 0; vt < VT; ++vt) {
-        const int task = threadIdx.x + vt * NT, ci = c0 + task / (D / 8), d8 = (task % (D / 8)) * 8;
-        const int nref = s_nref[ci];
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          g_v[vt][j] = *reinterpret_cast<const uint4*>(item_row(v, j < nref ? s_row[ci * K + j] : 1, kvd) + (Hkv + h) * D + d8);
+        const int task = threadIdx.x + vt * NT;
+        load_v_refs(c0 + task / (D / 8), (task % (D / 8)) * 8, g_v[vt]);
       }
     }
   };
@@ -1256,12 +1262,8 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
               int nrefs[VTO];
 #pragma unroll
               for (int o = 0; o < VTO; ++o) {
-                const int task = vtid + o * (NW - KU) * W, ci = c0 + task / (D / 8), d8 = (task % (D / 8)) * 8;
-                const int nref = s_nref[ci];
-                nrefs[o] = nref;
-#pragma unroll
-                for (int j = 0; j < 4; ++j)
-                  r[o][j] = *reinterpret_cast<const uint4*>(item_row(v, j < nref ? s_row[ci * K + j] : 1, kvd) + (Hkv + h) * D + d8);
+                const int task = vtid + o * (NW - KU) * W;
+                nrefs[o] = load_v_refs(c0 + task / (D / 8), (task % (D / 8)) * 8, r[o]);
               }
 #pragma unroll
               for (int o = 0; o < VTO; ++o) {
