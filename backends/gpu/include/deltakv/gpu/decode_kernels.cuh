@@ -859,14 +859,25 @@ DELTAKV_GPU_D ItemLoc resolve_item(const SparseDecodeParams<T>& p, const SeqView
       r.nref = 1;
     } else {
       r.lrow = row;
-      for (int j = 0; j < L.k; ++j) {
-        const std::int32_t id = v.ids[std::int64_t(row) * L.k + j];
-        if (id >= 0) r.rows[r.nref++] = id * 4 + 2;
-      }
+      // Every load first (ids, scale, min), then the valid ids compacted by selects: a loop that
+      // tested each id before loading the next was a chain of k dependent latencies, and its
+      // run-time index into rows put them in local memory.
+      std::int32_t id[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) id[j] = j < L.k ? v.ids[std::int64_t(row) * L.k + j] : -1;
       if (L.latent_bits > 0) {
         r.sc = v.scl[2 * std::int64_t(row)];
         r.mn = v.scl[2 * std::int64_t(row) + 1];
       }
+      int n = 0;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int o = 0; o <= j; ++o)
+          if (id[j] >= 0 && n == o) r.rows[o] = id[j] * 4 + 2;
+        n += id[j] >= 0 ? 1 : 0;
+      }
+      r.nref = n;
     }
   }
   return r;
@@ -1156,7 +1167,9 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
     if (threadIdx.x < CH) {  // resolve: one item per thread
       const int i = chunk + threadIdx.x;
       const ItemLoc it = i < i1 ? resolve_item(p, v, b, i) : ItemLoc{};
-      for (int j = 0; j < it.nref; ++j) s_row[threadIdx.x * K + j] = it.rows[j];
+#pragma unroll
+      for (int j = 0; j < 4; ++j)  // constant indices: it.rows stays in registers
+        if (j < it.nref) s_row[threadIdx.x * K + j] = it.rows[j];
       if (it.lrow >= 0 && L.latent_bits > 0) {
         s_sm[2 * threadIdx.x] = it.sc;
         s_sm[2 * threadIdx.x + 1] = it.mn;
