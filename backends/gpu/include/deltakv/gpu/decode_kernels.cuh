@@ -791,6 +791,7 @@ inline std::size_t sparse_smem_bytes(int head_dim, int group, int latent_dim, in
   b += NT * 2 * 4;                                       // chunk: scale, min
   b += std::size_t(group) * 4 * 4;                       // m, l, alpha, mass
   b += std::size_t(kSparseTile) * (head_dim + 8) * 2;    // value tile as T, built during the K product
+  b += std::size_t(head_dim) * 4;                        // K bias (f32)
   return b + 64;
 }
 
@@ -893,9 +894,11 @@ DELTAKV_GPU_D const T* item_row(const SeqView<T>& v, std::int32_t code, int kvd)
 // the product was computed in two halves, Halves; rows indexed by head dim) + the mean of the item's nref
 // reference slices (the exact row for exact items, nref 1) + the bias for latents; refs[j] for
 // j >= nref are ignored (they were loaded from a dummy row so that every load is unconditional).
-template <class T, int D, bool Halves>
+// bias: the K bias of the head as T (global memory), or as f32 (B = float: a copy in shared memory,
+// read as two vector loads instead of E scalar global loads in the rebuild's critical path).
+template <class T, int D, bool Halves, class B = T>
 DELTAKV_GPU_D void finish_key(const RawHead<T, D> (&refs)[4], int nref, bool latent, int pos, int lane, bool half, bool rope,
-                              const float* prod, const float* prod2, const T* bias, const RopeTableView& rt, float* x) {
+                              const float* prod, const float* prod2, const B* bias, const RopeTableView& rt, float* x) {
   constexpr int E = D / 16, H = E / 2;
   const float inv = nref > 0 ? 1.f / float(nref) : 0.f;
   float sum[E];
@@ -908,13 +911,21 @@ DELTAKV_GPU_D void finish_key(const RawHead<T, D> (&refs)[4], int nref, bool lat
 #pragma unroll
     for (int e = 0; e < E; ++e) sum[e] += w * x[e];
   }
-  float pr[E], pr2[E];
+  float pr[E], pr2[E], bv[E];
   load_head_f32<D>(prod, lane, half, pr);
   if constexpr (Halves) load_head_f32<D>(prod2, lane, half, pr2);
+  const bool add_bias = latent && bias;
+  if constexpr (std::is_same_v<B, float>) {
+    if (add_bias) load_head_f32<D>(bias, lane, half, bv);
+  }
 #pragma unroll
   for (int e = 0; e < E; ++e) {
     float v = Halves ? pr[e] + pr2[e] + sum[e] * inv : pr[e] + sum[e] * inv;
-    if (latent && bias) v += to_float(bias[head_dim_of<D>(lane, half, e)]);
+    if constexpr (std::is_same_v<B, float>) {
+      if (add_bias) v += bv[e];
+    } else {
+      if (add_bias) v += to_float(bias[head_dim_of<D>(lane, half, e)]);
+    }
     x[e] = v;
   }
   if (rope && pos >= 0) {
@@ -1051,6 +1062,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
   float* s_sm = reinterpret_cast<float*>(s_nref + CH);                  // [CH][2]
   float* s_stat = s_sm + 2 * CH;                                        // [G][4]: m, l, alpha, mass
   T* s_vt = reinterpret_cast<T*>(s_stat + G * 4);                       // [TT][ldvb] (kVOverlap)
+  float* s_kb = reinterpret_cast<float*>(s_vt + TT * ldvb);             // [D] K bias of head h, f32
 
   // Optional per-phase cycle counters (p.profile, for tuning): thread 0 adds the cycles since the
   // previous mark, right after a barrier, so each phase's count is the block's time in it.
@@ -1078,6 +1090,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
     }
   }
   for (int i = threadIdx.x; i < G * DC; i += NT) s_accz[i] = 0.f;
+  for (int i = threadIdx.x; i < D; i += NT) s_kb[i] = L.b_dec ? to_float(L.b_dec[h * D + i]) : 0.f;
   for (int i = threadIdx.x; i < G * D; i += NT) {
     s_accv[i] = 0.f;
     const int g = i / D, d = i % D;
@@ -1321,8 +1334,14 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
         for (int kt = 0; kt < KT; ++kt) {
           const int task = threadIdx.x + kt * NT, i = task / 16, ci = c0 + i, lane = task % 16;
           float x[E];
-          finish_key<T, D, true>(g_k[kt], s_nref[ci], s_lrow[ci] >= 0, s_pos[ci], lane, half, rope, s_k + i * ldk, s_v + i * ldk,
-                           L.b_dec ? L.b_dec + h * D : nullptr, p.rope, x);
+          // The K bias from its f32 copy in shared memory; WL2 reads it from global memory as T (the
+          // copy's vector loads took registers that variant spills: measured 10% slower at Qwen).
+          if constexpr (WL2)
+            finish_key<T, D, true>(g_k[kt], s_nref[ci], s_lrow[ci] >= 0, s_pos[ci], lane, half, rope, s_k + i * ldk,
+                                   s_v + i * ldk, L.b_dec ? L.b_dec + h * D : nullptr, p.rope, x);
+          else
+            finish_key<T, D, true>(g_k[kt], s_nref[ci], s_lrow[ci] >= 0, s_pos[ci], lane, half, rope, s_k + i * ldk,
+                                   s_v + i * ldk, L.b_dec ? s_kb : nullptr, p.rope, x);
           // 4. logits of the rebuilt key, straight from registers: per q head, the lane's E dims of
           //    q (s_q, head-dim order) and a 16-lane sum. The key is never written to shared memory.
           const bool attended = s_pos[ci] >= 0;
