@@ -201,7 +201,6 @@ TEST_CASE("real KV dump: an exact CPU cache fed the dumped rows reproduces the e
                       << " q / " << kv->n_kv_heads << " kv heads x " << kv->head_dim << ", RoPE style "
                       << int(kv->rope_style) << " theta " << kv->rope_theta);
   REQUIRE(kv->has_query());
-  const int D = kv->kv_dim();
   const std::int64_t n = kv->n_tokens;
   for (int i = 0; i < kv->n_layers(); ++i) {
     CAPTURE(kv->layer_ids[std::size_t(i)]);
