@@ -196,6 +196,37 @@ DELTAKV_GPU_D float group16_sum(float v) {
   return v;
 }
 
+// G per-lane partial sums (one per q head) reduced over each 16-lane group at once: each round halves
+// the heads a lane carries (it sends one half to its partner and keeps the other), so G = 4 takes 5
+// shuffles instead of 16 and G = 7 (padded to 8) 8 instead of 28. Returns the total of head `head`;
+// the lanes with lane16 % (16 / P) == 0 hold distinct heads (P = G rounded up to a power of two).
+template <int W, int G>
+DELTAKV_GPU_D float group16_multi_sum(const float (&d)[G], int lane16, int& head) {
+  static_assert(W >= 16 && G >= 1 && G <= 16, "group16_multi_sum: 1 to 16 heads, 16-lane groups");
+  constexpr int P = G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : G <= 8 ? 8 : 16;
+  float v[P];
+#pragma unroll
+  for (int g = 0; g < P; ++g) v[g] = g < G ? d[g] : 0.f;
+  int h = 0;
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int off = 8 >> r, n = P >> r;
+    if (n > 1) {
+      const bool up = (lane16 & off) != 0;
+#pragma unroll
+      for (int k = 0; k < n / 2; ++k) {
+        const float send = up ? v[k] : v[k + n / 2], keep = up ? v[k + n / 2] : v[k];
+        v[k] = keep + vendor::shfl_xor<W>(send, off);
+      }
+      if (up) h += n / 2;
+    } else {
+      v[0] += vendor::shfl_xor<W>(v[0], off);
+    }
+  }
+  head = h;
+  return v[0];
+}
+
 // A dense block's partial for its split: its R row groups' (acc, m, l) per q head of the group,
 // merged under their common max, written as [acc (D) | M | L] (partials_floats' layout). Shared by
 // the lane kernel and dense_mma_kernel; called after the barrier that publishes the row groups.
@@ -1035,6 +1066,9 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
   // the K tasks, with the 8 spare warps idle at the barrier that ends the product.
   constexpr int KU = D / 16;
   constexpr bool kVOverlap = kRegMma && NW > KU;
+  // The logits' 16-lane sums of all G heads at once (group16_multi_sum) where its G live partial
+  // sums fit: G <= 4, or 256-thread blocks. The 512-thread block at G 7 spilled and was 4% slower.
+  constexpr bool kMultiSum = G <= 4 || NT == 256;
   constexpr int VTH = kVOverlap ? (NW - KU) * W : 1;  // spare threads (1 where there are none: no division by 0)
   constexpr int VTO = kVOverlap ? TT * (D / 8) / VTH : 1;  // V tasks per spare thread
   static_assert(!kVOverlap || (VTO >= 1 && TT * (D / 8) % VTH == 0), "whole V tasks per spare thread");
@@ -1345,15 +1379,31 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
           // 4. logits of the rebuilt key, straight from registers: per q head, the lane's E dims of
           //    q (s_q, head-dim order) and a 16-lane sum. The key is never written to shared memory.
           const bool attended = s_pos[ci] >= 0;
+          if constexpr (kMultiSum) {
+            float dg[G];
 #pragma unroll
-          for (int g = 0; g < G; ++g) {
-            float qv[E];
-            load_head_f32<D>(s_q + g * (D + 4), lane, half, qv);
-            float d = 0.f;
+            for (int g = 0; g < G; ++g) {
+              float qv[E];
+              load_head_f32<D>(s_q + g * (D + 4), lane, half, qv);
+              dg[g] = 0.f;
 #pragma unroll
-            for (int e = 0; e < E; ++e) d += qv[e] * x[e];
-            d = group16_sum<W>(d);
-            if (lane == 0) s_p[i * G + g] = attended ? d : kNegInf;
+              for (int e = 0; e < E; ++e) dg[g] += qv[e] * x[e];
+            }
+            int hg;
+            const float tot = group16_multi_sum<W, G>(dg, lane, hg);
+            constexpr int PG = G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : G <= 8 ? 8 : 16;  // heads rounded up to a power of 2
+            if (lane % (16 / PG) == 0 && hg < G) s_p[i * G + hg] = attended ? tot : kNegInf;
+          } else {
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+              float qv[E];
+              load_head_f32<D>(s_q + g * (D + 4), lane, half, qv);
+              float d = 0.f;
+#pragma unroll
+              for (int e = 0; e < E; ++e) d += qv[e] * x[e];
+              d = group16_sum<W>(d);
+              if (lane == 0) s_p[i * G + g] = attended ? d : kNegInf;
+            }
           }
         }
         if constexpr (!kVOverlap) {
