@@ -196,14 +196,18 @@ DELTAKV_GPU_D float group16_sum(float v) {
   return v;
 }
 
+// G rounded up to a power of two (at most 16): the heads group16_multi_sum carries per lane.
+template <int G>
+inline constexpr int kPow2Heads = G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : G <= 8 ? 8 : 16;
+
 // G per-lane partial sums (one per q head) reduced over each 16-lane group at once: each round halves
 // the heads a lane carries (it sends one half to its partner and keeps the other), so G = 4 takes 5
 // shuffles instead of 16 and G = 7 (padded to 8) 8 instead of 28. Returns the total of head `head`;
-// the lanes with lane16 % (16 / P) == 0 hold distinct heads (P = G rounded up to a power of two).
+// the lanes with lane16 % (16 / kPow2Heads<G>) == 0 hold distinct heads.
 template <int W, int G>
 DELTAKV_GPU_D float group16_multi_sum(const float (&d)[G], int lane16, int& head) {
   static_assert(W >= 16 && G >= 1 && G <= 16, "group16_multi_sum: 1 to 16 heads, 16-lane groups");
-  constexpr int P = G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : G <= 8 ? 8 : 16;
+  constexpr int P = kPow2Heads<G>;
   float v[P];
 #pragma unroll
   for (int g = 0; g < P; ++g) v[g] = g < G ? d[g] : 0.f;
@@ -1391,8 +1395,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
             }
             int hg;
             const float tot = group16_multi_sum<W, G>(dg, lane, hg);
-            constexpr int PG = G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : G <= 8 ? 8 : 16;  // heads rounded up to a power of 2
-            if (lane % (16 / PG) == 0 && hg < G) s_p[i * G + hg] = attended ? tot : kNegInf;
+            if (lane % (16 / kPow2Heads<G>) == 0 && hg < G) s_p[i * G + hg] = attended ? tot : kNegInf;
           } else {
 #pragma unroll
             for (int g = 0; g < G; ++g) {
