@@ -14,6 +14,11 @@
 // usage: bench_decode [--quick | --prefill | --only MODEL CTX BATCH]
 //   --quick: small contexts (smoke run); --prefill: the prefill compression rows only;
 //   --only: one decode configuration, no prefill (profiling)
+// It also prints the device's streaming-read bandwidth (read_probe: the ceiling of a pass that only
+// reads, like the dense layers) besides the copy bandwidth the byte floors use.
+// Tuning knobs (environment): DELTAKV_DENSE_SPLIT_LEN (tokens per dense split, a multiple of 64 for
+// the tensor-core kernel), DELTAKV_SPARSE,
+// DELTAKV_SELECT_MULTI, DELTAKV_PHASES (see below).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -84,6 +89,46 @@ struct Dev {
 };
 
 std::size_t al(std::size_t v) { return (v + 255) / 256 * 256; }
+
+// Streaming reads only: U 16-byte loads in flight per thread, folded into a word that is written
+// only if it matches an impossible value (so the loads are kept).
+template <int U>
+__global__ void read_probe(const uint4* p, std::size_t n, unsigned* out) {
+  unsigned acc = 0;
+  const std::size_t stride = std::size_t(gridDim.x) * blockDim.x;
+  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += U * stride) {
+    uint4 v[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) v[u] = i + u * stride < n ? p[i + u * stride] : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+    for (int u = 0; u < U; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+  }
+  if (acc == 0x9e3779b9u) out[blockIdx.x] = acc;
+}
+// The best read-only bandwidth of a few launch shapes (bytes read per second, 4 GiB buffer).
+double read_bandwidth(vendor::stream_t s, int sms) {
+  const std::size_t bytes = std::size_t(4) << 30;
+  Dev a(bytes), o(1 << 20);
+  vendor::memset_async(a.p, 1, bytes, s);
+  double best = 0;
+  for (int bps : {2, 4, 8})
+    for (int u : {4, 8}) {
+      auto e0 = vendor::event_create(), e1 = vendor::event_create();
+      auto launch = [&] {
+        if (u == 4) read_probe<4><<<sms * bps, 512, 0, s>>>(a.as<uint4>(), bytes / 16, o.as<unsigned>());
+        else read_probe<8><<<sms * bps, 512, 0, s>>>(a.as<uint4>(), bytes / 16, o.as<unsigned>());
+      };
+      launch();
+      vendor::event_record(e0, s);
+      for (int i = 0; i < 5; ++i) launch();
+      vendor::event_record(e1, s);
+      const double ms = vendor::event_ms(e0, e1);
+      best = std::max(best, 5.0 * bytes / (ms * 1e-3));
+      vendor::event_destroy(e0);
+      vendor::event_destroy(e1);
+    }
+  return best;
+}
 
 double copy_bandwidth(vendor::stream_t s) {  // bytes read + written per second, 2 GiB copies
   const std::size_t bytes = std::size_t(2) << 30;
@@ -198,7 +243,11 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
   Dev n_d(B * 4), c_d(B * 4);
   vendor::memcpy_async(n_d.p, nh.data(), B * 4, s);
   vendor::memcpy_async(c_d.p, ch.data(), B * 4, s);
-  const auto sp = dec::dense_splits(N, B, Hkv, sms);
+  auto sp = dec::dense_splits(N, B, Hkv, sms);
+  if (const char* e = std::getenv("DELTAKV_DENSE_SPLIT_LEN")) {  // tuning: tokens per dense split
+    sp.split_len = std::atoi(e);
+    sp.n_splits = int((N + sp.split_len - 1) / sp.split_len);
+  }
   const auto sp_lane = dec::dense_splits(N, B, Hkv, sms, dec::kDenseLaneBlocksPerSm);  // the lane kernel's own
   const int attended_max = SINKS + TOPK + RECENT;
   const int ssplits = dec::sparse_splits(attended_max, B, Hkv, sms);
@@ -485,6 +534,7 @@ int main(int argc, char** argv) {
   vendor::stream_t s = vendor::stream_create();
   const double bw = copy_bandwidth(s);
   std::printf("{\"copy_bandwidth\": %.4e}\n", bw);
+  std::printf("{\"read_bandwidth\": %.4e}\n", read_bandwidth(s, sms));
   std::fflush(stdout);
   const std::vector<Model> models = {{"Llama-3.1-8B", 32, 32, 8, 128, {0, 1, 2, 8, 18}},
                                      {"Qwen2.5-7B", 28, 28, 4, 128, {0, 1, 2, 4, 7, 14}}};

@@ -484,6 +484,21 @@ TEST_CASE("fused sparse decode over a compressed layer: sinks + selection + wind
   SUBCASE("GQA 7, many splits, empty selection") {
     run_sparse_case(Shape{7, 1, 128, RopeStyle::half}, 4, {900, 64}, 0, 8);
   }
+  SUBCASE("long selections: several refills of a block's chunk arrays, tiles of exact items only") {
+    // ~10% of the selected positions are references (stride 10): with a few hundred items per block
+    // the exact ones fill tiles of their own before the last refill, and leftovers of both kinds
+    // are carried from refill to refill
+    for (int splits : {1, 2, 7}) {
+      CAPTURE(splits);
+      run_sparse_case(Shape{8, 2, 128, RopeStyle::half}, 4, {3000, 2200, 40, 700}, 1800, splits);
+      run_sparse_case(Shape{8, 2, 128, RopeStyle::half}, 4, {3000, 2200, 40, 700}, 1800, splits, SparsePath::fused_256);
+    }
+    run_sparse_case(Shape{9, 3, 64, RopeStyle::interleaved}, 8, {2600, 1000}, 1500, 1);
+    run_sparse_case(Shape{32, 8, 128, RopeStyle::half}, 4, {3000, 2500}, 2048, 2, SparsePath::fused, 512);
+    run_sparse_case(Shape{32, 8, 128, RopeStyle::half}, 4, {3000, 2500}, 2048, 2, SparsePath::two_pass, 512);
+    if (deltakv::gpu::vendor::kTensorTiles)
+      run_sparse_case(Shape{8, 2, 128, RopeStyle::half}, 4, {3000, 2200, 40, 700}, 1800, 2, SparsePath::fused_w_l2);
+  }
   SUBCASE("two passes: scores of every item, then values per split (sparse_partials_two_pass)") {
     for (int bits : {4, 8, 0}) {
       CAPTURE(bits);
