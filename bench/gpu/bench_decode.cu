@@ -17,8 +17,7 @@
 // It also prints the device's streaming-read bandwidth (read_probe: the ceiling of a pass that only
 // reads, like the dense layers) besides the copy bandwidth the byte floors use.
 // Tuning knobs (environment): DELTAKV_DENSE_SPLIT_LEN (tokens per dense split, a multiple of 64 for
-// the tensor-core kernel), DELTAKV_SPARSE,
-// DELTAKV_SELECT_MULTI, DELTAKV_PHASES (see below).
+// the tensor-core kernel), DELTAKV_SPARSE, DELTAKV_SELECT_MULTI, DELTAKV_PHASES (see below).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -244,7 +243,7 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
   vendor::memcpy_async(n_d.p, nh.data(), B * 4, s);
   vendor::memcpy_async(c_d.p, ch.data(), B * 4, s);
   auto sp = dec::dense_splits(N, B, Hkv, sms);
-  if (const char* e = std::getenv("DELTAKV_DENSE_SPLIT_LEN")) {  // tuning: tokens per dense split
+  if (const char* e = std::getenv("DELTAKV_DENSE_SPLIT_LEN"); e && std::atoi(e) > 0) {  // tuning: tokens per dense split
     sp.split_len = std::atoi(e);
     sp.n_splits = int((N + sp.split_len - 1) / sp.split_len);
   }

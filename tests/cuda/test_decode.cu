@@ -484,10 +484,9 @@ TEST_CASE("fused sparse decode over a compressed layer: sinks + selection + wind
   SUBCASE("GQA 7, many splits, empty selection") {
     run_sparse_case(Shape{7, 1, 128, RopeStyle::half}, 4, {900, 64}, 0, 8);
   }
-  SUBCASE("long selections: several refills of a block's chunk arrays, tiles of exact items only") {
-    // ~10% of the selected positions are references (stride 10): with a few hundred items per block
-    // the exact ones fill tiles of their own before the last refill, and leftovers of both kinds
-    // are carried from refill to refill
+  SUBCASE("long selections: a block walks several chunks of 256 items") {
+    // up to ~1800 items per block (one split) down to a few hundred (seven), short sequences beside
+    // long ones; ~10% of the selected positions are references (stride 10), exact rows among latents
     for (int splits : {1, 2, 7}) {
       CAPTURE(splits);
       run_sparse_case(Shape{8, 2, 128, RopeStyle::half}, 4, {3000, 2200, 40, 700}, 1800, splits);
