@@ -1128,7 +1128,8 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
     }
   }
   for (int i = threadIdx.x; i < G * DC; i += NT) s_accz[i] = 0.f;
-  for (int i = threadIdx.x; i < D; i += NT) s_kb[i] = L.b_dec ? to_float(L.b_dec[h * D + i]) : 0.f;
+  if constexpr (!WL2)  // (WL2 reads the bias from global memory)
+    for (int i = threadIdx.x; i < D; i += NT) s_kb[i] = L.b_dec ? to_float(L.b_dec[h * D + i]) : 0.f;
   for (int i = threadIdx.x; i < G * D; i += NT) {
     s_accv[i] = 0.f;
     const int g = i / D, d = i % D;
