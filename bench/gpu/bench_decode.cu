@@ -243,9 +243,10 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
   vendor::memcpy_async(n_d.p, nh.data(), B * 4, s);
   vendor::memcpy_async(c_d.p, ch.data(), B * 4, s);
   auto sp = dec::dense_splits(N, B, Hkv, sms);
-  if (const char* e = std::getenv("DELTAKV_DENSE_SPLIT_LEN"); e && std::atoi(e) > 0) {  // tuning: tokens per dense split
-    sp.split_len = std::atoi(e);
-    sp.n_splits = int((N + sp.split_len - 1) / sp.split_len);
+  const char* split_env = std::getenv("DELTAKV_DENSE_SPLIT_LEN");  // tuning: tokens per dense split
+  if (const int len = split_env ? std::atoi(split_env) : 0; len > 0) {
+    sp.split_len = len;
+    sp.n_splits = int((N + len - 1) / len);
   }
   const auto sp_lane = dec::dense_splits(N, B, Hkv, sms, dec::kDenseLaneBlocksPerSm);  // the lane kernel's own
   const int attended_max = SINKS + TOPK + RECENT;
