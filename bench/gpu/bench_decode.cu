@@ -147,8 +147,8 @@ double copy_bandwidth(vendor::stream_t s) {  // bytes read + written per second,
 
 struct Result {
   double dense_ms = 0, deltakv_ms = 0, dense_bytes = 0, deltakv_bytes = 0, resident_bytes = 0, bf16_bytes = 0;
-  double dense_layer_ms = 0, sparse_layer_ms = 0, select_ms = 0, full_layer_ms = 0, topk_ms = 0, topk1_ms = 0, sparse_l2_ms = 0,
-         sparse_2p_ms = 0, sparse_256_ms = 0, full_lane_ms = 0;
+  double dense_layer_ms = 0, sparse_layer_ms = 0, select_ms = 0, full_layer_ms = 0, topk_ms = 0, topk1_ms = 0, topkc_ms = 0,
+         topkc16_ms = 0, sparse_l2_ms = 0, sparse_2p_ms = 0, sparse_256_ms = 0, full_lane_ms = 0;
 };
 
 template <class F>
@@ -261,6 +261,8 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
   Dev sel_count_all(std::size_t(m.layers) * B * 4);
   vendor::stream_sync(s);
 
+  const char* select_env_c = std::getenv("DELTAKV_SELECT_PATH");
+  const std::string select_env = select_env_c ? select_env_c : "";
   auto dense_layer = [&](const bf* kv, bool filter, int l, bool lane_kernel = false) {
     const dec::SplitPlan& pl = lane_kernel ? sp_lane : sp;
     dec::DenseDecodeParams<bf> p{q.as<bf>(), qd, kv, std::int64_t(N) * kvd, n_d.as<std::int32_t>(), B, Hq, Hkv, D, scale,
@@ -274,7 +276,10 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
       dec::SelectParams sp_{logits.as<float>(), N, lse.as<float>(), n_d.as<std::int32_t>(), B, Hq, SINKS, RECENT,
                             TOPK, keys.as<std::uint32_t>(), N, sel[l]->as<std::int32_t>(), TOPK,
                             sel_count_all.as<std::int32_t>() + l * B};
-      if (std::getenv("DELTAKV_SELECT_MULTI")) sp_.work = select_work.as<std::uint32_t>();  // else one block per sequence
+      // DELTAKV_SELECT_PATH=multi / one_block / cluster16 for A/B; else the automatic path (the cluster one on sm_90)
+      if (select_env == "multi") sp_.work = select_work.as<std::uint32_t>();
+      if (select_env == "one_block") sp_.path = dec::SelectPath::one_block;
+      if (select_env == "cluster16") sp_.cluster = 16;
       dec::select_topk(sp_, N, s);
     }
   };
@@ -333,18 +338,24 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
   r.full_lane_ms = time_graph([&] { dense_layer(full_buf[0]->as<bf>(), false, 0, true); }, s, reps * 4);
   const int f0 = filter_of[m.layers - 1];
   r.select_ms = time_graph([&] { dense_layer(full_buf[0]->as<bf>(), true, f0); }, s, reps * 4) - r.full_layer_ms;
-  // scores + top-K alone, from the logits and lse left by the warm-up: the multi-block path
-  // (topk_ms; the step's with DELTAKV_SELECT_MULTI=1) and the one-block-per-sequence path (topk1_ms,
-  // the step's default)
-  auto topk = [&](bool multi) {
+  // scores + top-K alone, from the logits and lse left by the warm-up, on each path: multi-block
+  // (topk_ms), one block per sequence (topk1_ms), clusters of 8 and 16 blocks per sequence
+  // (topkc_ms, topkc16_ms; 0 where the device has no clusters). The step takes the automatic path.
+  auto topk = [&](dec::SelectPath path, int cluster = 0) {
     dec::SelectParams p{logits.as<float>(), N, lse.as<float>(), n_d.as<std::int32_t>(), B, Hq, SINKS, RECENT,
                         TOPK, keys.as<std::uint32_t>(), N, sel[f0]->as<std::int32_t>(), TOPK,
                         sel_count_all.as<std::int32_t>() + f0 * B};
-    if (multi) p.work = select_work.as<std::uint32_t>();
+    p.path = path;
+    p.cluster = cluster;
+    if (path == dec::SelectPath::multi_block) p.work = select_work.as<std::uint32_t>();
     dec::select_topk(p, N, s);
   };
-  r.topk_ms = time_graph([&] { topk(true); }, s, reps * 4);
-  r.topk1_ms = time_graph([&] { topk(false); }, s, reps * 4);
+  r.topk_ms = time_graph([&] { topk(dec::SelectPath::multi_block); }, s, reps * 4);
+  r.topk1_ms = time_graph([&] { topk(dec::SelectPath::one_block); }, s, reps * 4);
+  const bool clusters = vendor::cluster_launch_ok(dec::select_cluster_kernel<vendor::kWarpSize, dec::kSelectClusterThreads>,
+                                                  vendor::current_device());
+  r.topkc_ms = clusters ? time_graph([&] { topk(dec::SelectPath::cluster); }, s, reps * 4) : 0.0;
+  r.topkc16_ms = clusters ? time_graph([&] { topk(dec::SelectPath::cluster, 16); }, s, reps * 4) : 0.0;
   int first_sparse = 0;
   while (is_full[first_sparse]) ++first_sparse;
   r.sparse_layer_ms = time_graph([&] { sparse_layer(0, filter_of[first_sparse]); }, s, reps * 4);
@@ -567,9 +578,9 @@ int main(int argc, char** argv) {
         const Result r = run(m, N, B, sms, s);
         std::printf("{\"model\": \"%s\", \"ctx\": %lld, \"batch\": %d, \"dense_ms\": %.5f, \"deltakv_ms\": %.5f, "
                     "\"dense_bytes\": %.6e, \"deltakv_bytes\": %.6e, \"resident_bytes\": %.6e, \"bf16_bytes\": %.6e, "
-                    "\"full_layer_ms\": %.5f, \"sparse_layer_ms\": %.5f,  \"sparse_l2_ms\": %.5f, \"sparse_2p_ms\": %.5f, \"sparse_256_ms\": %.5f, \"select_ms\": %.5f, \"topk_ms\": %.5f, \"topk1_ms\": %.5f, \"full_lane_ms\": %.5f, \"layers\": %d, \"copy_bw\": %.4e}\n",
+                    "\"full_layer_ms\": %.5f, \"sparse_layer_ms\": %.5f,  \"sparse_l2_ms\": %.5f, \"sparse_2p_ms\": %.5f, \"sparse_256_ms\": %.5f, \"select_ms\": %.5f, \"topk_ms\": %.5f, \"topk1_ms\": %.5f, \"topkc_ms\": %.5f, \"topkc16_ms\": %.5f, \"full_lane_ms\": %.5f, \"layers\": %d, \"copy_bw\": %.4e}\n",
                     m.name, (long long)N, B, r.dense_ms, r.deltakv_ms, r.dense_bytes, r.deltakv_bytes, r.resident_bytes,
-                    r.bf16_bytes, r.full_layer_ms, r.sparse_layer_ms, r.sparse_l2_ms, r.sparse_2p_ms, r.sparse_256_ms, r.select_ms, r.topk_ms, r.topk1_ms, r.full_lane_ms, m.layers, bw);
+                    r.bf16_bytes, r.full_layer_ms, r.sparse_layer_ms, r.sparse_l2_ms, r.sparse_2p_ms, r.sparse_256_ms, r.select_ms, r.topk_ms, r.topk1_ms, r.topkc_ms, r.topkc16_ms, r.full_lane_ms, m.layers, bw);
         std::fflush(stdout);
       }
   vendor::stream_destroy(s);

@@ -213,12 +213,13 @@ TEST_CASE("fused dense decode: attention, logits and lse against float64 RoPE at
 namespace {
 // Selection over random logits of sequences of lengths n (row length ld), with a block of 100
 // exact ties starting at position tie0 of sequence 0 (the first 30 of them sure winners), against a
-// stable sort on the host. work: the multi-block path (SelectParams::work) instead of one block per
-// sequence.
+// stable sort on the host, on the given path (SelectParams::path; cluster: blocks per sequence on
+// the cluster path, 0 = its default).
 // extra >= 0: sequence 0 also gets a sure winner at that position (one above the tied block).
-void run_select_case(const std::vector<std::int32_t>& n, std::int64_t ld, int tie0, bool work, int window = 32,
-                     int extra = -1) {
-  CAPTURE(work);
+void run_select_case(const std::vector<std::int32_t>& n, std::int64_t ld, int tie0, dec::SelectPath path, int window = 32,
+                     int extra = -1, int cluster = 0) {
+  CAPTURE(int(path));
+  CAPTURE(cluster);
   CAPTURE(ld);
   CAPTURE(window);
   const int Hq = 4, B = int(n.size()), K = 64, sinks = 4;
@@ -239,7 +240,9 @@ void run_select_case(const std::vector<std::int32_t>& n, std::int64_t ld, int ti
   cnt.poison();
   scratch.poison();
   dec::SelectParams p{dl.p, ld, dlse.p, dn.p, B, Hq, sinks, window, K, keys.p, ld, sel.p, K, cnt.p};
-  if (work) p.work = scratch.p;
+  p.path = path;
+  p.cluster = cluster;
+  if (path == dec::SelectPath::multi_block) p.work = scratch.p;
   dec::select_topk(p, ld, nullptr);
   const auto gs = sel.get();
   const auto gc = cnt.get();
@@ -270,14 +273,34 @@ void run_select_case(const std::vector<std::int32_t>& n, std::int64_t ld, int ti
 
 TEST_CASE("fused OmniKV selection: the k most attended middle positions, in order, ties to the lower") {
   DKT_REQUIRE_CUDA();
+  using P = dec::SelectPath;
+  std::vector<P> paths{P::one_block, P::multi_block};
+  // the cluster path where the device has clusters (sm_90); elsewhere select_topk refuses it
+  const bool clusters = vendor::cluster_launch_ok(dec::select_cluster_kernel<vendor::kWarpSize, dec::kSelectClusterThreads>,
+                                                  vendor::current_device());
+  if (clusters) {
+    paths.push_back(P::cluster);
+  } else {
+    MESSAGE("no thread-block clusters on this device: the cluster selection path is not tested");
+    CHECK_THROWS_AS(run_select_case({3000}, 3000, 1000, P::cluster), deltakv::ConfigError);
+  }
   // many candidates / fewer than k / none
-  for (bool work : {false, true}) run_select_case({3000, 90, 20}, 3000, 1000, work);
+  for (P path : paths) run_select_case({3000, 90, 20}, 3000, 1000, path);
   // several 4096-position chunks of the multi-block path, the tied block across a chunk boundary
-  for (bool work : {false, true}) run_select_case({20000, 9000, 4100, 90, 20}, 20000, 4080, work);
+  for (P path : paths) run_select_case({20000, 9000, 4100, 90, 20}, 20000, 4080, path);
   // rows of an odd length: sequences 1-3's keys are not 16-byte aligned (the one-block path's scalar
   // loads); sequence 0's row is, its length is not a multiple of 4 and, with a one-position window, a
-  // winner sits in the last n % 4 keys (the vector loads' scalar tail)
-  for (bool work : {false, true}) run_select_case({3003, 2999, 90, 21}, 3003, 1000, work, 1, 3001);
+  // winner sits in the last n % 4 keys (the vector loads' scalar tail; on the cluster path the
+  // logits' scalar loads, as the rows are not 16-byte multiples)
+  for (P path : paths) run_select_case({3003, 2999, 90, 21}, 3003, 1000, path, 1, 3001);
+  if (clusters) {
+    // the cluster path's blocks: the tied block across the boundary of blocks 0 and 1 (2500 positions
+    // each at 8 per cluster), other cluster sizes (1, an odd 3, the non-portable 16), and the
+    // winners spread over the blocks of a 16-block cluster
+    run_select_case({20000, 9000, 4100, 90, 20}, 20000, 2460, P::cluster);
+    for (int c : {1, 3, 16}) run_select_case({20000, 9000, 4100, 90, 20}, 20000, 2460, P::cluster, 32, -1, c);
+    run_select_case({20000, 3003}, 20000, 1000, P::cluster, 1, 19990, 16);
+  }
 }
 
 namespace {

@@ -470,19 +470,19 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) score_keys_kernel(SelectParams p) {
   for (int t = blockIdx.x * NT + threadIdx.x; t < sb.n; t += gridDim.x * NT) p.keys[b * p.ld_keys + t] = select_key(p, sb, b, t);
 }
 
-// The ordered write of a selection over keys [a, e) of sequence b (every thread of the block calls
-// it): every key > thresh, and of the keys == thresh those whose rank among them (eq_base + their
+// The ordered write of a selection over keys [a, e) of sequence b, key t at keys_a[t - a] (global
+// or shared memory; every thread of the block calls it): every key > thresh, and of the keys == thresh those whose rank among them (eq_base + their
 // rank in [a, e)) is below need_eq, in position order, from sel[sel_base]. eq_base / sel_base: keys
 // == thresh / positions selected before a (0 for a whole sequence). Each warp walks one contiguous
 // segment W keys at a time (coalesced loads; a thread walking its own segment waited on
 // uncoalesced loads: 65% of select_kernel's time in ncu at 128K x 8), counting with ballots; one
 // exchange of the warps' counts gives each warp its offsets. Scratch: 2 NT / W ints.
 template <int W, int NT>
-DELTAKV_GPU_D void write_selected(const SelectParams& p, int b, int a, int e, std::uint32_t thresh, int need_eq, int eq_base,
-                                  int sel_base, int* scratch) {
+DELTAKV_GPU_D void write_selected(const SelectParams& p, int b, const std::uint32_t* keys_a, int a, int e, std::uint32_t thresh,
+                                  int need_eq, int eq_base, int sel_base, int* scratch) {
   constexpr int NW = NT / W, U = 16;  // U: loads in flight per lane
   const int lane = threadIdx.x % W, warp = threadIdx.x / W;
-  const std::uint32_t* keys = p.keys + b * p.ld_keys;
+  const std::uint32_t* keys = keys_a - a;  // indexed by position (only [a, e) is read)
   const int per = ((e - a + NW - 1) / NW + W - 1) / W * W;
   const int wa = min(e, a + warp * per), we = min(e, wa + per);
   const vendor::lane_mask_t<W> one = 1, below = (one << lane) - one;  // lanes before this one
@@ -600,7 +600,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_kernel(SelectParams p) {
     thresh = prefix;
     need_eq = remaining;
   }
-  if (kk > 0) write_selected<W, NT>(p, b, 0, n, thresh, need_eq, 0, 0, scratch);
+  if (kk > 0) write_selected<W, NT>(p, b, keys, 0, n, thresh, need_eq, 0, 0, scratch);
   if (threadIdx.x == 0) p.sel_count[b] = kk > 0 ? kk : 0;
 }
 
@@ -769,7 +769,178 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_write_kernel(SelectParams p, Se
   }
   __syncthreads();
   const int n = p.n[b], c0 = c * kSelectChunk, c1 = min(n, c0 + kSelectChunk);
-  write_selected<W, NT>(p, b, c0, c1, thresh, need_eq, s_before[1], s_before[0] + min(s_before[1], need_eq), scratch);
+  write_selected<W, NT>(p, b, p.keys + b * p.ld_keys + c0, c0, c1, thresh, need_eq, s_before[1],
+                        s_before[0] + min(s_before[1], need_eq), scratch);
+}
+
+// =============================================================================================
+// select_cluster_kernel<W, NT>: grid (C, B) in clusters of C blocks along x (vendor::
+// launch_cluster), one cluster per sequence, one launch for the whole selection. Block r scores
+// positions [r per, r per + per) straight into shared memory (keys as select_key; the logits are
+// the only global reads), then the four radix passes of select_kernel run on the cluster's
+// histograms: each block counts its keys into its own bins, and after one cluster barrier every
+// block sums all C blocks' bins (distributed shared memory) and picks the same digit. The bins are
+// double-buffered, so one barrier per pass suffices: the buffer a pass zeroes was last read by the
+// peers before they arrived at that pass's barrier. Last, each block takes the keys above / equal to
+// the threshold in the blocks before it and writes its own in order (write_selected).
+// Why: the one-block path walks a sequence's 131072 keys five times on 8 SMs at 128K x 8 (latency-
+// bound), the multi-block path pays ten launches; here the keys never leave shared memory.
+// Dynamic shared memory: per keys (per a multiple of 4; select_topk sizes it from the longest
+// sequence).
+// =============================================================================================
+inline constexpr int kSelectClusterThreads = 1024;
+inline constexpr int kSelectMaxHeads = 256;  // lse values staged in shared memory
+
+template <int W, int NT>
+__global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_cluster_kernel(SelectParams p, int per) {
+  DELTAKV_DYNAMIC_SMEM(std::uint32_t, s_keys);  // [per]: key of position a + i
+  __shared__ int hist[2][256];
+  __shared__ int total[256];
+  __shared__ float s_lse[kSelectMaxHeads];
+  __shared__ int scratch[2 * NT / W];
+  __shared__ int s_counts[2];  // this block's keys above / equal to the threshold (read by the later blocks)
+  __shared__ std::uint32_t s_prefix;
+  __shared__ int s_remaining;
+  const int r = blockIdx.x, C = gridDim.x, b = blockIdx.y;
+  const int lane = threadIdx.x % W, warp = threadIdx.x / W;
+  const SelectBounds sb = select_bounds(p, b);
+  const int a = min(sb.n, r * per), e = min(sb.n, a + per);
+  const int cand = sb.w_begin - sb.s_end, kk = min(p.k, cand);  // the same in every block of the cluster
+  const int Hq = p.n_q_heads;
+  if (kk <= 0) {  // nothing to select: no block touches another's memory
+    if (r == 0 && threadIdx.x == 0) p.sel_count[b] = 0;
+    return;
+  }
+  for (int i = threadIdx.x; i < Hq; i += NT) s_lse[i] = p.lse[b * Hq + i];
+  for (int i = threadIdx.x; i < 2 * 256; i += NT) hist[i / 256][i % 256] = 0;
+  __syncthreads();
+  // 1. keys: four positions per thread step, 16-byte logit loads where rows allow
+  const float* lg = p.logits + std::int64_t(b) * Hq * p.ld_logits;
+  const bool vec = reinterpret_cast<std::uintptr_t>(p.logits) % 16 == 0 && p.ld_logits % 4 == 0 && a % 4 == 0;
+  for (int t = a + 4 * threadIdx.x; t < e; t += 4 * NT) {
+    float best[4] = {0.f, 0.f, 0.f, 0.f};
+    if (vec && t + 4 <= e) {
+#pragma unroll 8
+      for (int h = 0; h < Hq; ++h) {
+        const float4 v = *reinterpret_cast<const float4*>(lg + std::int64_t(h) * p.ld_logits + t);
+        const float l = s_lse[h];
+        best[0] = fmaxf(best[0], expf(v.x - l));
+        best[1] = fmaxf(best[1], expf(v.y - l));
+        best[2] = fmaxf(best[2], expf(v.z - l));
+        best[3] = fmaxf(best[3], expf(v.w - l));
+      }
+    } else {
+      for (int h = 0; h < Hq; ++h)
+        for (int j = 0; j < 4 && t + j < e; ++j)
+          best[j] = fmaxf(best[j], expf(lg[std::int64_t(h) * p.ld_logits + t + j] - s_lse[h]));
+    }
+    for (int j = 0; j < 4 && t + j < e; ++j) {
+      const bool middle = t + j >= sb.s_end && t + j < sb.w_begin;
+      s_keys[t + j - a] = middle ? vendor::float_bits(best[j]) + 1u : 0u;
+    }
+  }
+  __syncthreads();
+  // 2. radix passes over the cluster (skipped when every candidate is taken)
+  std::uint32_t thresh = 1u;
+  int need_eq = 0x7fffffff;
+  if (kk < cand) {
+    std::uint32_t prefix = 0, mask = 0;
+    int remaining = kk;
+    for (int d = 0; d < 4; ++d) {
+      const int shift = 24 - 8 * d;
+      int* h = hist[d & 1];
+      for (int i0 = 0; i0 < e - a; i0 += NT) {  // block-uniform trip count: match_any needs whole warps
+        const int i = i0 + int(threadIdx.x);
+        const std::uint32_t key = i < e - a ? s_keys[i] : 0u;
+        const bool in = i < e - a && (key & mask) == prefix;
+        const unsigned bin = in ? (key >> shift) & 255u : 256u;
+        const auto same = vendor::match_any<W>(bin);  // lanes of this bin: one atomic per bin per warp
+        if (in && vendor::first_lane(same) == lane) atomicAdd(&h[bin], vendor::popcount(same));
+      }
+      vendor::cluster_sync();  // every block's bins of pass d are complete
+      for (int i = threadIdx.x; i < 256; i += NT) {
+        int sum = 0;
+        for (int q = 0; q < C; ++q) sum += vendor::cluster_load(&h[i], unsigned(q));
+        total[i] = sum;
+        hist[(d + 1) & 1][i] = 0;  // the next pass's bins (the peers read them last in pass d - 1)
+      }
+      __syncthreads();
+      if (warp == 0) {  // the digit: the highest bin where the count from the top reaches remaining
+        constexpr int PER = (256 + W - 1) / W;  // bins per lane, lane 0 the highest
+        int cnt[PER], mine = 0;
+#pragma unroll
+        for (int j = 0; j < PER; ++j) {
+          const int bin = 255 - (lane * PER + j);
+          cnt[j] = bin >= 0 ? total[bin] : 0;
+          mine += cnt[j];
+        }
+        int incl = mine;  // inclusive prefix over lanes (higher bins first)
+        for (int o = 1; o < W; o <<= 1) {
+          const int v = vendor::shfl_up<W>(incl, unsigned(o));
+          if (lane >= o) incl += v;
+        }
+        const auto hit = vendor::ballot<W>(incl >= remaining);
+        const int src = hit ? vendor::first_lane(hit) : W - 1;  // the bins always hold >= remaining
+        if (lane == src) {
+          int above = incl - mine, dg = 0;
+          for (int j = 0; j < PER; ++j) {
+            const int bin = 255 - (lane * PER + j);
+            if (bin < 0) break;
+            dg = bin;
+            if (bin == 0 || above + cnt[j] >= remaining) break;
+            above += cnt[j];
+          }
+          s_prefix = prefix | (std::uint32_t(dg) << shift);
+          s_remaining = remaining - above;
+        }
+      }
+      __syncthreads();
+      prefix = s_prefix;
+      remaining = s_remaining;
+      mask |= 255u << shift;
+    }
+    thresh = prefix;
+    need_eq = remaining;
+  }
+  // 3. this block's keys above / equal to the threshold, then the earlier blocks' (before the write)
+  {
+    int gt = 0, eq = 0;
+    for (int i = threadIdx.x; i < e - a; i += NT) {
+      const std::uint32_t key = s_keys[i];
+      gt += key > thresh;
+      eq += key != 0u && key == thresh;
+    }
+    for (int o = W / 2; o > 0; o >>= 1) {
+      gt += vendor::shfl_xor<W>(gt, o);
+      eq += vendor::shfl_xor<W>(eq, o);
+    }
+    if (threadIdx.x == 0) s_counts[0] = s_counts[1] = 0;
+    __syncthreads();
+    if (lane == 0) {
+      atomicAdd(&s_counts[0], gt);
+      atomicAdd(&s_counts[1], eq);
+    }
+  }
+  vendor::cluster_sync();  // every block's counts are final
+  __shared__ int s_before[2];
+  if (warp == 0) {
+    int gt = 0, eq = 0;
+    for (int q = lane; q < r; q += W) {
+      gt += vendor::cluster_load(&s_counts[0], unsigned(q));
+      eq += vendor::cluster_load(&s_counts[1], unsigned(q));
+    }
+    for (int o = W / 2; o > 0; o >>= 1) {
+      gt += vendor::shfl_xor<W>(gt, o);
+      eq += vendor::shfl_xor<W>(eq, o);
+    }
+    if (lane == 0) {
+      s_before[0] = gt;
+      s_before[1] = eq;
+    }
+  }
+  vendor::cluster_sync();  // no block reads another's shared memory after this: each may finish
+  if (r == 0 && threadIdx.x == 0) p.sel_count[b] = kk;
+  if (a < e) write_selected<W, NT>(p, b, s_keys, a, e, thresh, need_eq, s_before[1], s_before[0] + min(s_before[1], need_eq), scratch);
 }
 
 // =============================================================================================

@@ -62,6 +62,11 @@ struct CombineParams {
   float* lse = nullptr;                            // [B, Hq] or nullptr
 };
 
+// How select_topk runs (see SelectParams::path): one_block = score_keys + one block per sequence;
+// multi_block = (chunks, B) blocks over SelectParams::work; cluster = one launch of a cluster of
+// blocks per sequence, keys never leaving shared memory (CUDA sm_90).
+enum class SelectPath : int { automatic = 0, one_block, multi_block, cluster };
+
 // OmniKV filter: score the middle positions [sinks, n - window) of each sequence by the largest
 // softmax probability any query head gives them, exp(logit - lse), and keep the k best (ties to
 // the lower position), written in ascending position order.
@@ -73,9 +78,14 @@ struct SelectParams {
   std::uint32_t* keys = nullptr; std::int64_t ld_keys = 0;     // scratch [B, ld_keys >= max n]
   std::int32_t* sel = nullptr; std::int64_t ld_sel = 0;        // out [B, ld_sel >= k]
   std::int32_t* sel_count = nullptr;                           // out [B]
-  // Optional scratch of select_work_words(batch, max n) words: with it the selection runs over
-  // (chunks, B) blocks (five small launches and a memset); without it, one block per sequence.
+  // Optional scratch of select_work_words(batch, max n) words: with it (and path automatic or
+  // multi_block) the selection runs over (chunks, B) blocks (five small launches and a memset).
   std::uint32_t* work = nullptr;
+  // Which kernels run (all give the same selection). automatic: multi_block where work is given,
+  // else cluster where the device and build have clusters (sm_90) and the sequence fits (keys kept
+  // in the cluster's shared memory, about 56K positions per block), else one_block.
+  SelectPath path = SelectPath::automatic;
+  int cluster = 0;  // blocks per sequence on the cluster path: 0 = 8; 16 needs non-portable clusters
 };
 
 // One compressed layer of the cache, all sequences: sequence b's regions start at

@@ -218,16 +218,49 @@ inline std::size_t select_work_words(int batch, std::int64_t max_n) {
   return std::size_t(batch) * (4 * 256 + 4 + 2 * std::size_t(chunks));
 }
 
-// OmniKV selection from the logits and lse of a dense pass over the filter layer. With p.work
-// (select_work_words(p.batch, max_n) words) the passes run over (chunks, B) blocks; without it,
-// one block per sequence. Same result either way. The one-block path is the measured faster one
-// (docs/BENCHMARKS.md); the multi-block path's pick step has been changed since that measurement.
+namespace detail {
+// The cluster path of select_topk; false where it cannot run (no clusters on this device or in
+// this build's code, too many heads, no or too long a max_n for the cluster's shared memory).
+inline bool select_cluster(const SelectParams& p, std::int64_t max_n, vendor::stream_t stream) {
+  if constexpr (!vendor::kClusters) {
+    return false;
+  } else {
+    const int C = p.cluster == 0 ? 8 : p.cluster;
+    if (C < 1 || C > 16) throw ConfigError("select_topk: cluster must be 0 (8) or 1 to 16 blocks per sequence");
+    if (max_n <= 0 || p.n_q_heads > kSelectMaxHeads) return false;
+    constexpr int NT = kSelectClusterThreads;
+    const auto kernel = select_cluster_kernel<vendor::kWarpSize, NT>;
+    const int dev = vendor::current_device();
+    if (!vendor::cluster_launch_ok(kernel, dev)) return false;
+    const std::int64_t per = ((max_n + C - 1) / C + 3) / 4 * 4;
+    const std::int64_t smem = per * 4;
+    if (smem > vendor::max_smem_per_block(dev) - 8 * 1024) return false;  // 8 KiB: the kernel's static arrays
+    vendor::allow_dynamic_smem(kernel, int(smem));
+    vendor::launch_cluster(kernel, dim3(unsigned(C), unsigned(p.batch)), dim3(NT), std::size_t(smem), stream, unsigned(C), p,
+                           int(per));
+    return true;
+  }
+}
+}  // namespace detail
+
+// OmniKV selection from the logits and lse of a dense pass over the filter layer, by the path
+// p.path names (SelectParams); the same result on every path. max_n: an upper bound of p.n[]
+// (0 = unknown: the cluster path, which sizes its shared memory from it, is then not taken).
+// Measured at Llama 128K x 8 (docs/BENCHMARKS.md): multi_block 0.25 ms, one_block 0.135.
 inline void select_topk(const SelectParams& p, std::int64_t max_n, vendor::stream_t stream) {
   if (p.k <= 0) throw ConfigError("select_topk: k must be positive");
   if (p.ld_sel < p.k) throw ShapeError("select_topk: ld_sel < k");
   if (p.ld_keys < max_n) throw ShapeError("select_topk: ld_keys < longest sequence");
+  const SelectPath path = p.path != SelectPath::automatic ? p.path : (p.work ? SelectPath::multi_block : SelectPath::cluster);
+  if (path == SelectPath::multi_block && !p.work) throw ConfigError("select_topk: the multi-block path needs SelectParams::work");
   if (p.batch == 0) return;
-  if (p.work) {
+  if (path == SelectPath::cluster) {
+    if (detail::select_cluster(p, max_n, stream)) return;
+    if (p.path == SelectPath::cluster)
+      throw ConfigError("select_topk: the cluster path needs thread-block clusters (sm_90 code and device), at most " +
+                        std::to_string(kSelectMaxHeads) + " query heads and a max_n whose keys fit one cluster's shared memory");
+  }
+  if (path == SelectPath::multi_block) {
     constexpr int NT = 256;
     const int chunks = int(std::max<std::int64_t>(1, (max_n + kSelectChunk - 1) / kSelectChunk));
     const SelectWork w = select_work(p.work, p.batch, chunks);

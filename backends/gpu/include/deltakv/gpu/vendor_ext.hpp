@@ -233,6 +233,96 @@ DELTAKV_GPU_D void ldmatrix_x4(unsigned (&)[4], const void*) {
 }
 #endif
 
+// ---- thread-block clusters (sm_90: the OmniKV selection's one-launch path) -------------------
+// A cluster's blocks run at once on one GPC and read each other's shared memory. kClusters says
+// whether the API exists (CUDA); cluster_launch_ok(kernel) whether this device and this binary's
+// code of `kernel` have them (sm_90+ code: an sm_80 build running on an H100 has not). The device
+// functions trap where the code was compiled for an older architecture (never launched there).
+// HIP has no clusters: the stubs trap, and the callers are only instantiated behind kClusters.
+#if defined(__CUDACC__) && !defined(__HIPCC__)
+inline constexpr bool kClusters = true;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define DELTAKV_NO_CLUSTER_CODE 1
+#endif
+// Every thread of every block of the cluster: the blocks' earlier shared-memory writes are
+// visible to the others' later reads.
+DELTAKV_GPU_D void cluster_sync() {
+#ifdef DELTAKV_NO_CLUSTER_CODE
+  __trap();
+#else
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+// The 32-bit value at `p` (this block's shared memory) in the copy of block `rank` of the cluster.
+DELTAKV_GPU_D int cluster_load(const int* p, unsigned rank) {
+#ifdef DELTAKV_NO_CLUSTER_CODE
+  (void)p;
+  (void)rank;
+  __trap();
+  return 0;
+#else
+  const auto local = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  unsigned remote;
+  int v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+  asm volatile("ld.shared::cluster.s32 %0, [%1];" : "=r"(v) : "r"(remote) : "memory");
+  return v;
+#endif
+}
+#undef DELTAKV_NO_CLUSTER_CODE
+// Lanes of the warp holding the same value as this one (a bit per lane): aggregated atomics.
+template <int W>
+DELTAKV_GPU_D lane_mask_t<W> match_any(unsigned v) {
+  return __match_any_sync(full_lane_mask<W>(), v);
+}
+template <class Kernel>
+inline bool cluster_launch_ok(Kernel kernel, int device) {
+  int v = 0;
+  if (cudaDeviceGetAttribute(&v, cudaDevAttrClusterLaunch, device) != cudaSuccess || v == 0) return false;
+  cudaFuncAttributes a{};
+  check(cudaFuncGetAttributes(&a, kernel), "cudaFuncGetAttributes");
+  return a.binaryVersion >= 90;
+}
+// Launches kernel(args...) on grid in clusters of cluster_x blocks along x (gridDim.x a multiple of it).
+template <class... Params, class... Args>
+inline void launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem, stream_t s,
+                           unsigned cluster_x, Args... args) {
+  if (cluster_x > 8) check(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1), "cudaFuncSetAttribute");
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cudaLaunchAttribute at[1];
+  at[0].id = cudaLaunchAttributeClusterDimension;
+  at[0].val.clusterDim.x = cluster_x;
+  at[0].val.clusterDim.y = 1;
+  at[0].val.clusterDim.z = 1;
+  cfg.attrs = at;
+  cfg.numAttrs = 1;
+  check(cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...), "cudaLaunchKernelEx (cluster)");
+}
+#else
+inline constexpr bool kClusters = false;
+DELTAKV_GPU_D void cluster_sync() { __builtin_trap(); }
+DELTAKV_GPU_D int cluster_load(const int*, unsigned) {
+  __builtin_trap();
+  return 0;
+}
+template <int W>
+DELTAKV_GPU_D lane_mask_t<W> match_any(unsigned) {  // no match instruction: each lane alone (still correct)
+  return lane_mask_t<W>(1) << (threadIdx.x % W);
+}
+template <class Kernel>
+inline bool cluster_launch_ok(Kernel, int) {
+  return false;
+}
+template <class... Params, class... Args>
+inline void launch_cluster(void (*)(Params...), dim3, dim3, std::size_t, stream_t, unsigned, Args...) {
+  raise(hipErrorNotSupported, "launch_cluster: HIP has no thread-block clusters");
+}
+#endif
+
 // ---- events and graphs (benchmarks and engines that replay a decode step) -------------------
 #if defined(__HIPCC__)
 using event_t = hipEvent_t;
