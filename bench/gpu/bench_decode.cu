@@ -148,7 +148,7 @@ double copy_bandwidth(vendor::stream_t s) {  // bytes read + written per second,
 struct Result {
   double dense_ms = 0, deltakv_ms = 0, dense_bytes = 0, deltakv_bytes = 0, resident_bytes = 0, bf16_bytes = 0;
   double dense_layer_ms = 0, sparse_layer_ms = 0, select_ms = 0, full_layer_ms = 0, topk_ms = 0, topk1_ms = 0, topkc_ms = 0,
-         topkc16_ms = 0, sparse_l2_ms = 0, sparse_2p_ms = 0, sparse_256_ms = 0, full_lane_ms = 0;
+         topkc16_ms = 0, combine_ms = 0, sparse_l2_ms = 0, sparse_2p_ms = 0, sparse_256_ms = 0, full_lane_ms = 0;
 };
 
 template <class F>
@@ -354,11 +354,15 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
   r.topk1_ms = time_graph([&] { topk(dec::SelectPath::one_block); }, s, reps * 4);
   const bool clusters = vendor::cluster_launch_ok(dec::select_cluster_kernel<vendor::kWarpSize, dec::kSelectClusterThreads>,
                                                   vendor::current_device());
-  r.topkc_ms = clusters ? time_graph([&] { topk(dec::SelectPath::cluster); }, s, reps * 4) : 0.0;
+  r.topkc_ms = clusters ? time_graph([&] { topk(dec::SelectPath::cluster, 8); }, s, reps * 4) : 0.0;
   r.topkc16_ms = clusters ? time_graph([&] { topk(dec::SelectPath::cluster, 16); }, s, reps * 4) : 0.0;
   int first_sparse = 0;
   while (is_full[first_sparse]) ++first_sparse;
   r.sparse_layer_ms = time_graph([&] { sparse_layer(0, filter_of[first_sparse]); }, s, reps * 4);
+  // the sparse layer's split merge alone (a separate launch after every layer's partials)
+  r.combine_ms = time_graph([&] {
+    dec::combine(dec::CombineParams<bf>{part.as<float>(), ssplits, B, Hq, D, out.as<bf>(), qd, nullptr}, s);
+  }, s, reps * 4);
   r.sparse_l2_ms = time_graph([&] { sparse_layer(0, filter_of[first_sparse], nullptr, 1); }, s, reps * 4);
   r.sparse_2p_ms = time_graph([&] { sparse_layer(0, filter_of[first_sparse], nullptr, 2); }, s, reps * 4);
   r.sparse_256_ms = time_graph([&] { sparse_layer(0, filter_of[first_sparse], nullptr, 3); }, s, reps * 4);
@@ -578,9 +582,9 @@ int main(int argc, char** argv) {
         const Result r = run(m, N, B, sms, s);
         std::printf("{\"model\": \"%s\", \"ctx\": %lld, \"batch\": %d, \"dense_ms\": %.5f, \"deltakv_ms\": %.5f, "
                     "\"dense_bytes\": %.6e, \"deltakv_bytes\": %.6e, \"resident_bytes\": %.6e, \"bf16_bytes\": %.6e, "
-                    "\"full_layer_ms\": %.5f, \"sparse_layer_ms\": %.5f,  \"sparse_l2_ms\": %.5f, \"sparse_2p_ms\": %.5f, \"sparse_256_ms\": %.5f, \"select_ms\": %.5f, \"topk_ms\": %.5f, \"topk1_ms\": %.5f, \"topkc_ms\": %.5f, \"topkc16_ms\": %.5f, \"full_lane_ms\": %.5f, \"layers\": %d, \"copy_bw\": %.4e}\n",
+                    "\"full_layer_ms\": %.5f, \"sparse_layer_ms\": %.5f,  \"sparse_l2_ms\": %.5f, \"sparse_2p_ms\": %.5f, \"sparse_256_ms\": %.5f, \"select_ms\": %.5f, \"topk_ms\": %.5f, \"topk1_ms\": %.5f, \"topkc_ms\": %.5f, \"topkc16_ms\": %.5f, \"combine_ms\": %.5f, \"full_lane_ms\": %.5f, \"layers\": %d, \"copy_bw\": %.4e}\n",
                     m.name, (long long)N, B, r.dense_ms, r.deltakv_ms, r.dense_bytes, r.deltakv_bytes, r.resident_bytes,
-                    r.bf16_bytes, r.full_layer_ms, r.sparse_layer_ms, r.sparse_l2_ms, r.sparse_2p_ms, r.sparse_256_ms, r.select_ms, r.topk_ms, r.topk1_ms, r.topkc_ms, r.topkc16_ms, r.full_lane_ms, m.layers, bw);
+                    r.bf16_bytes, r.full_layer_ms, r.sparse_layer_ms, r.sparse_l2_ms, r.sparse_2p_ms, r.sparse_256_ms, r.select_ms, r.topk_ms, r.topk1_ms, r.topkc_ms, r.topkc16_ms, r.combine_ms, r.full_lane_ms, m.layers, bw);
         std::fflush(stdout);
       }
   vendor::stream_destroy(s);

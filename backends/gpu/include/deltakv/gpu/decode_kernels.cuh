@@ -793,6 +793,7 @@ inline constexpr int kSelectMaxHeads = 256;  // lse values staged in shared memo
 
 template <int W, int NT>
 __global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_cluster_kernel(SelectParams p, int per) {
+  static_assert(NT % 256 == 0, "a whole number of threads per histogram bin");
   DELTAKV_DYNAMIC_SMEM(std::uint32_t, s_keys);  // [per]: key of position a + i
   __shared__ int hist[2][256];
   __shared__ int total[256];
@@ -858,11 +859,21 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_cluster_kernel(SelectParams p, 
         if (in && vendor::first_lane(same) == lane) atomicAdd(&h[bin], vendor::popcount(same));
       }
       vendor::cluster_sync();  // every block's bins of pass d are complete
+      // the cluster's bins: NT / 256 threads per bin, each summing every (NT / 256)-th block's count
+      // (a few remote loads per thread instead of C in a row)
       for (int i = threadIdx.x; i < 256; i += NT) {
-        int sum = 0;
-        for (int q = 0; q < C; ++q) sum += vendor::cluster_load(&h[i], unsigned(q));
-        total[i] = sum;
+        total[i] = 0;
         hist[(d + 1) & 1][i] = 0;  // the next pass's bins (the peers read them last in pass d - 1)
+      }
+      __syncthreads();
+      {
+        constexpr int PB = NT >= 256 ? NT / 256 : 1;  // threads per bin
+        const int bin = int(threadIdx.x) % 256, q0 = int(threadIdx.x) / 256;
+        if (q0 < PB) {
+          int sum = 0;
+          for (int q = q0; q < C; q += PB) sum += vendor::cluster_load(&h[bin], unsigned(q));
+          if (sum) atomicAdd(&total[bin], sum);
+        }
       }
       __syncthreads();
       if (warp == 0) {  // the digit: the highest bin where the count from the top reaches remaining

@@ -85,7 +85,8 @@ struct SelectParams {
   // else cluster where the device and build have clusters (sm_90) and the sequence fits (keys kept
   // in the cluster's shared memory, about 56K positions per block), else one_block.
   SelectPath path = SelectPath::automatic;
-  int cluster = 0;  // blocks per sequence on the cluster path: 0 = 8; 16 needs non-portable clusters
+  int cluster = 0;  // blocks per sequence on the cluster path: 0 = automatic (16 up to batch 4 where
+                    // the device runs that many such clusters at once, else 8); above 8 is non-portable
 };
 
 // One compressed layer of the cache, all sequences: sequence b's regions start at

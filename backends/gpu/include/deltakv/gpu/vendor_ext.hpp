@@ -283,6 +283,32 @@ inline bool cluster_launch_ok(Kernel kernel, int device) {
   check(cudaFuncGetAttributes(&a, kernel), "cudaFuncGetAttributes");
   return a.binaryVersion >= 90;
 }
+// How many clusters of cluster_x blocks (block threads, smem dynamic bytes each) can run at once
+// on this device (0: none, e.g. a non-portable size the device does not offer).
+template <class Kernel>
+inline int max_active_clusters(Kernel kernel, int block, std::size_t smem, unsigned cluster_x) {
+  if (cluster_x > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(cluster_x);
+  cfg.blockDim = dim3(unsigned(block));
+  cfg.dynamicSmemBytes = smem;
+  cudaLaunchAttribute at[1];
+  at[0].id = cudaLaunchAttributeClusterDimension;
+  at[0].val.clusterDim.x = cluster_x;
+  at[0].val.clusterDim.y = 1;
+  at[0].val.clusterDim.z = 1;
+  cfg.attrs = at;
+  cfg.numAttrs = 1;
+  int n = 0;
+  if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
 // Launches kernel(args...) on grid in clusters of cluster_x blocks along x (gridDim.x a multiple of it).
 template <class... Params, class... Args>
 inline void launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem, stream_t s,
@@ -316,6 +342,10 @@ DELTAKV_GPU_D lane_mask_t<W> match_any(unsigned) {  // no match instruction: eac
 template <class Kernel>
 inline bool cluster_launch_ok(Kernel, int) {
   return false;
+}
+template <class Kernel>
+inline int max_active_clusters(Kernel, int, std::size_t, unsigned) {
+  return 0;
 }
 template <class... Params, class... Args>
 inline void launch_cluster(void (*)(Params...), dim3, dim3, std::size_t, stream_t, unsigned, Args...) {
