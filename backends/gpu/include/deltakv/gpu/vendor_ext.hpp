@@ -269,6 +269,36 @@ DELTAKV_GPU_D int cluster_load(const int* p, unsigned rank) {
   return v;
 #endif
 }
+// 16 bytes at `p` (this block's shared memory, 16-byte aligned) in the copy of block `rank`.
+DELTAKV_GPU_D uint4 cluster_load16(const void* p, unsigned rank) {
+#ifdef DELTAKV_NO_CLUSTER_CODE
+  (void)p;
+  (void)rank;
+  __trap();
+  return make_uint4(0u, 0u, 0u, 0u);
+#else
+  const auto local = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  unsigned remote;
+  uint4 v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+  asm volatile("ld.shared::cluster.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(remote)
+               : "memory");
+  return v;
+#endif
+}
+// This block's rank in its cluster.
+DELTAKV_GPU_D unsigned cluster_rank() {
+#ifdef DELTAKV_NO_CLUSTER_CODE
+  __trap();
+  return 0u;
+#else
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+#endif
+}
 #undef DELTAKV_NO_CLUSTER_CODE
 // Lanes of the warp holding the same value as this one (a bit per lane): aggregated atomics.
 template <int W>
@@ -334,6 +364,14 @@ DELTAKV_GPU_D void cluster_sync() { __builtin_trap(); }
 DELTAKV_GPU_D int cluster_load(const int*, unsigned) {
   __builtin_trap();
   return 0;
+}
+DELTAKV_GPU_D uint4 cluster_load16(const void*, unsigned) {
+  __builtin_trap();
+  return make_uint4(0u, 0u, 0u, 0u);
+}
+DELTAKV_GPU_D unsigned cluster_rank() {
+  __builtin_trap();
+  return 0u;
 }
 template <int W>
 DELTAKV_GPU_D lane_mask_t<W> match_any(unsigned) {  // no match instruction: each lane alone (still correct)
