@@ -11,6 +11,8 @@
 //   score_keys_kernel     OmniKV score per middle position, as an order-preserving 32-bit key.
 //   select_kernel         radix select of the k largest keys per sequence, one block each,
 //                         written in position order (ties to the lower position).
+//   select_cluster_kernel the same selection in one launch: scores + radix passes on a cluster of
+//                         blocks per sequence (sm_90; the default where clusters exist).
 //   sparse_decode_kernel  attention over sinks + selection + window of a compressed layer: each
 //                         token rebuilt on chip (dequantize z, f_d's K rows on tensor cores, mean
 //                         of its references, RoPE); V through W_v (sum p z), never per token.
