@@ -452,16 +452,23 @@ DELTAKV_GPU_D SelectBounds select_bounds(const SelectParams& p, int b) {
   return r;
 }
 
+// The key of a middle position from the largest logit - lse over the heads: exp is increasing, so
+// max_h exp(x_h) = exp(max_h x_h), one exp per position instead of one per head (the cluster
+// path's scoring was bound by the exps: 32 per position at Llama's shape).
+DELTAKV_GPU_D std::uint32_t select_key_of(float best_x) {
+  return vendor::float_bits(fmaxf(0.f, expf(best_x))) + 1u;
+}
+
 // The key of position t of sequence b (also used by select_keys_kernel).
 DELTAKV_GPU_D std::uint32_t select_key(const SelectParams& p, const SelectBounds& sb, int b, int t) {
   if (t < sb.s_end || t >= sb.w_begin) return 0u;
-  float best = 0.f;
+  float best = kNegInf;
   for (int h = 0; h < p.n_q_heads; ++h) {
     const float lse = p.lse[b * p.n_q_heads + h];
     const float lg = p.logits[(std::int64_t(b) * p.n_q_heads + h) * p.ld_logits + t];
-    best = fmaxf(best, expf(lg - lse));
+    best = fmaxf(best, lg - lse);
   }
-  return vendor::float_bits(best) + 1u;
+  return select_key_of(best);
 }
 
 // A template (of the block size) so that the header can be included by several translation units.
@@ -821,25 +828,24 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_cluster_kernel(SelectParams p, 
   const float* lg = p.logits + std::int64_t(b) * Hq * p.ld_logits;
   const bool vec = reinterpret_cast<std::uintptr_t>(p.logits) % 16 == 0 && p.ld_logits % 4 == 0 && a % 4 == 0;
   for (int t = a + 4 * threadIdx.x; t < e; t += 4 * NT) {
-    float best[4] = {0.f, 0.f, 0.f, 0.f};
+    float best[4] = {kNegInf, kNegInf, kNegInf, kNegInf};  // largest logit - lse (see select_key)
     if (vec && t + 4 <= e) {
 #pragma unroll 8
       for (int h = 0; h < Hq; ++h) {
         const float4 v = *reinterpret_cast<const float4*>(lg + std::int64_t(h) * p.ld_logits + t);
         const float l = s_lse[h];
-        best[0] = fmaxf(best[0], expf(v.x - l));
-        best[1] = fmaxf(best[1], expf(v.y - l));
-        best[2] = fmaxf(best[2], expf(v.z - l));
-        best[3] = fmaxf(best[3], expf(v.w - l));
+        best[0] = fmaxf(best[0], v.x - l);
+        best[1] = fmaxf(best[1], v.y - l);
+        best[2] = fmaxf(best[2], v.z - l);
+        best[3] = fmaxf(best[3], v.w - l);
       }
     } else {
       for (int h = 0; h < Hq; ++h)
-        for (int j = 0; j < 4 && t + j < e; ++j)
-          best[j] = fmaxf(best[j], expf(lg[std::int64_t(h) * p.ld_logits + t + j] - s_lse[h]));
+        for (int j = 0; j < 4 && t + j < e; ++j) best[j] = fmaxf(best[j], lg[std::int64_t(h) * p.ld_logits + t + j] - s_lse[h]);
     }
     for (int j = 0; j < 4 && t + j < e; ++j) {
       const bool middle = t + j >= sb.s_end && t + j < sb.w_begin;
-      s_keys[t + j - a] = middle ? vendor::float_bits(best[j]) + 1u : 0u;
+      s_keys[t + j - a] = middle ? select_key_of(best[j]) : 0u;
     }
   }
   __syncthreads();
