@@ -17,7 +17,7 @@
 // It also prints the device's streaming-read bandwidth (read_probe: the ceiling of a pass that only
 // reads, like the dense layers) besides the copy bandwidth the byte floors use.
 // Tuning knobs (environment): DELTAKV_DENSE_SPLIT_LEN (tokens per dense split, a multiple of 64 for
-// the tensor-core kernel), DELTAKV_SPARSE, DELTAKV_SELECT_MULTI, DELTAKV_PHASES (see below).
+// the tensor-core kernel), DELTAKV_SPARSE, DELTAKV_SELECT_PATH, DELTAKV_PHASES (see below).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -352,8 +352,7 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
   };
   r.topk_ms = time_graph([&] { topk(dec::SelectPath::multi_block); }, s, reps * 4);
   r.topk1_ms = time_graph([&] { topk(dec::SelectPath::one_block); }, s, reps * 4);
-  const bool clusters = vendor::cluster_launch_ok(dec::select_cluster_kernel<vendor::kWarpSize, dec::kSelectClusterThreads>,
-                                                  vendor::current_device());
+  const bool clusters = dec::select_cluster_supported();
   r.topkc_ms = clusters ? time_graph([&] { topk(dec::SelectPath::cluster, 8); }, s, reps * 4) : 0.0;
   r.topkc16_ms = clusters ? time_graph([&] { topk(dec::SelectPath::cluster, 16); }, s, reps * 4) : 0.0;
   int first_sparse = 0;

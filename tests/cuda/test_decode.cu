@@ -276,8 +276,7 @@ TEST_CASE("fused OmniKV selection: the k most attended middle positions, in orde
   using P = dec::SelectPath;
   std::vector<P> paths{P::one_block, P::multi_block};
   // the cluster path where the device has clusters (sm_90); elsewhere select_topk refuses it
-  const bool clusters = vendor::cluster_launch_ok(dec::select_cluster_kernel<vendor::kWarpSize, dec::kSelectClusterThreads>,
-                                                  vendor::current_device());
+  const bool clusters = dec::select_cluster_supported();
   if (clusters) {
     paths.push_back(P::cluster);
   } else {

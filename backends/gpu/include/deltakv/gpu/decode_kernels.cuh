@@ -480,8 +480,9 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) score_keys_kernel(SelectParams p) {
 }
 
 // The ordered write of a selection over keys [a, e) of sequence b, key t at keys_a[t - a] (global
-// or shared memory; every thread of the block calls it): every key > thresh, and of the keys == thresh those whose rank among them (eq_base + their
-// rank in [a, e)) is below need_eq, in position order, from sel[sel_base]. eq_base / sel_base: keys
+// or shared memory; every thread of the block calls it): every key > thresh, and of the keys ==
+// thresh those whose rank among them (eq_base + their rank in [a, e)) is below need_eq, in position
+// order, from sel[sel_base]. eq_base / sel_base: keys
 // == thresh / positions selected before a (0 for a whole sequence). Each warp walks one contiguous
 // segment W keys at a time (coalesced loads; a thread walking its own segment waited on
 // uncoalesced loads: 65% of select_kernel's time in ncu at 128K x 8), counting with ballots; one
@@ -544,6 +545,40 @@ DELTAKV_GPU_D void write_selected(const SelectParams& p, int b, const std::uint3
   }
 }
 
+// One radix pass's digit, from its 256 bins: the highest bin whose count, summed from the top,
+// reaches `remaining` (bin 0 if none does), and in *above the count of the bins above it. Called by
+// every lane of one warp; every lane gets the result. Lane l holds bins 255 - l PER .. (the
+// highest first), a prefix sum over the lanes finds the lane, that lane walks its bins.
+template <int W, class Bin>
+DELTAKV_GPU_D int radix_digit(const Bin* hist, int remaining, int* above) {
+  constexpr int PER = (256 + W - 1) / W;  // bins per lane
+  const int lane = threadIdx.x % W;
+  int cnt[PER], mine = 0;
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    const int bin = 255 - (lane * PER + j);
+    cnt[j] = bin >= 0 ? int(hist[bin]) : 0;
+    mine += cnt[j];
+  }
+  int incl = mine;  // inclusive prefix over the lanes (higher bins first)
+  for (int o = 1; o < W; o <<= 1) {
+    const int v = vendor::shfl_up<W>(incl, unsigned(o));
+    if (lane >= o) incl += v;
+  }
+  const auto hit = vendor::ballot<W>(incl >= remaining);
+  const int src = hit ? vendor::first_lane(hit) : W - 1;  // (the bins always hold >= remaining)
+  int ab = incl - mine, dg = 0;
+  for (int j = 0; j < PER; ++j) {  // every lane walks its bins; the source lane's result is taken
+    const int bin = 255 - (lane * PER + j);
+    if (bin < 0) break;
+    dg = bin;
+    if (bin == 0 || ab + cnt[j] >= remaining) break;
+    ab += cnt[j];
+  }
+  *above = vendor::shfl<W>(ab, src);
+  return vendor::shfl<W>(dg, src);
+}
+
 // =============================================================================================
 // select_kernel<W, NT>: one block per sequence. Radix select (four 8-bit digits, most significant
 // first) finds the k-th largest key T and how many keys equal to T to take; one ordered pass
@@ -591,14 +626,13 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_kernel(SelectParams p) {
 #pragma unroll 8
       for (; t < n; t += NT) count(keys[t]);
       __syncthreads();
-      if (threadIdx.x == 0) {
-        int above = 0, d = 255;
-        for (; d > 0; --d) {
-          if (above + hist[d] >= remaining) break;
-          above += hist[d];
+      if (threadIdx.x < W) {
+        int above;
+        const int d = radix_digit<W>(hist, remaining, &above);
+        if (threadIdx.x == 0) {
+          s_prefix = prefix | (std::uint32_t(d) << shift);
+          s_remaining = remaining - above;
         }
-        s_prefix = prefix | (std::uint32_t(d) << shift);
-        s_remaining = remaining - above;
       }
       __syncthreads();
       prefix = s_prefix;
@@ -670,7 +704,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_keys_kernel(SelectParams p, Sel
 // pass d (0..3): the digit at bits 24 - 8d of the kk-th largest key, from hist [b][d]. Launched with
 // NT threads: the bins go to shared memory first (thread 0 alone reading 256 bins from global memory
 // waited on each load in turn: measured 0.27 ms for the whole selection at 128K x 8 against 0.25 for
-// the one-block path, and 0.26 against 0.08 at 32K x 1).
+// the one-block path, and 0.26 against 0.08 at 32K x 1); one warp then picks the digit (radix_digit).
 template <int NT>
 __global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_pick_kernel(SelectParams p, SelectWork w, int d) {
   __shared__ std::uint32_t hist[256];
@@ -678,9 +712,10 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_pick_kernel(SelectParams p, Sel
   const std::uint32_t* g_hist = w.hist + (std::size_t(b) * 4 + d) * 256;
   for (int i = threadIdx.x; i < 256; i += NT) hist[i] = g_hist[i];
   __syncthreads();
-  if (threadIdx.x != 0) return;
+  constexpr int W = vendor::kWarpSize;
+  if (threadIdx.x >= W) return;  // one warp picks the digit
   std::int32_t* st = w.state + b * 4;
-  if (d == 0) {
+  if (d == 0 && threadIdx.x == 0) {
     const SelectBounds sb = select_bounds(p, b);
     const int cand = sb.w_begin - sb.s_end, kk = min(p.k, cand);
     st[0] = 0;
@@ -688,16 +723,15 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_pick_kernel(SelectParams p, Sel
     st[2] = kk;
     st[3] = kk <= 0 ? 2 : (kk >= cand ? 1 : 0);
   }
+  vendor::warp_sync();  // lane 0's state is visible to the warp
   if (st[3] != 0) return;
   const int shift = 24 - 8 * d, remaining = st[1];
-  int above = 0, dg = 255;
-  for (; dg > 0; --dg) {
-    const int hc = int(hist[dg]);
-    if (above + hc >= remaining) break;
-    above += hc;
+  int above;
+  const int dg = radix_digit<W>(hist, remaining, &above);
+  if (threadIdx.x == 0) {
+    st[0] = int(std::uint32_t(st[0]) | (std::uint32_t(dg) << shift));
+    st[1] = remaining - above;
   }
-  st[0] = int(std::uint32_t(st[0]) | (std::uint32_t(dg) << shift));
-  st[1] = remaining - above;
 }
 
 // pass d (1..3): histogram of the digit at bits 24 - 8d over the keys whose higher digits match.
@@ -884,31 +918,10 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_cluster_kernel(SelectParams p, 
         }
       }
       __syncthreads();
-      if (warp == 0) {  // the digit: the highest bin where the count from the top reaches remaining
-        constexpr int PER = (256 + W - 1) / W;  // bins per lane, lane 0 the highest
-        int cnt[PER], mine = 0;
-#pragma unroll
-        for (int j = 0; j < PER; ++j) {
-          const int bin = 255 - (lane * PER + j);
-          cnt[j] = bin >= 0 ? total[bin] : 0;
-          mine += cnt[j];
-        }
-        int incl = mine;  // inclusive prefix over lanes (higher bins first)
-        for (int o = 1; o < W; o <<= 1) {
-          const int v = vendor::shfl_up<W>(incl, unsigned(o));
-          if (lane >= o) incl += v;
-        }
-        const auto hit = vendor::ballot<W>(incl >= remaining);
-        const int src = hit ? vendor::first_lane(hit) : W - 1;  // the bins always hold >= remaining
-        if (lane == src) {
-          int above = incl - mine, dg = 0;
-          for (int j = 0; j < PER; ++j) {
-            const int bin = 255 - (lane * PER + j);
-            if (bin < 0) break;
-            dg = bin;
-            if (bin == 0 || above + cnt[j] >= remaining) break;
-            above += cnt[j];
-          }
+      if (warp == 0) {  // the digit of this pass (the same in every block: the same bins)
+        int above;
+        const int dg = radix_digit<W>(total, remaining, &above);
+        if (lane == 0) {
           s_prefix = prefix | (std::uint32_t(dg) << shift);
           s_remaining = remaining - above;
         }

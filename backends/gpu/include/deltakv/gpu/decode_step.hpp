@@ -218,6 +218,12 @@ inline std::size_t select_work_words(int batch, std::int64_t max_n) {
   return std::size_t(batch) * (4 * 256 + 4 + 2 * std::size_t(chunks));
 }
 
+// Whether select_topk's cluster path can run here: the current device has thread-block clusters
+// and this build holds sm_90 code of its kernel (vendor::cluster_launch_ok).
+inline bool select_cluster_supported() {
+  return vendor::cluster_launch_ok(select_cluster_kernel<vendor::kWarpSize, kSelectClusterThreads>, vendor::current_device());
+}
+
 namespace detail {
 // The cluster path of select_topk; false where it cannot run (no clusters on this device or in
 // this build's code, too many heads, no or too long a max_n for the cluster's shared memory).
@@ -229,8 +235,8 @@ inline bool select_cluster(const SelectParams& p, std::int64_t max_n, vendor::st
     if (max_n <= 0 || p.n_q_heads > kSelectMaxHeads) return false;
     constexpr int NT = kSelectClusterThreads;
     const auto kernel = select_cluster_kernel<vendor::kWarpSize, NT>;
+    if (!select_cluster_supported()) return false;
     const int dev = vendor::current_device();
-    if (!vendor::cluster_launch_ok(kernel, dev)) return false;
     const auto smem_of = [&](int c) { return ((max_n + c - 1) / c + 3) / 4 * 4 * 4; };  // keys of one block
     // Automatic size: 16 blocks per sequence up to batch 4, where the device runs enough such
     // clusters at once (the H100 at 128K x 1: 0.046 ms against 0.065 with 8); 8 above (at batch 8,

@@ -253,40 +253,42 @@ DELTAKV_GPU_D void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 #endif
 }
-// The 32-bit value at `p` (this block's shared memory) in the copy of block `rank` of the cluster.
-DELTAKV_GPU_D int cluster_load(const int* p, unsigned rank) {
+// The shared::cluster address of `p` (this block's shared memory) in the copy of block `rank`.
+DELTAKV_GPU_D unsigned cluster_address(const void* p, unsigned rank) {
 #ifdef DELTAKV_NO_CLUSTER_CODE
   (void)p;
   (void)rank;
   __trap();
-  return 0;
+  return 0u;
 #else
   const auto local = static_cast<unsigned>(__cvta_generic_to_shared(p));
   unsigned remote;
-  int v;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
-  asm volatile("ld.shared::cluster.s32 %0, [%1];" : "=r"(v) : "r"(remote) : "memory");
-  return v;
+  return remote;
 #endif
+}
+// The 32-bit value at `p` (this block's shared memory) in the copy of block `rank` of the cluster.
+DELTAKV_GPU_D int cluster_load(const int* p, unsigned rank) {
+  const unsigned remote = cluster_address(p, rank);
+  int v = 0;
+#ifndef DELTAKV_NO_CLUSTER_CODE
+  asm volatile("ld.shared::cluster.s32 %0, [%1];" : "=r"(v) : "r"(remote) : "memory");
+#endif
+  return v;
 }
 // 16 bytes at `p` (this block's shared memory, 16-byte aligned) in the copy of block `rank`.
 DELTAKV_GPU_D uint4 cluster_load16(const void* p, unsigned rank) {
-#ifdef DELTAKV_NO_CLUSTER_CODE
-  (void)p;
-  (void)rank;
-  __trap();
-  return make_uint4(0u, 0u, 0u, 0u);
-#else
-  const auto local = static_cast<unsigned>(__cvta_generic_to_shared(p));
-  unsigned remote;
-  uint4 v;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+  const unsigned remote = cluster_address(p, rank);
+  uint4 v = make_uint4(0u, 0u, 0u, 0u);
+#ifndef DELTAKV_NO_CLUSTER_CODE
   asm volatile("ld.shared::cluster.v4.u32 {%0, %1, %2, %3}, [%4];"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "r"(remote)
                : "memory");
-  return v;
+#else
+  (void)remote;
 #endif
+  return v;
 }
 // This block's rank in its cluster.
 DELTAKV_GPU_D unsigned cluster_rank() {
@@ -313,6 +315,26 @@ inline bool cluster_launch_ok(Kernel kernel, int device) {
   check(cudaFuncGetAttributes(&a, kernel), "cudaFuncGetAttributes");
   return a.binaryVersion >= 90;
 }
+// A launch configuration in clusters of cluster_x blocks along x (cfg.attrs points into this
+// object, so it is used where it is built, never copied).
+struct ClusterLaunchConfig {
+  cudaLaunchConfig_t cfg{};
+  cudaLaunchAttribute at[1]{};
+  ClusterLaunchConfig(dim3 grid, dim3 block, std::size_t smem, stream_t s, unsigned cluster_x) {
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = s;
+    at[0].id = cudaLaunchAttributeClusterDimension;
+    at[0].val.clusterDim.x = cluster_x;
+    at[0].val.clusterDim.y = 1;
+    at[0].val.clusterDim.z = 1;
+    cfg.attrs = at;
+    cfg.numAttrs = 1;
+  }
+  ClusterLaunchConfig(const ClusterLaunchConfig&) = delete;
+  ClusterLaunchConfig& operator=(const ClusterLaunchConfig&) = delete;
+};
 // How many clusters of cluster_x blocks (block threads, smem dynamic bytes each) can run at once
 // on this device (0: none, e.g. a non-portable size the device does not offer).
 template <class Kernel>
@@ -321,19 +343,9 @@ inline int max_active_clusters(Kernel kernel, int block, std::size_t smem, unsig
     (void)cudaGetLastError();
     return 0;
   }
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(cluster_x);
-  cfg.blockDim = dim3(unsigned(block));
-  cfg.dynamicSmemBytes = smem;
-  cudaLaunchAttribute at[1];
-  at[0].id = cudaLaunchAttributeClusterDimension;
-  at[0].val.clusterDim.x = cluster_x;
-  at[0].val.clusterDim.y = 1;
-  at[0].val.clusterDim.z = 1;
-  cfg.attrs = at;
-  cfg.numAttrs = 1;
+  const ClusterLaunchConfig c(dim3(cluster_x), dim3(unsigned(block)), smem, nullptr, cluster_x);
   int n = 0;
-  if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess) {
+  if (cudaOccupancyMaxActiveClusters(&n, kernel, &c.cfg) != cudaSuccess) {
     (void)cudaGetLastError();
     return 0;
   }
@@ -344,19 +356,8 @@ template <class... Params, class... Args>
 inline void launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem, stream_t s,
                            unsigned cluster_x, Args... args) {
   if (cluster_x > 8) check(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1), "cudaFuncSetAttribute");
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = s;
-  cudaLaunchAttribute at[1];
-  at[0].id = cudaLaunchAttributeClusterDimension;
-  at[0].val.clusterDim.x = cluster_x;
-  at[0].val.clusterDim.y = 1;
-  at[0].val.clusterDim.z = 1;
-  cfg.attrs = at;
-  cfg.numAttrs = 1;
-  check(cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...), "cudaLaunchKernelEx (cluster)");
+  const ClusterLaunchConfig c(grid, block, smem, s, cluster_x);
+  check(cudaLaunchKernelEx(&c.cfg, kernel, static_cast<Params>(args)...), "cudaLaunchKernelEx (cluster)");
 }
 #else
 inline constexpr bool kClusters = false;
