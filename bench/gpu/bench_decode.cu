@@ -254,7 +254,7 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
   const int tsplits = dec::two_pass_splits(attended_max, B, Hkv, sms);  // the two-pass path's values splits
   Dev part(dec::partials_floats(B, Hq, std::max({sp.n_splits, sp_lane.n_splits, ssplits, tsplits}), D) * 4);
   Dev scores(std::size_t(B) * Hq * attended_max * 4);                  // the two-pass path's logits
-  Dev logits(std::size_t(B) * Hq * N * 4), lse(std::size_t(B) * Hq * 4), keys(std::size_t(B) * N * 4);
+  Dev logits(std::size_t(B) * Hq * N * 2), lse(std::size_t(B) * Hq * 4), keys(std::size_t(B) * N * 4);
   Dev select_work(dec::select_work_words(B, N) * 4);  // the multi-block selection's scratch
   std::vector<Dev*> sel;  // one selection per run of sparse layers (owned by its filter layer)
   for (int l = 0; l < m.layers; ++l) sel.push_back(nullptr);
@@ -267,13 +267,13 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
     const dec::SplitPlan& pl = lane_kernel ? sp_lane : sp;
     dec::DenseDecodeParams<bf> p{q.as<bf>(), qd, kv, std::int64_t(N) * kvd, n_d.as<std::int32_t>(), B, Hq, Hkv, D, scale,
                                  rope, deltakv::RopeStyle::half, pl.split_len, pl.n_splits, part.as<float>(),
-                                 filter ? logits.as<float>() : nullptr, N};
+                                 filter ? logits.as<std::uint16_t>() : nullptr, N};
     p.lane_kernel = lane_kernel;
     dec::dense_partials<Shapes>(p, N, s);
     dec::combine(dec::CombineParams<bf>{part.as<float>(), pl.n_splits, B, Hq, D, out.as<bf>(), qd, filter ? lse.as<float>() : nullptr}, s);
     if (filter) {
       if (!sel[l]) sel[l] = new Dev(std::size_t(B) * TOPK * 4);
-      dec::SelectParams sp_{logits.as<float>(), N, lse.as<float>(), n_d.as<std::int32_t>(), B, Hq, SINKS, RECENT,
+      dec::SelectParams sp_{logits.as<std::uint16_t>(), N, lse.as<float>(), n_d.as<std::int32_t>(), B, Hq, SINKS, RECENT,
                             TOPK, keys.as<std::uint32_t>(), N, sel[l]->as<std::int32_t>(), TOPK,
                             sel_count_all.as<std::int32_t>() + l * B};
       // DELTAKV_SELECT_PATH=multi / one_block / cluster16 for A/B; else the automatic path (the cluster one on sm_90)
@@ -342,7 +342,7 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
   // (topk_ms), one block per sequence (topk1_ms), clusters of 8 and 16 blocks per sequence
   // (topkc_ms, topkc16_ms; 0 where the device has no clusters). The step takes the automatic path.
   auto topk = [&](dec::SelectPath path, int cluster = 0) {
-    dec::SelectParams p{logits.as<float>(), N, lse.as<float>(), n_d.as<std::int32_t>(), B, Hq, SINKS, RECENT,
+    dec::SelectParams p{logits.as<std::uint16_t>(), N, lse.as<float>(), n_d.as<std::int32_t>(), B, Hq, SINKS, RECENT,
                         TOPK, keys.as<std::uint32_t>(), N, sel[f0]->as<std::int32_t>(), TOPK,
                         sel_count_all.as<std::int32_t>() + f0 * B};
     p.path = path;

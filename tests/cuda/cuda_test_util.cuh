@@ -71,6 +71,20 @@ std::vector<T> poisoned(std::size_t n) {
   return v;
 }
 
+// The bits of x as f16 (round to nearest even), and the value of f16 bits: the OmniKV filter's
+// logits are stored so (DenseDecodeParams::logits).
+inline std::uint16_t f16_bits(float x) {
+  const vendor::f16 h = vendor::from_float<vendor::f16>(x);
+  std::uint16_t u = 0;
+  std::memcpy(&u, &h, sizeof u);
+  return u;
+}
+inline double f16_value(std::uint16_t u) {
+  vendor::f16 h;
+  std::memcpy(&h, &u, sizeof u);
+  return double(vendor::to_float(h));
+}
+
 // Multiples of 1/denom in [lo, hi] / denom: products and sums of a few thousand stay exact in f32.
 inline std::vector<float> grid_values(std::size_t n, std::uint32_t seed, int lo, int hi, float denom) {
   std::mt19937 rng(seed);

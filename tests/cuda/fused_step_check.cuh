@@ -37,8 +37,8 @@ void check_fused_step(GpuHarness<cuda::bf16, OmniKVPolicy>& gpu, const Config& c
   const float scale = float(1.0 / std::sqrt(double(HD)));
   const std::int64_t max_n = cfg.cap.max_tokens;
   const auto sp = dec::dense_splits(max_n, 2, Hkv, 132);
-  DBuf<float> part(dec::partials_floats(2, Hq, std::max(sp.n_splits, sparse_splits), HD)),
-      logits(std::size_t(2) * Hq * max_n), lse(std::size_t(2) * Hq);
+  DBuf<float> part(dec::partials_floats(2, Hq, std::max(sp.n_splits, sparse_splits), HD)), lse(std::size_t(2) * Hq);
+  DBuf<std::uint16_t> logits(std::size_t(2) * Hq * max_n);  // f16 bits
   DBuf<std::uint32_t> keys(std::size_t(2) * max_n), select_work(dec::select_work_words(2, max_n));
   DBuf<std::int32_t> sel(std::size_t(2) * TOPK), sel_count(2), dn(std::vector<std::int32_t>{int(len[0]), int(len[1])});
   DBuf<bf> want(std::size_t(2) * qd), got(std::size_t(2) * qd);

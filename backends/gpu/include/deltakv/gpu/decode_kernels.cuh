@@ -34,6 +34,10 @@ using vendor::to_float;
 
 inline constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// A logit for its f16 store (DenseDecodeParams::logits): beyond +-65504 it would round to infinity,
+// so it saturates there; NaN stays NaN (both comparisons fail).
+DELTAKV_GPU_D float saturate_f16(float x) { return x > 65504.f ? 65504.f : (x < -65504.f ? -65504.f : x); }
+
 // N consecutive 16-bit values (4, 8 or 16 bytes, aligned) as floats.
 template <class T, int N>
 DELTAKV_GPU_D void load_vec(const T* src, float* out) {
@@ -343,7 +347,9 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, (G <= 4 ? 3 : 2)) dense_decode_ker
         if (g == lane)
 #pragma unroll
           for (int u = 0; u < U; ++u)
-            if (t + u < t1) p.logits[(std::int64_t(b) * Hq + h * G + g) * p.ld_logits + t + u] = sc[u][g];
+            if (t + u < t1)
+              reinterpret_cast<vendor::f16*>(p.logits)[(std::int64_t(b) * Hq + h * G + g) * p.ld_logits + t + u] =
+                  from_float<vendor::f16>(saturate_f16(sc[u][g]));
     }
 #pragma unroll
     for (int g = 0; g < G; ++g) {
@@ -459,13 +465,18 @@ DELTAKV_GPU_D std::uint32_t select_key_of(float best_x) {
   return vendor::float_bits(fmaxf(0.f, expf(best_x))) + 1u;
 }
 
+// Logit i of the f16 logits (DenseDecodeParams::logits) as f32.
+DELTAKV_GPU_D float logit_at(const SelectParams& p, std::int64_t i) {
+  return to_float(reinterpret_cast<const vendor::f16*>(p.logits)[i]);
+}
+
 // The key of position t of sequence b (also used by select_keys_kernel).
 DELTAKV_GPU_D std::uint32_t select_key(const SelectParams& p, const SelectBounds& sb, int b, int t) {
   if (t < sb.s_end || t >= sb.w_begin) return 0u;
   float best = kNegInf;
   for (int h = 0; h < p.n_q_heads; ++h) {
     const float lse = p.lse[b * p.n_q_heads + h];
-    const float lg = p.logits[(std::int64_t(b) * p.n_q_heads + h) * p.ld_logits + t];
+    const float lg = logit_at(p, (std::int64_t(b) * p.n_q_heads + h) * p.ld_logits + t);
     best = fmaxf(best, lg - lse);
   }
   return select_key_of(best);
@@ -858,24 +869,23 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) select_cluster_kernel(SelectParams p, 
   for (int i = threadIdx.x; i < Hq; i += NT) s_lse[i] = p.lse[b * Hq + i];
   for (int i = threadIdx.x; i < 2 * 256; i += NT) hist[i / 256][i % 256] = 0;
   __syncthreads();
-  // 1. keys: four positions per thread step, 16-byte logit loads where rows allow
-  const float* lg = p.logits + std::int64_t(b) * Hq * p.ld_logits;
-  const bool vec = reinterpret_cast<std::uintptr_t>(p.logits) % 16 == 0 && p.ld_logits % 4 == 0 && a % 4 == 0;
+  // 1. keys: four positions per thread step, 8-byte loads of four f16 logits where rows allow
+  const std::int64_t row0 = std::int64_t(b) * Hq * p.ld_logits;
+  const bool vec = reinterpret_cast<std::uintptr_t>(p.logits) % 8 == 0 && p.ld_logits % 4 == 0 && a % 4 == 0;
   for (int t = a + 4 * threadIdx.x; t < e; t += 4 * NT) {
     float best[4] = {kNegInf, kNegInf, kNegInf, kNegInf};  // largest logit - lse (see select_key)
     if (vec && t + 4 <= e) {
 #pragma unroll 8
       for (int h = 0; h < Hq; ++h) {
-        const float4 v = *reinterpret_cast<const float4*>(lg + std::int64_t(h) * p.ld_logits + t);
+        const uint2 raw = *reinterpret_cast<const uint2*>(p.logits + row0 + std::int64_t(h) * p.ld_logits + t);  // 4 f16
+        const vendor::f16* v = reinterpret_cast<const vendor::f16*>(&raw);
         const float l = s_lse[h];
-        best[0] = fmaxf(best[0], v.x - l);
-        best[1] = fmaxf(best[1], v.y - l);
-        best[2] = fmaxf(best[2], v.z - l);
-        best[3] = fmaxf(best[3], v.w - l);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) best[j] = fmaxf(best[j], to_float(v[j]) - l);
       }
     } else {
       for (int h = 0; h < Hq; ++h)
-        for (int j = 0; j < 4 && t + j < e; ++j) best[j] = fmaxf(best[j], lg[std::int64_t(h) * p.ld_logits + t + j] - s_lse[h]);
+        for (int j = 0; j < 4 && t + j < e; ++j) best[j] = fmaxf(best[j], logit_at(p, row0 + std::int64_t(h) * p.ld_logits + t + j) - s_lse[h]);
     }
     for (int j = 0; j < 4 && t + j < e; ++j) {
       const bool middle = t + j >= sb.s_end && t + j < sb.w_begin;

@@ -186,7 +186,7 @@ void dense_partials(const DenseDecodeParams<T>& p, std::int64_t max_n, vendor::s
           kernel<<<grid, kDenseMmaThreads, smem, stream>>>(p);
         };
         constexpr int Dv = decltype(d)::value, Gv = decltype(g)::value;
-        if (p.logits)  // the filter's logits keep ~16 bits (see dense_mma.cuh)
+        if (p.logits)  // the filter's logits are computed to ~16 bits before their f16 store (see dense_mma.cuh)
           launch(dense_mma_kernel<T, Dv, Gv, true>);
         else
           launch(dense_mma_kernel<T, Dv, Gv, false>);

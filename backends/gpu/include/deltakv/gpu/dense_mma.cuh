@@ -14,8 +14,9 @@
 //     P^T's operand layout, and V's row chunks become V^T's operand by one movmatrix each.
 // Precision: the rotated K enters the product rounded to T, as a cache of post-RoPE rows would hold
 // it. Where the logits are written (the OmniKV filter layers, Split = true) it enters as two T parts,
-// rounded value + rounding error, so the logits keep about 16 bits like the f32 lane kernel's
-// (measured on the H100 at Llama 128K x 8: 1.79 ms per layer with the split, 1.50 without).
+// rounded value + rounding error, so the logits keep about 16 bits like the f32 lane kernel's before
+// they are stored as f16 (11 bits: the storage's rounding, not the product's, is what the selection
+// sees). The split costs no time measurably: the pass is bound by reading K and V.
 // Rows are copied to shared memory by each lane itself (cp.async, two stages per warp), so no
 // barrier is needed until the merge. Each lane's position mod 64 stays fixed (8 warps x 8 tokens =
 // 64 positions per step, splits start at multiples of 64), so the small RoPE table's entries a lane
@@ -116,6 +117,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(kDenseMmaThreads, 2) dense_mma_kernel(
       vendor::cp_async16(sk + 8 * RS + CS * i, rp + (p.n_kv_heads + h) * D + CS * i);
     }
   };
+  const bool pair_store = p.ld_logits % 2 == 0 && reinterpret_cast<std::uintptr_t>(p.logits) % 4 == 0;  // f16 logit pairs
   if (t0 + 8 * warp < t1) issue(t0 + 8 * warp, 0);
   vendor::cp_async_commit();
 
@@ -200,9 +202,15 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(kDenseMmaThreads, 2) dense_mma_kernel(
     const float s0 = ok0 ? (sacc[0][0] + sacc[1][0]) * p.scale : kNegInf,
                 s1 = ok1 ? (sacc[0][1] + sacc[1][1]) * p.scale : kNegInf;
     if (Split && p.logits && g < G) {  // dispatch pairs logits with Split (their ~16 bits)
-      float* lg = p.logits + (std::int64_t(b) * Hq + h * G + g) * p.ld_logits + tb + 2 * c;
-      if (ok0) lg[0] = s0;
-      if (ok1) lg[1] = s1;
+      // f16 (see DenseDecodeParams::logits): one 4-byte store per token pair where rows keep the
+      // alignment (tb + 2c is even)
+      vendor::f16* lg = reinterpret_cast<vendor::f16*>(p.logits) + (std::int64_t(b) * Hq + h * G + g) * p.ld_logits + tb + 2 * c;
+      if (ok1 && pair_store) {
+        *reinterpret_cast<unsigned*>(lg) = vendor::pack2<vendor::f16>(saturate_f16(s0), saturate_f16(s1));
+      } else {
+        if (ok0) lg[0] = from_float<vendor::f16>(saturate_f16(s0));
+        if (ok1) lg[1] = from_float<vendor::f16>(saturate_f16(s1));
+      }
     }
     float mx = fmaxf(s0, s1);
     mx = fmaxf(mx, vendor::shfl_xor<W>(mx, 1));
