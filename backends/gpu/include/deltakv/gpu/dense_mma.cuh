@@ -107,14 +107,18 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(kDenseMmaThreads, 2) dense_mma_kernel(
   const T* base = p.kv + b * p.seq_stride;
   // This lane's slots in the warp's two stages: K row g at row g, V row g at row 8 + g.
   T* const my_stage = reinterpret_cast<T*>(dense_mma_smem) + warp * 2 * 16 * RS + g * RS + 8 * c;
+  // L2 policies: K and V are read once per step (evict first), the logits are read by the selection
+  // right after this pass (evict last). Measured on the H100 at Llama 128K x 8: the layer 1.496 ->
+  // 1.482 ms, the filter layer's extra 0.183 -> 0.172.
+  const unsigned long long read_once = vendor::l2_evict_first_policy(), read_next = vendor::l2_evict_last_policy();
   auto issue = [&](int tb, int st) {  // rows past t1 copy a valid row (t0), masked later
     const int row = tb + g < t1 ? tb + g : t0;
     const T* rp = base + std::int64_t(row) * ld + 8 * c;
     T* sk = my_stage + st * 16 * RS;
 #pragma unroll
     for (int i = 0; i < NC; ++i) {
-      vendor::cp_async16(sk + CS * i, rp + h * D + CS * i);
-      vendor::cp_async16(sk + 8 * RS + CS * i, rp + (p.n_kv_heads + h) * D + CS * i);
+      vendor::cp_async16_hint(sk + CS * i, rp + h * D + CS * i, read_once);
+      vendor::cp_async16_hint(sk + 8 * RS + CS * i, rp + (p.n_kv_heads + h) * D + CS * i, read_once);
     }
   };
   const bool pair_store = p.ld_logits % 2 == 0 && reinterpret_cast<std::uintptr_t>(p.logits) % 4 == 0;  // f16 logit pairs
@@ -206,7 +210,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(kDenseMmaThreads, 2) dense_mma_kernel(
       // alignment (tb + 2c is even)
       vendor::f16* lg = reinterpret_cast<vendor::f16*>(p.logits) + (std::int64_t(b) * Hq + h * G + g) * p.ld_logits + tb + 2 * c;
       if (ok1 && pair_store) {
-        *reinterpret_cast<unsigned*>(lg) = vendor::pack2<vendor::f16>(saturate_f16(s0), saturate_f16(s1));
+        vendor::st_u32_hint(lg, vendor::pack2_f16_satfinite(s0, s1), read_next);
       } else {
         if (ok0) lg[0] = from_float<vendor::f16>(saturate_f16(s0));
         if (ok1) lg[1] = from_float<vendor::f16>(saturate_f16(s1));

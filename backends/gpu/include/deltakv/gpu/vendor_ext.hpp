@@ -194,6 +194,32 @@ DELTAKV_GPU_D void cp_async16(void* smem, const void* gmem) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
 }
+// L2 cache policies (createpolicy) for the hinted copy and store below: evict first for data read
+// once (a dense pass's K and V), evict last for what the next kernel reads (the filter's logits).
+DELTAKV_GPU_D unsigned long long l2_evict_first_policy() {
+  unsigned long long pol;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
+  return pol;
+}
+DELTAKV_GPU_D unsigned long long l2_evict_last_policy() {
+  unsigned long long pol;
+  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(pol));
+  return pol;
+}
+DELTAKV_GPU_D void cp_async16_hint(void* smem, const void* gmem, unsigned long long pol) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "l"(pol) : "memory");
+}
+DELTAKV_GPU_D void st_u32_hint(void* gmem, unsigned v, unsigned long long pol) {
+  asm volatile("st.global.L2::cache_hint.b32 [%0], %1, %2;\n" ::"l"(gmem), "r"(v), "l"(pol) : "memory");
+}
+// Two floats as f16 (lo in the low half), rounded to nearest even, saturated to +-65504 (satfinite:
+// no infinity; NaN stays NaN), in one conversion.
+DELTAKV_GPU_D unsigned pack2_f16_satfinite(float lo, float hi) {
+  unsigned d;
+  asm("cvt.rn.satfinite.f16x2.f32 %0, %1, %2;\n" : "=r"(d) : "f"(hi), "f"(lo));
+  return d;
+}
 DELTAKV_GPU_D void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
 DELTAKV_GPU_D void cp_async_wait() {
@@ -203,6 +229,17 @@ DELTAKV_GPU_D void cp_async_wait() {
 // Synchronous stand-ins with the same meaning.
 DELTAKV_GPU_D void cp_async16(void* smem, const void* gmem) {
   *reinterpret_cast<uint4*>(smem) = *reinterpret_cast<const uint4*>(gmem);
+}
+DELTAKV_GPU_D unsigned long long l2_evict_first_policy() { return 0; }
+DELTAKV_GPU_D unsigned long long l2_evict_last_policy() { return 0; }
+DELTAKV_GPU_D void cp_async16_hint(void* smem, const void* gmem, unsigned long long) { cp_async16(smem, gmem); }
+DELTAKV_GPU_D void st_u32_hint(void* gmem, unsigned v, unsigned long long) { *reinterpret_cast<unsigned*>(gmem) = v; }
+DELTAKV_GPU_D unsigned pack2_f16_satfinite(float lo, float hi) {
+  const float c = 65504.f;  // (compares, not fminf: NaN stays NaN)
+  const f16 h[2] = {from_float<f16>(lo > c ? c : (lo < -c ? -c : lo)), from_float<f16>(hi > c ? c : (hi < -c ? -c : hi))};
+  unsigned d;
+  __builtin_memcpy(&d, h, sizeof d);
+  return d;
 }
 DELTAKV_GPU_D void cp_async_commit() {}
 template <int N>
