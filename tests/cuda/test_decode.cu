@@ -255,7 +255,13 @@ void run_select_case(const std::vector<std::int32_t>& n, std::int64_t ld, int ti
   p.path = path;
   p.cluster = cluster;
   if (path == dec::SelectPath::multi_block) p.work = scratch.p;
-  dec::select_topk(p, ld, nullptr);
+  // the host decisions once (plan_select), then launches only; the plan names the path asked for
+  const dec::SelectPlan plan = dec::plan_select(p, ld);
+  CHECK(plan.path == path);
+  CHECK(plan.max_n == ld);
+  if (path == dec::SelectPath::cluster && cluster > 0) CHECK(plan.cluster == cluster);
+  if (path == dec::SelectPath::cluster && cluster == 0) CHECK((plan.cluster == 8 || (B <= 4 && plan.cluster == 16)));
+  dec::select_topk(p, plan, nullptr);
   const auto gs = sel.get();
   const auto gc = cnt.get();
   for (int b = 0; b < B; ++b) {
@@ -312,6 +318,48 @@ TEST_CASE("fused OmniKV selection: the k most attended middle positions, in orde
     for (int c : {1, 3, 16}) run_select_case({20000, 9000, 4100, 90, 20}, 20000, 2460, P::cluster, 32, -1, c);
     run_select_case({20000, 3003}, 20000, 1000, P::cluster, 1, 19990, 16);
   }
+}
+
+TEST_CASE("OmniKV selection plan: made once, launched for new logits, the same as planning each call; misuse refused") {
+  DKT_REQUIRE_CUDA();
+  const int Hq = 4, B = 2, K = 64;
+  const std::int64_t ld = 3000;
+  const std::vector<std::int32_t> n{3000, 900};
+  std::vector<float> lse(std::size_t(B) * Hq, 2.f);
+  DBuf<std::uint16_t> dl(std::size_t(B) * Hq * ld);
+  DBuf<float> dlse(lse);
+  DBuf<std::int32_t> dn(n), sel(std::size_t(B) * K), cnt(B), sel2(std::size_t(B) * K), cnt2(B);
+  DBuf<std::uint32_t> keys(std::size_t(B) * ld), scratch(dec::select_work_words(B, ld));
+  dec::SelectParams p{dl.p, ld, dlse.p, dn.p, B, Hq, 4, 32, K, keys.p, ld, sel.p, K, cnt.p};
+  const dec::SelectPlan plan = dec::plan_select(p, ld);  // automatic: the cluster path where the device has clusters
+  CHECK(plan.path == (dec::select_cluster_supported() ? dec::SelectPath::cluster : dec::SelectPath::one_block));
+  for (std::uint32_t seed : {1u, 2u}) {  // new logits each time, the same plan
+    CAPTURE(seed);
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> nd(0.f, 2.f);
+    std::vector<std::uint16_t> lg(std::size_t(B) * Hq * ld);
+    for (auto& x : lg) x = f16_bits(nd(rng));
+    vendor::memcpy_async(dl.p, lg.data(), lg.size() * sizeof(std::uint16_t), nullptr);
+    sel.poison();
+    sel2.poison();
+    dec::select_topk(p, plan, nullptr);
+    dec::SelectParams p2 = p;
+    p2.sel = sel2.p;
+    p2.sel_count = cnt2.p;
+    dec::select_topk(p2, ld, nullptr);  // planned in the call
+    CHECK(sel.get() == sel2.get());
+    CHECK(cnt.get() == cnt2.get());
+  }
+  // a plan is checked against the parameters it launches with
+  p.work = scratch.p;
+  p.path = dec::SelectPath::multi_block;
+  const dec::SelectPlan multi = dec::plan_select(p, ld);
+  CHECK(multi.path == dec::SelectPath::multi_block);
+  p.work = nullptr;
+  CHECK_THROWS_AS(dec::select_topk(p, multi, nullptr), deltakv::ConfigError);
+  p.work = scratch.p;
+  p.ld_keys = ld - 1;
+  CHECK_THROWS_AS(dec::select_topk(p, multi, nullptr), deltakv::ShapeError);
 }
 
 namespace {

@@ -236,18 +236,29 @@ inline bool select_cluster_supported() {
   return vendor::cluster_launch_ok(select_cluster_kernel<vendor::kWarpSize, kSelectClusterThreads>, vendor::current_device());
 }
 
+// What select_topk runs for a shape: plan_select makes the host decisions once (the path, and on the
+// cluster path the cluster size, from device queries: cluster support, the kernel's binary, the
+// active-cluster occupancy, and the shared-memory attribute it sets), so that select_topk with a
+// plan only launches kernels: nothing to ask the device per step, whether captured in a graph or
+// run eagerly.
+struct SelectPlan {
+  SelectPath path = SelectPath::one_block;  // resolved: one_block, multi_block or cluster
+  int cluster = 0;                          // cluster path: blocks per sequence
+  std::int64_t per = 0;                     // cluster path: positions (keys) per block
+  std::int64_t max_n = 0;                   // the longest sequence the plan was made for
+};
+
 namespace detail {
-// The cluster path of select_topk; false where it cannot run (no clusters on this device or in
-// this build's code, too many heads, no or too long a max_n for the cluster's shared memory).
-inline bool select_cluster(const SelectParams& p, std::int64_t max_n, vendor::stream_t stream) {
-  if constexpr (!vendor::kClusters) {
-    return false;
-  } else {
+// The cluster path's shape, or path != cluster where it cannot run (no clusters on this device or
+// in this build's code, too many heads, no or too long a max_n for the cluster's shared memory).
+inline SelectPlan plan_cluster(const SelectParams& p, std::int64_t max_n) {
+  SelectPlan plan;
+  plan.max_n = max_n;
+  if constexpr (vendor::kClusters) {
     if (p.cluster < 0 || p.cluster > 16) throw ConfigError("select_topk: cluster must be 0 (automatic) or 1 to 16 blocks per sequence");
-    if (max_n <= 0 || p.n_q_heads > kSelectMaxHeads) return false;
+    if (max_n <= 0 || p.n_q_heads > kSelectMaxHeads || !select_cluster_supported()) return plan;
     constexpr int NT = kSelectClusterThreads;
     const auto kernel = select_cluster_kernel<vendor::kWarpSize, NT>;
-    if (!select_cluster_supported()) return false;
     const int dev = vendor::current_device();
     const auto smem_of = [&](int c) { return ((max_n + c - 1) / c + 3) / 4 * 4 * 4; };  // keys of one block
     // Automatic size: 16 blocks per sequence up to batch 4, where the device runs enough such
@@ -262,35 +273,60 @@ inline bool select_cluster(const SelectParams& p, std::int64_t max_n, vendor::st
         if (vendor::max_active_clusters(kernel, NT, std::size_t(smem_of(16)), 16) >= p.batch) C = 16;
       }
     }
-    const std::int64_t per = smem_of(C) / 4;
-    const std::int64_t smem = per * 4;
-    if (smem > smem_max) return false;
-    vendor::allow_dynamic_smem(kernel, int(smem));
-    vendor::launch_cluster(kernel, dim3(unsigned(C), unsigned(p.batch)), dim3(NT), std::size_t(smem), stream, unsigned(C), p,
-                           int(per));
-    return true;
+    if (smem_of(C) > smem_max) return plan;
+    vendor::allow_dynamic_smem(kernel, int(smem_of(C)));
+    plan.path = SelectPath::cluster;
+    plan.cluster = C;
+    plan.per = smem_of(C) / 4;
   }
+  return plan;
 }
 }  // namespace detail
 
-// OmniKV selection from the logits and lse of a dense pass over the filter layer, by the path
-// p.path names (SelectParams); the same result on every path. max_n: an upper bound of p.n[]
-// (0 = unknown: the cluster path, which sizes its shared memory from it, is then not taken).
-// Measured at Llama 128K x 8 (docs/BENCHMARKS.md): multi_block 0.25 ms, one_block 0.135, cluster 0.086.
-inline void select_topk(const SelectParams& p, std::int64_t max_n, vendor::stream_t stream) {
+// The plan for select_topk over p's shape (batch, heads, k, cluster, path, work) and sequences of at
+// most max_n positions (0 = unknown: the cluster path, which sizes its shared memory from it, is then
+// not taken). Checks p as select_topk does; host calls only, no launch.
+inline SelectPlan plan_select(const SelectParams& p, std::int64_t max_n) {
   if (p.k <= 0) throw ConfigError("select_topk: k must be positive");
   if (p.ld_sel < p.k) throw ShapeError("select_topk: ld_sel < k");
   if (p.ld_keys < max_n) throw ShapeError("select_topk: ld_keys < longest sequence");
   const SelectPath path = p.path != SelectPath::automatic ? p.path : (p.work ? SelectPath::multi_block : SelectPath::cluster);
   if (path == SelectPath::multi_block && !p.work) throw ConfigError("select_topk: the multi-block path needs SelectParams::work");
-  if (p.batch == 0) return;
+  SelectPlan plan;
+  plan.max_n = max_n;
   if (path == SelectPath::cluster) {
-    if (detail::select_cluster(p, max_n, stream)) return;
-    if (p.path == SelectPath::cluster)
+    plan = detail::plan_cluster(p, max_n);
+    if (plan.path != SelectPath::cluster && p.path == SelectPath::cluster)
       throw ConfigError("select_topk: the cluster path needs thread-block clusters (sm_90 code and device), at most " +
                         std::to_string(kSelectMaxHeads) + " query heads and a max_n whose keys fit one cluster's shared memory");
+  } else {
+    plan.path = path;
   }
-  if (path == SelectPath::multi_block) {
+  return plan;
+}
+
+// OmniKV selection from the logits and lse of a dense pass over the filter layer, as plan_select
+// decided; the same result on every path. Only launches (graph-capturable); p must keep the shape
+// the plan was made for (its sequences at most plan.max_n long).
+// Measured at Llama 128K x 8 (docs/BENCHMARKS.md): multi_block 0.25 ms, one_block 0.135, cluster 0.086.
+inline void select_topk(const SelectParams& p, const SelectPlan& plan, vendor::stream_t stream) {
+  if (p.ld_keys < plan.max_n) throw ShapeError("select_topk: ld_keys < the plan's longest sequence");
+  if (plan.path == SelectPath::multi_block && !p.work) throw ConfigError("select_topk: the multi-block path needs SelectParams::work");
+  if (plan.path == SelectPath::cluster && p.n_q_heads > kSelectMaxHeads)
+    throw ConfigError("select_topk: the plan's cluster path takes at most " + std::to_string(kSelectMaxHeads) + " query heads");
+  if (p.batch == 0) return;
+  const std::int64_t max_n = plan.max_n;
+  if (plan.path == SelectPath::cluster) {
+    if constexpr (vendor::kClusters) {
+      constexpr int NT = kSelectClusterThreads;
+      vendor::launch_cluster(select_cluster_kernel<vendor::kWarpSize, NT>, dim3(unsigned(plan.cluster), unsigned(p.batch)), dim3(NT),
+                             std::size_t(plan.per) * 4, stream, unsigned(plan.cluster), p, int(plan.per));
+      return;
+    } else {
+      throw ConfigError("select_topk: the cluster path is not built here");
+    }
+  }
+  if (plan.path == SelectPath::multi_block) {
     constexpr int NT = 256;
     const int chunks = int(std::max<std::int64_t>(1, (max_n + kSelectChunk - 1) / kSelectChunk));
     const SelectWork w = select_work(p.work, p.batch, chunks);
@@ -317,6 +353,12 @@ inline void select_topk(const SelectParams& p, std::int64_t max_n, vendor::strea
   vendor::check_launch("score_keys_kernel");
   select_kernel<vendor::kWarpSize, kSelectThreads><<<p.batch, kSelectThreads, 0, stream>>>(p);
   vendor::check_launch("select_kernel");
+}
+
+// plan_select + select_topk in one call: the host decisions each call (a few host queries on the
+// cluster path). Engines that step repeatedly keep a plan instead.
+inline void select_topk(const SelectParams& p, std::int64_t max_n, vendor::stream_t stream) {
+  select_topk(p, plan_select(p, max_n), stream);
 }
 
 // Bytes of dynamic shared memory the sparse kernel needs for this layer shape.
