@@ -25,6 +25,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -263,6 +264,7 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
 
   const char* select_env_c = std::getenv("DELTAKV_SELECT_PATH");
   const std::string select_env = select_env_c ? select_env_c : "";
+  std::optional<dec::SelectPlan> select_plan;  // every filter layer selects over the same shape
   auto dense_layer = [&](const bf* kv, bool filter, int l, bool lane_kernel = false) {
     const dec::SplitPlan& pl = lane_kernel ? sp_lane : sp;
     dec::DenseDecodeParams<bf> p{q.as<bf>(), qd, kv, std::int64_t(N) * kvd, n_d.as<std::int32_t>(), B, Hq, Hkv, D, scale,
@@ -280,15 +282,20 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
       if (select_env == "multi") sp_.work = select_work.as<std::uint32_t>();
       if (select_env == "one_block") sp_.path = dec::SelectPath::one_block;
       if (select_env == "cluster16") sp_.cluster = 16;
-      dec::select_topk(sp_, N, s);
+      if (!select_plan) select_plan = dec::plan_select(sp_, N);  // the host decisions once, as an engine keeps them
+      dec::select_topk(sp_, *select_plan, s);
     }
   };
   // The step's sparse path: DELTAKV_SPARSE=l2 (fused, W_k,h read from L2), =two_pass, =t256 (fused,
   // 256-thread blocks), else the fused default.
   const char* sparse_env = std::getenv("DELTAKV_SPARSE");
   const std::string senv = sparse_env ? sparse_env : "";
-  const int step_path = senv == "l2" ? 1 : (senv == "two_pass" ? 2 : (senv == "t256" ? 3 : 0));
-  auto sparse_layer = [&](int ci, int filter_layer, unsigned long long* profile = nullptr, int path = 0) {
+  enum class SparseRun { fused, weights_l2, two_pass, fused_256 };  // the fused default and the variants it is timed against
+  const SparseRun step_path = senv == "l2"         ? SparseRun::weights_l2
+                              : senv == "two_pass" ? SparseRun::two_pass
+                              : senv == "t256"     ? SparseRun::fused_256
+                                                   : SparseRun::fused;
+  auto sparse_layer = [&](int ci, int filter_layer, unsigned long long* profile = nullptr, SparseRun path = SparseRun::fused) {
     dec::CompressedLayerView<bf> v{reinterpret_cast<const std::byte*>(comp_buf[ci]->p), seq_bytes, off_sinks, off_ring, off_refs,
                                    off_lat, off_scale, off_ids, SINKS, RING, DC, bits, K_REF, lat_ld, code_d.as<std::int32_t>(),
                                    wdec[ci]->as<bf>(), nullptr};
@@ -296,9 +303,9 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
                                   sel[filter_layer]->as<std::int32_t>(), TOPK,
                                   sel_count_all.as<std::int32_t>() + filter_layer * B, B, Hq, Hkv, D, scale, rope,
                                   deltakv::RopeStyle::half, SINKS, RECENT, ssplits, part.as<float>(), profile};
-    p.weights_from_l2 = path == 1;
-    if (path == 3) p.block_threads = 256;
-    if (path == 2) {
+    p.weights_from_l2 = path == SparseRun::weights_l2;
+    if (path == SparseRun::fused_256) p.block_threads = 256;
+    if (path == SparseRun::two_pass) {
       p.n_splits = tsplits;
       p.scores = scores.as<float>();
       p.ld_scores = attended_max;
@@ -362,9 +369,9 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
   r.combine_ms = time_graph([&] {
     dec::combine(dec::CombineParams<bf>{part.as<float>(), ssplits, B, Hq, D, out.as<bf>(), qd, nullptr}, s);
   }, s, reps * 4);
-  r.sparse_l2_ms = time_graph([&] { sparse_layer(0, filter_of[first_sparse], nullptr, 1); }, s, reps * 4);
-  r.sparse_2p_ms = time_graph([&] { sparse_layer(0, filter_of[first_sparse], nullptr, 2); }, s, reps * 4);
-  r.sparse_256_ms = time_graph([&] { sparse_layer(0, filter_of[first_sparse], nullptr, 3); }, s, reps * 4);
+  r.sparse_l2_ms = time_graph([&] { sparse_layer(0, filter_of[first_sparse], nullptr, SparseRun::weights_l2); }, s, reps * 4);
+  r.sparse_2p_ms = time_graph([&] { sparse_layer(0, filter_of[first_sparse], nullptr, SparseRun::two_pass); }, s, reps * 4);
+  r.sparse_256_ms = time_graph([&] { sparse_layer(0, filter_of[first_sparse], nullptr, SparseRun::fused_256); }, s, reps * 4);
 
   if (std::getenv("DELTAKV_PHASES")) {  // where a sparse layer's block time goes (cycles per phase)
     Dev prof(9 * 8);
