@@ -134,9 +134,11 @@ namespace {
 // only the attention (the tensor-core kernel rounds the rotated K to bf16). split_len > 0: that split
 // length instead of dense_splits' (one that is not a multiple of 64 must fall back to the lane kernel).
 // max_n: the longest sequence allowed, which the RoPE table covers exactly when a multiple of 64.
+// scale_mul > 1: the softmax scale that many times larger, so that logits pass f16's +-65504: they must
+// be stored saturated there (finite), and only the logits are checked (the attention is one-hot).
 template <class T = bf, class Shapes = dec::AllShapes>
 void run_dense_case(const Shape& s, const std::vector<std::int32_t>& n, bool lane_kernel, bool with_logits = true,
-                    int split_len = 0, std::int64_t max_n = 2500) {
+                    int split_len = 0, std::int64_t max_n = 2500, double scale_mul = 1.0) {
   CAPTURE(lane_kernel);
   CAPTURE(with_logits);
   CAPTURE(s.D);
@@ -147,7 +149,7 @@ void run_dense_case(const Shape& s, const std::vector<std::int32_t>& n, bool lan
   const std::int64_t stride = max_n * kvd;
   auto kv = random_16<T>(std::size_t(B) * stride, 11 + s.D, -1.f, 1.f);
   auto q = random_16<T>(std::size_t(B) * qd, 12 + s.D, -1.f, 1.f);
-  const double scale = 1.0 / std::sqrt(double(s.D));
+  const double scale = scale_mul / std::sqrt(double(s.D));
   RopeDev rope(theta, s.D, max_n);
   DBuf<T> dkv(kv.b), dq(q.b), dout(std::size_t(B) * qd);
   DBuf<std::int32_t> dn(n);
@@ -180,13 +182,29 @@ void run_dense_case(const Shape& s, const std::vector<std::int32_t>& n, bool lan
     std::vector<double> wl, wlse;
     const auto want = naive_attend(s, q.d.data() + b * qd, rows, pos, theta, scale, &wl, &wlse);
     const std::vector<double> g(got.begin() + b * qd, got.begin() + (b + 1) * qd);
-    CHECK(dkt::rel_l2(g, want) < 1e-2);  // bf16 output rounding (2^-9) dominates (f16: 2^-12)
-    for (int h = 0; h < s.Hq; ++h) CHECK(std::abs(got_lse[b * s.Hq + h] - wlse[h]) < (with_logits ? 1e-4 : 1e-3));
+    if (scale_mul == 1.0) {
+      CHECK(dkt::rel_l2(g, want) < 1e-2);  // bf16 output rounding (2^-9) dominates (f16: 2^-12)
+      for (int h = 0; h < s.Hq; ++h) CHECK(std::abs(got_lse[b * s.Hq + h] - wlse[h]) < (with_logits ? 1e-4 : 1e-3));
+    }
     if (!with_logits) continue;
     std::vector<double> gl;
+    int saturated = 0, past = 0, not_finite = 0;
     for (int h = 0; h < s.Hq; ++h)
-      for (int t = 0; t < n[b]; ++t) gl.push_back(f16_value(got_logits[(std::size_t(b) * s.Hq + h) * max_n + t]));
-    // f16 storage rounds each logit by at most 2^-11 (4.9e-4) of itself; the product keeps ~16 bits
+      for (int t = 0; t < n[b]; ++t) {
+        const double x = f16_value(got_logits[(std::size_t(b) * s.Hq + h) * max_n + t]);
+        not_finite += !std::isfinite(x);
+        saturated += std::abs(x) == 65504.0;
+        gl.push_back(x);
+      }
+    CHECK(not_finite == 0);
+    // f16 storage rounds each logit by at most 2^-11 (4.9e-4) of itself; the product keeps ~16 bits.
+    // Beyond +-65504 the stored value is the bound itself.
+    for (auto& x : wl) {
+      past += std::abs(x) > 65504.0 * (1 + 1e-3);
+      x = std::clamp(x, -65504.0, 65504.0);
+    }
+    CHECK(saturated >= past);
+    if (scale_mul > 1.0) CHECK(past > 0);  // the case reaches the bound
     CHECK(dkt::rel_l2(gl, wl) < 5.5e-4);
   }
 }
@@ -204,6 +222,13 @@ TEST_CASE("fused dense decode: attention, logits and lse against float64 RoPE at
   // an odd logits row (ld_logits = 2501): every other row starts off a 4-byte boundary, so the
   // tensor-core kernel stores its f16 logits one by one instead of in pairs
   for (const bool lane : {false, true}) run_dense_case(Shape{8, 2, 128, RopeStyle::half}, {1, 777, 2501}, lane, true, 0, 2501);
+  // logits beyond f16's range (a softmax scale 1e5 times the usual: |logit| up to ~1.3e5, a few
+  // percent of them past 65504) are stored saturated, in pairs (even row) and one by one (odd row)
+  for (const bool lane : {false, true})
+    for (const std::int64_t max_n : {2500, 2501}) {
+      CAPTURE(max_n);
+      run_dense_case(Shape{8, 2, 128, RopeStyle::half}, {777, int(max_n)}, lane, true, 0, max_n, 1e5);
+    }
   // A sequence as long as the RoPE table, split into 200s: a 16-lane group of the lane kernel whose
   // tokens all lie past the end starts at position 2368, one past the table (it read the table
   // there until the fix; memcheck over this case is what sees such a read).
