@@ -310,6 +310,8 @@ inline SelectPlan plan_select(const SelectParams& p, std::int64_t max_n) {
 // the plan was made for (its sequences at most plan.max_n long).
 // Measured at Llama 128K x 8 (docs/BENCHMARKS.md): multi_block 0.25 ms, one_block 0.135, cluster 0.086.
 inline void select_topk(const SelectParams& p, const SelectPlan& plan, vendor::stream_t stream) {
+  if (p.k <= 0) throw ConfigError("select_topk: k must be positive");
+  if (p.ld_sel < p.k) throw ShapeError("select_topk: ld_sel < k");
   if (p.ld_keys < plan.max_n) throw ShapeError("select_topk: ld_keys < the plan's longest sequence");
   if (plan.path == SelectPath::multi_block && !p.work) throw ConfigError("select_topk: the multi-block path needs SelectParams::work");
   if (plan.path == SelectPath::cluster && p.n_q_heads > kSelectMaxHeads)
