@@ -34,9 +34,7 @@ using vendor::to_float;
 
 inline constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// A logit for its f16 store (DenseDecodeParams::logits): beyond +-65504 it would round to infinity,
-// so it saturates there; NaN stays NaN (both comparisons fail).
-DELTAKV_GPU_D float saturate_f16(float x) { return x > 65504.f ? 65504.f : (x < -65504.f ? -65504.f : x); }
+using vendor::saturate_f16;  // (the logits' f16 store, DenseDecodeParams::logits)
 
 // N consecutive 16-bit values (4, 8 or 16 bytes, aligned) as floats.
 template <class T, int N>

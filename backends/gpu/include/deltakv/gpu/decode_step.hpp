@@ -91,7 +91,6 @@ inline SplitPlan dense_splits(std::int64_t max_n, int batch, int n_kv_heads, int
       s.split_len = int(len);
       s.n_splits = int(n);
     }
-    if (len == 256) break;
   }
   return s;
 }
@@ -249,6 +248,14 @@ struct SelectPlan {
 };
 
 namespace detail {
+// The checks plan_select and select_topk share: p against the path and the longest sequence.
+inline void check_select(const SelectParams& p, std::int64_t max_n, SelectPath path) {
+  if (p.k <= 0) throw ConfigError("select_topk: k must be positive");
+  if (p.ld_sel < p.k) throw ShapeError("select_topk: ld_sel < k");
+  if (p.ld_keys < max_n) throw ShapeError("select_topk: ld_keys < longest sequence");
+  if (path == SelectPath::multi_block && !p.work) throw ConfigError("select_topk: the multi-block path needs SelectParams::work");
+}
+
 // The cluster path's shape, or path != cluster where it cannot run (no clusters on this device or
 // in this build's code, too many heads, no or too long a max_n for the cluster's shared memory).
 inline SelectPlan plan_cluster(const SelectParams& p, std::int64_t max_n) {
@@ -287,11 +294,8 @@ inline SelectPlan plan_cluster(const SelectParams& p, std::int64_t max_n) {
 // most max_n positions (0 = unknown: the cluster path, which sizes its shared memory from it, is then
 // not taken). Checks p as select_topk does; host calls only, no launch.
 inline SelectPlan plan_select(const SelectParams& p, std::int64_t max_n) {
-  if (p.k <= 0) throw ConfigError("select_topk: k must be positive");
-  if (p.ld_sel < p.k) throw ShapeError("select_topk: ld_sel < k");
-  if (p.ld_keys < max_n) throw ShapeError("select_topk: ld_keys < longest sequence");
   const SelectPath path = p.path != SelectPath::automatic ? p.path : (p.work ? SelectPath::multi_block : SelectPath::cluster);
-  if (path == SelectPath::multi_block && !p.work) throw ConfigError("select_topk: the multi-block path needs SelectParams::work");
+  detail::check_select(p, max_n, path);
   SelectPlan plan;
   plan.max_n = max_n;
   if (path == SelectPath::cluster) {
@@ -310,10 +314,7 @@ inline SelectPlan plan_select(const SelectParams& p, std::int64_t max_n) {
 // the plan was made for (its sequences at most plan.max_n long).
 // Measured at Llama 128K x 8 (docs/BENCHMARKS.md): multi_block 0.25 ms, one_block 0.135, cluster 0.086.
 inline void select_topk(const SelectParams& p, const SelectPlan& plan, vendor::stream_t stream) {
-  if (p.k <= 0) throw ConfigError("select_topk: k must be positive");
-  if (p.ld_sel < p.k) throw ShapeError("select_topk: ld_sel < k");
-  if (p.ld_keys < plan.max_n) throw ShapeError("select_topk: ld_keys < the plan's longest sequence");
-  if (plan.path == SelectPath::multi_block && !p.work) throw ConfigError("select_topk: the multi-block path needs SelectParams::work");
+  detail::check_select(p, plan.max_n, plan.path);
   if (plan.path == SelectPath::cluster && p.n_q_heads > kSelectMaxHeads)
     throw ConfigError("select_topk: the plan's cluster path takes at most " + std::to_string(kSelectMaxHeads) + " query heads");
   if (p.batch == 0) return;

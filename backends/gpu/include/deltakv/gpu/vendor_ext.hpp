@@ -121,6 +121,10 @@ struct mma16 {  // lane-parallel fallback: each lane owns 256 / warp-size entrie
 };
 #endif
 
+// A float for an f16 store: beyond +-65504 it would round to infinity, so it saturates there; NaN
+// stays NaN (both comparisons fail, where fminf / fmaxf would drop it).
+DELTAKV_GPU_D float saturate_f16(float x) { return x > 65504.f ? 65504.f : (x < -65504.f ? -65504.f : x); }
+
 // ---- register-fragment tensor-core products (dense_mma.cuh; the fused sparse kernel) ---------
 // PTX mma.sync on 16-bit T (bf16 or f16), f32 accumulators, operands in registers in PTX's
 // fragment layouts (g = lane / 4, c = lane % 4; each unsigned holds two T, the lower column first):
@@ -235,8 +239,7 @@ DELTAKV_GPU_D unsigned long long l2_evict_last_policy() { return 0; }
 DELTAKV_GPU_D void cp_async16_hint(void* smem, const void* gmem, unsigned long long) { cp_async16(smem, gmem); }
 DELTAKV_GPU_D void st_u32_hint(void* gmem, unsigned v, unsigned long long) { *reinterpret_cast<unsigned*>(gmem) = v; }
 DELTAKV_GPU_D unsigned pack2_f16_satfinite(float lo, float hi) {
-  const float c = 65504.f;  // (compares, not fminf: NaN stays NaN)
-  const f16 h[2] = {from_float<f16>(lo > c ? c : (lo < -c ? -c : lo)), from_float<f16>(hi > c ? c : (hi < -c ? -c : hi))};
+  const f16 h[2] = {from_float<f16>(saturate_f16(lo)), from_float<f16>(saturate_f16(hi))};
   unsigned d;
   __builtin_memcpy(&d, h, sizeof d);
   return d;
