@@ -249,7 +249,7 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
     sp.split_len = len;
     sp.n_splits = int((N + len - 1) / len);
   }
-  const auto sp_lane = dec::dense_splits(N, B, Hkv, sms, dec::kDenseLaneBlocksPerSm);  // the lane kernel's own
+  const auto sp_lane = dec::dense_splits(N, B, Hkv, sms, dec::kDenseLaneBlocksPerSm, dec::kDenseLaneMaxSplitLen);  // the lane kernel's own
   const int attended_max = SINKS + TOPK + RECENT;
   const int ssplits = dec::sparse_splits(attended_max, B, Hkv, sms);
   const int tsplits = dec::two_pass_splits(attended_max, B, Hkv, sms);  // the two-pass path's values splits

@@ -70,16 +70,26 @@ inline RopeTableHost rope_table(double theta, int rot_dim, std::int64_t max_pos)
 inline constexpr int kDenseLaneBlocksPerSm = 8;
 inline constexpr int kDenseBlocksPerSm = vendor::kTensorTiles ? 2 : kDenseLaneBlocksPerSm;
 
-// Splits for the dense pass: tokens per split (a multiple of 64, 256 to 4096) and how many, about
-// blocks_per_sm blocks per multiprocessor. Within a quarter of that length either way, the one
-// whose blocks fill their last wave best (ties to the longer): at Llama 128K x 8, 33 splits of
-// 4032 are 8 whole waves of 264 blocks where 32 of 4096 left the last one a quarter empty
-// (measured on the H100: the layer 1.496 -> 1.488 ms).
+// Longest dense split: a longer split pays its block's start (q, the first copies) and its merge
+// less often. Measured on the H100 (same run): Llama 128K x 8, 8 splits of 16384 1.446 ms per layer
+// against 33 of 4032 1.471 (one wave of 4 x 32768: 1.461, some SMs then hold one block); Qwen 128K
+// x 8 0.733 against 0.748. The lane kernel keeps 4096 (not measured longer).
+inline constexpr int kDenseMaxSplitLen = vendor::kTensorTiles ? 16384 : 4096;
+inline constexpr int kDenseLaneMaxSplitLen = 4096;
+
+// Splits for the dense pass: tokens per split (a multiple of 64, 256 to max_len) and how many, about
+// blocks_per_sm blocks per multiprocessor. Within a quarter of that length either way, the count
+// whose blocks fill their last wave best (ties to fewer splits), then the shortest length that
+// covers max_n in that many (balanced: the longest in the window could leave the last split nearly
+// empty, e.g. 4 x 10048 for 32768 tokens). With 4096 at most, 33 splits of 4032 at Llama 128K x 8
+// were 8 whole waves where 32 of 4096 left the last one a quarter empty (1.496 -> 1.488 ms).
 struct SplitPlan { int split_len = 0, n_splits = 0; };
-inline SplitPlan dense_splits(std::int64_t max_n, int batch, int n_kv_heads, int sms, int blocks_per_sm = kDenseBlocksPerSm) {
+inline SplitPlan dense_splits(std::int64_t max_n, int batch, int n_kv_heads, int sms, int blocks_per_sm = kDenseBlocksPerSm,
+                              int max_len = kDenseMaxSplitLen) {
   const std::int64_t wave = std::int64_t(std::max(1, sms)) * std::max(1, blocks_per_sm);
   const std::int64_t pairs = std::max<std::int64_t>(1, std::int64_t(batch) * n_kv_heads);
-  const auto round64 = [](std::int64_t x) { return std::clamp<std::int64_t>((x + 63) / 64 * 64, 256, 4096); };
+  const std::int64_t hi = std::max(256, max_len / 64 * 64);
+  const auto round64 = [hi](std::int64_t x) { return std::clamp<std::int64_t>((x + 63) / 64 * 64, 256, hi); };
   const std::int64_t len0 = round64((max_n * pairs + wave - 1) / wave);
   SplitPlan s;
   double best = -1.0;
@@ -92,6 +102,9 @@ inline SplitPlan dense_splits(std::int64_t max_n, int batch, int n_kv_heads, int
       s.n_splits = int(n);
     }
   }
+  const std::int64_t even = std::clamp<std::int64_t>(((max_n + s.n_splits - 1) / s.n_splits + 63) / 64 * 64, 256, hi);
+  s.split_len = int(even);
+  s.n_splits = int(std::max<std::int64_t>(1, (max_n + even - 1) / even));
   return s;
 }
 // Splits for the sparse pass: about one block per multiprocessor (each holds W_k,h in shared
