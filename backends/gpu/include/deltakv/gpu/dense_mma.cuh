@@ -115,6 +115,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(kDenseMmaThreads, 2) dense_mma_kernel(
   // The copies: PR = D / 8 16-byte pieces per row; one instruction takes RI = 128 / D tokens' K and
   // V rows (32 pieces); lane -> (token RI-offset, K or V, piece).
   constexpr int PR = D / 8, RI = 128 / D;
+  static_assert(!vendor::kTensorTiles || 2 * PR * RI == W, "a copy instruction takes 32 pieces: RI tokens' K and V rows");
   const int c_piece = lane % PR, c_kv = (lane / PR) % 2, c_tok = RI == 1 ? 0 : lane / (2 * PR);
   T* const copy_stage = reinterpret_cast<T*>(dense_mma_smem) + warp * 2 * 16 * RS + (8 * c_kv + c_tok) * RS + 8 * c_piece;
   // L2 policies: K and V are read once per step (evict first), the logits are read by the selection
