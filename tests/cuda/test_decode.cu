@@ -210,6 +210,33 @@ void run_dense_case(const Shape& s, const std::vector<std::int32_t>& n, bool lan
 }
 }  // namespace
 
+// Host only (runs without a GPU, in CI too): the split plan's invariants over many shapes.
+TEST_CASE("dense_splits: splits cover the sequence in 64-multiples within max_len, none empty, balanced") {
+  for (const int sms : {108, 132})
+    for (const int batch : {1, 3, 8, 32})
+      for (const int hkv : {1, 4, 8})
+        for (const std::int64_t n : {std::int64_t(1), std::int64_t(63), std::int64_t(1000), std::int64_t(4096),
+                                     std::int64_t(32768), std::int64_t(100000), std::int64_t(131072), std::int64_t(1) << 20})
+          for (const int max_len : {4096, 16384})
+            for (const int per_sm : {2, 8}) {
+              CAPTURE(sms);
+              CAPTURE(batch);
+              CAPTURE(hkv);
+              CAPTURE(n);
+              CAPTURE(max_len);
+              CAPTURE(per_sm);
+              const auto sp = dec::dense_splits(n, batch, hkv, sms, per_sm, max_len);
+              CHECK(sp.split_len % 64 == 0);
+              CHECK(sp.split_len >= 256);
+              CHECK(sp.split_len <= max_len);
+              CHECK(std::int64_t(sp.split_len) * sp.n_splits >= n);        // covers the sequence
+              CHECK(std::int64_t(sp.split_len) * (sp.n_splits - 1) < n);   // no split left empty
+              // balanced: 64 tokens less per split would not cover n in that many splits (e.g. 4 x 8192
+              // for 32768 tokens, never 4 x 10048 with a nearly empty last split)
+              if (sp.split_len > 256) CHECK(std::int64_t(sp.split_len - 64) * sp.n_splits < n);
+            }
+}
+
 TEST_CASE("fused dense decode: attention, logits and lse against float64 RoPE attention") {
   DKT_REQUIRE_CUDA();
   for (const Shape s : {Shape{8, 2, 128, RopeStyle::half}, Shape{9, 3, 64, RopeStyle::interleaved},
