@@ -20,12 +20,12 @@
 // Rows are copied to shared memory by each warp for itself (cp.async, two stages per warp), so no
 // block barrier is needed until the merge: each copy instruction takes whole 128-byte lines (a
 // token's K and V rows, lanes 0-15 and 16-31 at head_dim 128), and a __syncwarp hands the lanes each
-// other's copies. Copying by the reading lane's own chunks instead (8 rows x 64 bytes per
-// instruction, no warp sync) made twice the L2 requests: measured on the H100 (same run), the layer
-// at Llama 128K x 8 1.448 -> 1.416 ms, Qwen 128K x 8 0.738 -> 0.723. Each lane's position mod 64 stays
-// fixed (8 warps x 8 tokens = 64 positions per step, splits start at multiples of 64), so the small
-// RoPE table's entries a lane reads never change (L1 hits) and the large table's row is the same
-// for the whole block step.
+// other's copies. Copying by the reading lane's own chunks instead (no warp sync, but 8 rows x 64
+// bytes per instruction: 8 half lines where there are 4 whole ones now) was slower: on the H100
+// (same run) the layer at Llama 128K x 8 took 1.448 -> 1.416 ms, Qwen 128K x 8 0.738 -> 0.723.
+// Each lane's position mod 64 stays fixed (8 warps x 8 tokens = 64 positions per step, splits start
+// at multiples of 64), so the small RoPE table's entries a lane reads never change (L1 hits) and
+// the large table's row is the same for the whole block step.
 // f16 storage: a rotated K above 65504 / sqrt(2) in magnitude overflows its f16 parts (the f32 lane
 // kernel does not); bf16 has the range of f32.
 #include <cstddef>
