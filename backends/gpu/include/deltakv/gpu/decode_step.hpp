@@ -98,13 +98,11 @@ inline SplitPlan dense_splits(std::int64_t max_n, int batch, int n_kv_heads, int
     const double fill = double(blocks) / double((blocks + wave - 1) / wave * wave);
     if (fill > best + 1e-9) {
       best = fill;
-      s.split_len = int(len);
       s.n_splits = int(n);
     }
   }
-  const std::int64_t even = std::clamp<std::int64_t>(((max_n + s.n_splits - 1) / s.n_splits + 63) / 64 * 64, 256, hi);
-  s.split_len = int(even);
-  s.n_splits = int(std::max<std::int64_t>(1, (max_n + even - 1) / even));
+  s.split_len = int(round64((max_n + s.n_splits - 1) / s.n_splits));  // balanced
+  s.n_splits = int(std::max<std::int64_t>(1, (max_n + s.split_len - 1) / s.split_len));
   return s;
 }
 // Splits for the sparse pass: about one block per multiprocessor (each holds W_k,h in shared
