@@ -341,6 +341,58 @@ DELTAKV_GPU_D unsigned cluster_rank() {
   return r;
 #endif
 }
+// Bulk copies (TMA, sm_90): one thread copies `bytes` (a multiple of 16, both ends 16-byte
+// aligned) from global to this block's shared memory; completion is counted on an mbarrier in
+// shared memory: mbar_init once (one arrival per phase), then per phase mbar_expect_tx (the
+// arrival, with the bytes to come) and the copies by the same thread, mbar_wait(parity) by the
+// readers. Used by bench_decode's read-ceiling probe; sm_90 code only (traps elsewhere).
+DELTAKV_GPU_D void mbar_init(unsigned long long* bar) {
+#ifdef DELTAKV_NO_CLUSTER_CODE
+  (void)bar;
+  __trap();
+#else
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n\tfence.mbarrier_init.release.cluster;" ::"r"(
+                   static_cast<unsigned>(__cvta_generic_to_shared(bar)))
+               : "memory");
+#endif
+}
+DELTAKV_GPU_D void mbar_expect_tx(unsigned long long* bar, unsigned bytes) {
+#ifdef DELTAKV_NO_CLUSTER_CODE
+  (void)bar;
+  (void)bytes;
+  __trap();
+#else
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(bar))),
+               "r"(bytes)
+               : "memory");
+#endif
+}
+DELTAKV_GPU_D void bulk_copy_g2s(void* smem, const void* gmem, unsigned bytes, unsigned long long* bar) {
+#ifdef DELTAKV_NO_CLUSTER_CODE
+  (void)smem;
+  (void)gmem;
+  (void)bytes;
+  (void)bar;
+  __trap();
+#else
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   static_cast<unsigned>(__cvta_generic_to_shared(smem))),
+               "l"(gmem), "r"(bytes), "r"(static_cast<unsigned>(__cvta_generic_to_shared(bar)))
+               : "memory");
+#endif
+}
+DELTAKV_GPU_D void mbar_wait(unsigned long long* bar, unsigned parity) {
+#ifdef DELTAKV_NO_CLUSTER_CODE
+  (void)bar;
+  (void)parity;
+  __trap();
+#else
+  asm volatile("{\n\t.reg .pred q;\nDK_MBAR_WAIT_%=:\n\tmbarrier.try_wait.parity.shared::cta.b64 q, [%0], %1;\n\t@!q bra DK_MBAR_WAIT_%=;\n}" ::"r"(
+                   static_cast<unsigned>(__cvta_generic_to_shared(bar))),
+               "r"(parity)
+               : "memory");
+#endif
+}
 #undef DELTAKV_NO_CLUSTER_CODE
 // Lanes of the warp holding the same value as this one (a bit per lane): aggregated atomics.
 template <int W>
