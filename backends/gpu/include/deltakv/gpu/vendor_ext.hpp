@@ -466,6 +466,11 @@ DELTAKV_GPU_D unsigned cluster_rank() {
   __builtin_trap();
   return 0u;
 }
+// No bulk-copy engine here either (bench_decode launches its probe only where cluster_launch_ok).
+DELTAKV_GPU_D void mbar_init(unsigned long long*) { __builtin_trap(); }
+DELTAKV_GPU_D void mbar_expect_tx(unsigned long long*, unsigned) { __builtin_trap(); }
+DELTAKV_GPU_D void bulk_copy_g2s(void*, const void*, unsigned, unsigned long long*) { __builtin_trap(); }
+DELTAKV_GPU_D void mbar_wait(unsigned long long*, unsigned) { __builtin_trap(); }
 template <int W>
 DELTAKV_GPU_D lane_mask_t<W> match_any(unsigned) {  // no match instruction: each lane alone (still correct)
   return lane_mask_t<W>(1) << (threadIdx.x % W);
