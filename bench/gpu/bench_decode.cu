@@ -35,6 +35,7 @@
 #include "deltakv/gpu/gpu_device.hpp"
 #include "deltakv/gpu/vendor.hpp"
 #include "deltakv/gpu/vendor_ext.hpp"
+#include "read_probes.cuh"
 
 namespace {
 
@@ -90,50 +91,9 @@ struct Dev {
 
 std::size_t al(std::size_t v) { return (v + 255) / 256 * 256; }
 
-// Streaming reads only: U 16-byte loads in flight per thread, folded into a word that is written
-// only if it matches an impossible value (so the loads are kept).
-template <int U>
-__global__ void read_probe(const uint4* p, std::size_t n, unsigned* out) {
-  unsigned acc = 0;
-  const std::size_t stride = std::size_t(gridDim.x) * blockDim.x;
-  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += U * stride) {
-    uint4 v[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) v[u] = i + u * stride < n ? p[i + u * stride] : make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-    for (int u = 0; u < U; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
-  }
-  if (acc == 0x9e3779b9u) out[blockIdx.x] = acc;
-}
-// The same by bulk copies (TMA, sm_90): thread 0 streams the block's span into S stages of CH bytes
-// of shared memory, every thread folds one word of each chunk. On the H100 this reads ~2% faster
-// than the loads above (3.156 against 3.10 TB/s, docs/BENCHMARKS.md thirteenth section).
-template <int S, int CH>
-__global__ void read_probe_bulk(const unsigned char* p, std::size_t bytes, unsigned* out) {
-  DELTAKV_DYNAMIC_SMEM(unsigned char, sm);
-  __shared__ unsigned long long bar[S];
-  const std::size_t chunks = bytes / CH, per = (chunks + gridDim.x - 1) / gridDim.x, c0 = blockIdx.x * per;
-  const std::size_t c1 = c0 + per < chunks ? c0 + per : chunks;
-  if (threadIdx.x == 0)
-    for (int st = 0; st < S; ++st) vendor::mbar_init(bar + st);
-  __syncthreads();
-  auto issue = [&](std::size_t c, int st) {
-    vendor::mbar_expect_tx(bar + st, CH);
-    vendor::bulk_copy_g2s(sm + st * CH, p + c * CH, CH, bar + st);
-  };
-  if (threadIdx.x == 0)
-    for (int st = 0; st < S && c0 + st < c1; ++st) issue(c0 + st, st);
-  unsigned acc = 0, phase = 0;
-  for (std::size_t c = c0; c < c1; ++c) {
-    const int st = int((c - c0) % S);
-    vendor::mbar_wait(bar + st, (phase >> st) & 1u);
-    phase ^= 1u << st;
-    acc ^= reinterpret_cast<const unsigned*>(sm + st * CH)[threadIdx.x];
-    __syncthreads();  // every thread has read the stage before it is refilled
-    if (threadIdx.x == 0 && c + S < c1) issue(c + S, st);
-  }
-  if (acc == 0x9e3779b9u) out[blockIdx.x] = acc;
-}
+using deltakv::bench::read_probe;
+using deltakv::bench::read_probe_bulk;
+using deltakv::bench::read_rate;
 // The best read-only bandwidth of a few launch shapes (bytes read per second, 4 GiB buffer): 16-byte
 // loads, and bulk copies where this binary has sm_90 code for them and the device runs it.
 double read_bandwidth(vendor::stream_t s, int sms) {
@@ -145,36 +105,19 @@ double read_bandwidth(vendor::stream_t s, int sms) {
   auto bulk = read_probe_bulk<kStages, kChunk>;
   if (vendor::cluster_launch_ok(bulk, vendor::current_device())) {
     vendor::allow_dynamic_smem(bulk, kStages * kChunk);
-    for (int bps : {1, 2}) {
-      auto e0 = vendor::event_create(), e1 = vendor::event_create();
-      auto launch = [&] { bulk<<<sms * bps, 128, kStages * kChunk, s>>>(a.as<unsigned char>(), bytes, o.as<unsigned>()); };
-      launch();
-      vendor::event_record(e0, s);
-      for (int i = 0; i < 5; ++i) launch();
-      vendor::event_record(e1, s);
-      const double ms = vendor::event_ms(e0, e1);
-      best = std::max(best, 5.0 * bytes / (ms * 1e-3));
-      vendor::event_destroy(e0);
-      vendor::event_destroy(e1);
-    }
+    for (int bps : {1, 2})
+      best = std::max(best, read_rate([&] { bulk<<<sms * bps, 128, kStages * kChunk, s>>>(a.as<unsigned char>(), bytes, o.as<unsigned>()); },
+                                      double(bytes), s));
     vendor::check_launch("read_probe_bulk");
   }
   for (int bps : {2, 4, 8})
-    for (int u : {4, 8}) {
-      auto e0 = vendor::event_create(), e1 = vendor::event_create();
-      auto launch = [&] {
-        if (u == 4) read_probe<4><<<sms * bps, 512, 0, s>>>(a.as<uint4>(), bytes / 16, o.as<unsigned>());
-        else read_probe<8><<<sms * bps, 512, 0, s>>>(a.as<uint4>(), bytes / 16, o.as<unsigned>());
-      };
-      launch();
-      vendor::event_record(e0, s);
-      for (int i = 0; i < 5; ++i) launch();
-      vendor::event_record(e1, s);
-      const double ms = vendor::event_ms(e0, e1);
-      best = std::max(best, 5.0 * bytes / (ms * 1e-3));
-      vendor::event_destroy(e0);
-      vendor::event_destroy(e1);
-    }
+    for (int u : {4, 8})
+      best = std::max(best, read_rate(
+                                [&] {
+                                  if (u == 4) read_probe<4><<<sms * bps, 512, 0, s>>>(a.as<uint4>(), bytes / 16, o.as<unsigned>());
+                                  else read_probe<8><<<sms * bps, 512, 0, s>>>(a.as<uint4>(), bytes / 16, o.as<unsigned>());
+                                },
+                                double(bytes), s));
   return best;
 }
 

@@ -15,27 +15,16 @@
 
 #include "deltakv/gpu/vendor.hpp"
 #include "deltakv/gpu/vendor_ext.hpp"
+#include "read_probes.cuh"
 
 namespace vendor = deltakv::gpu::vendor;
 
 namespace {
 
-// Loads are folded into a word written only if it matches an impossible value (so they are kept).
-constexpr unsigned kNever = 0x9e3779b9u;
-
-template <int U>
-__global__ void grid_stride(const uint4* p, std::size_t n, unsigned* out) {
-  unsigned acc = 0;
-  const std::size_t stride = std::size_t(gridDim.x) * blockDim.x;
-  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += U * stride) {
-    uint4 v[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) v[u] = i + u * stride < n ? p[i + u * stride] : make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-    for (int u = 0; u < U; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
-  }
-  if (acc == kNever) out[blockIdx.x] = acc;
-}
+using deltakv::bench::kReadNever;
+using deltakv::bench::read_probe;
+using deltakv::bench::read_probe_bulk;
+using deltakv::bench::read_rate;
 
 template <int U>
 __global__ void block_span(const uint4* p, std::size_t n, unsigned* out) {
@@ -51,34 +40,7 @@ __global__ void block_span(const uint4* p, std::size_t n, unsigned* out) {
 #pragma unroll
     for (int u = 0; u < U; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
   }
-  if (acc == kNever) out[blockIdx.x] = acc;
-}
-
-template <int S, int CH>
-__global__ void bulk_span(const unsigned char* p, std::size_t bytes, unsigned* out) {
-  DELTAKV_DYNAMIC_SMEM(unsigned char, sm);
-  __shared__ unsigned long long bar[S];
-  const std::size_t chunks = bytes / CH, per = (chunks + gridDim.x - 1) / gridDim.x, c0 = blockIdx.x * per;
-  const std::size_t c1 = c0 + per < chunks ? c0 + per : chunks;
-  if (threadIdx.x == 0)
-    for (int st = 0; st < S; ++st) vendor::mbar_init(bar + st);
-  __syncthreads();
-  auto issue = [&](std::size_t c, int st) {
-    vendor::mbar_expect_tx(bar + st, CH);
-    vendor::bulk_copy_g2s(sm + st * CH, p + c * CH, CH, bar + st);
-  };
-  if (threadIdx.x == 0)
-    for (int st = 0; st < S && c0 + st < c1; ++st) issue(c0 + st, st);
-  unsigned acc = 0, phase = 0;
-  for (std::size_t c = c0; c < c1; ++c) {
-    const int st = int((c - c0) % S);
-    vendor::mbar_wait(bar + st, (phase >> st) & 1u);
-    phase ^= 1u << st;
-    acc ^= reinterpret_cast<const unsigned*>(sm + st * CH)[threadIdx.x];
-    __syncthreads();  // every thread has read the stage before it is refilled
-    if (threadIdx.x == 0 && c + S < c1) issue(c + S, st);
-  }
-  if (acc == kNever) out[blockIdx.x] = acc;
+  if (acc == kReadNever) out[blockIdx.x] = acc;
 }
 
 // rows of 4 KB = 256 pieces of 16 bytes; a block reads piece group `head` (16 pieces = 256 bytes) of its rows
@@ -100,20 +62,7 @@ __global__ void head_rows(const uint4* p, std::size_t rows, unsigned* out) {
 #pragma unroll
     for (int u = 0; u < U; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
   }
-  if (acc == kNever) out[blockIdx.x] = acc;
-}
-
-template <class Launch>
-double tbps(Launch launch, double bytes, vendor::stream_t s) {
-  auto e0 = vendor::event_create(), e1 = vendor::event_create();
-  launch();
-  vendor::event_record(e0, s);
-  for (int i = 0; i < 5; ++i) launch();
-  vendor::event_record(e1, s);
-  const double ms = vendor::event_ms(e0, e1);
-  vendor::event_destroy(e0);
-  vendor::event_destroy(e1);
-  return 5.0 * bytes / (ms * 1e-3) / 1e12;
+  if (acc == kReadNever) out[blockIdx.x] = acc;
 }
 
 }  // namespace
@@ -139,19 +88,19 @@ int main() {
   std::vector<Row> rows;
   auto best_of = [&](const char* name, std::initializer_list<int> per_sm, auto launch_with_blocks) {
     double best = 0;
-    for (int b : per_sm) best = std::max(best, tbps([&] { launch_with_blocks(sms * b); }, double(bytes), s));
+    for (int b : per_sm) best = std::max(best, read_rate([&] { launch_with_blocks(sms * b); }, double(bytes), s) / 1e12);
     vendor::check_launch(name);
     rows.push_back({name, best});
   };
   best_of("grid-stride 16-byte loads, 8 in flight (bench_decode's read_probe)", {2, 4, 8},
-          [&](int g) { grid_stride<8><<<g, 512, 0, s>>>(p, n, out); });
+          [&](int g) { read_probe<8><<<g, 512, 0, s>>>(p, n, out); });
   best_of("block spans, 4 loads in flight", {1, 2, 4, 8}, [&](int g) { block_span<4><<<g, 512, 0, s>>>(p, n, out); });
   best_of("block spans, 8 loads in flight", {1, 2, 4, 8}, [&](int g) { block_span<8><<<g, 512, 0, s>>>(p, n, out); });
   best_of("dense pattern: one head's 256 bytes of each 4 KB row, 8 in flight", {2, 4, 8},
           [&](int g) { head_rows<W, 8><<<(g + 15) / 16 * 16, 512, 0, s>>>(p, bytes / 4096, out); });
-  auto k1 = bulk_span<4, 16384>;
-  auto k2 = bulk_span<8, 16384>;
-  auto k3 = bulk_span<4, 32768>;
+  auto k1 = read_probe_bulk<4, 16384>;
+  auto k2 = read_probe_bulk<8, 16384>;
+  auto k3 = read_probe_bulk<4, 32768>;
   if (vendor::cluster_launch_ok(k1, dev)) {  // sm_90 code on an sm_90 device: the bulk-copy engine
     vendor::allow_dynamic_smem(k1, 4 * 16384);
     vendor::allow_dynamic_smem(k2, 8 * 16384);

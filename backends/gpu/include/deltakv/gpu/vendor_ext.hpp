@@ -345,7 +345,8 @@ DELTAKV_GPU_D unsigned cluster_rank() {
 // aligned) from global to this block's shared memory; completion is counted on an mbarrier in
 // shared memory: mbar_init once (one arrival per phase), then per phase mbar_expect_tx (the
 // arrival, with the bytes to come) and the copies by the same thread, mbar_wait(parity) by the
-// readers. Used by bench_decode's read-ceiling probe; sm_90 code only (traps elsewhere).
+// readers. Used by the benches' read-ceiling probes (bench/gpu/read_probes.cuh); sm_90 code only
+// (traps elsewhere).
 DELTAKV_GPU_D void mbar_init(unsigned long long* bar) {
 #ifdef DELTAKV_NO_CLUSTER_CODE
   (void)bar;
@@ -466,7 +467,7 @@ DELTAKV_GPU_D unsigned cluster_rank() {
   __builtin_trap();
   return 0u;
 }
-// No bulk-copy engine here either (bench_decode launches its probe only where cluster_launch_ok).
+// No bulk-copy engine here either (the benches launch their bulk probes only where cluster_launch_ok).
 DELTAKV_GPU_D void mbar_init(unsigned long long*) { __builtin_trap(); }
 DELTAKV_GPU_D void mbar_expect_tx(unsigned long long*, unsigned) { __builtin_trap(); }
 DELTAKV_GPU_D void bulk_copy_g2s(void*, const void*, unsigned, unsigned long long*) { __builtin_trap(); }
