@@ -40,13 +40,24 @@ namespace deltakv::gpu::decode {
 
 inline constexpr int kDenseMmaThreads = 256;  // 8 warps of 32: the RoPE scheme above needs exactly 8
 inline constexpr int kDenseMmaChunkStride = 4 * 8;  // elements between a lane's chunks: 4 lanes x 8 values
-inline constexpr int kDenseMmaRowPad = 64 / 2;      // elements (64 bytes) after each staged row (see below)
+// Stages per warp: one computed on while the next is copied. Three (the code takes any count >= 2)
+// measured slower on the H100: the full layer at Llama 128K x 8 1.444 ms against 1.398.
+inline constexpr int kDenseMmaStages = 2;
+inline constexpr int kDenseMmaQPad = 64 / 2;  // elements after each row of Q in shared memory (see below)
 
-// Dynamic shared memory of one block: per warp two stages of 8 K rows and 8 V rows of 16-bit
-// values (row stride D + kDenseMmaRowPad: the extra 64 bytes put 8 lanes' 16-byte reads on distinct
-// banks); the final merge reuses it.
+// Dynamic shared memory of one block: per warp kDenseMmaStages stages of 8 K rows and 8 V rows of
+// 16-bit values, unpadded; the final merge reuses it.
+// Layout: a row's 16-byte chunk j sits at j ^ 4 in odd rows (j in place in even ones). Why: the
+// reads (8 lanes = 2 rows x 4 chunks per shared-memory phase) then fall on 8 distinct bank groups
+// without padding, and every 128-byte line of a row copied from global memory lands in one 128-byte
+// line of shared memory. With rows padded by 64 bytes instead (the earlier layout) every other
+// row straddled two shared-memory lines and the copies reached L2 as 6 requests per 4 lines
+// (2.65 sectors each; ncu, Llama 128K x 8), against 4 whole-line requests for plain loads.
+// After the stages: Q as 8 rows (the G q heads, zero past G) of head_dim + 32 values (the 64-byte
+// padding puts the 8 lanes of a read phase on distinct banks), read from there at every step
+// rather than held in 16 registers: at 128 registers a thread, those spilled.
 inline std::size_t dense_mma_smem_bytes(int head_dim) {
-  return std::size_t(kDenseMmaThreads / vendor::kWarpSize) * 2 * 16 * (head_dim + kDenseMmaRowPad) * 2;
+  return (std::size_t(kDenseMmaThreads / vendor::kWarpSize) * kDenseMmaStages * 16 * head_dim + 8 * (head_dim + kDenseMmaQPad)) * 2;
 }
 
 // Whether dense_mma_kernel can take p: tensor cores, 64-aligned splits, 16-byte aligned rows.
@@ -85,11 +96,12 @@ template <class T, int D, int G, bool Split>
 __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(kDenseMmaThreads, 2) dense_mma_kernel(DenseDecodeParams<T> p) {
   using mma_detail::Chunk;
   constexpr int NT = kDenseMmaThreads, W = vendor::kWarpSize, NW = NT / W, CS = kDenseMmaChunkStride, NC = D / CS,
-                MB = D / 16, RS = D + kDenseMmaRowPad;
+                MB = D / 16, RS = D, NS = kDenseMmaStages, SS = 16 * RS;  // row and stage strides (elements)
   static_assert(!vendor::kTensorTiles || W == 4 * 8, "the mma fragment layouts are for 32-lane warps");
   static_assert(NW == 8 && G <= 8 && (D == 64 || D == 128), "dense_mma_kernel: 8 warps, G <= 8, D 64 or 128");
   static_assert(sizeof(T) == 2, "16-bit storage (dense_mma_smem_bytes)");
-  static_assert((NW * G * D + 2 * NW * G) * sizeof(float) <= NW * 2 * 16 * RS * sizeof(T), "the merge fits the stages");
+  static_assert((NW * G * D + 2 * NW * G) * sizeof(float) <= NW * NS * SS * sizeof(T), "the merge fits the stages");
+  static_assert(NS >= 2, "one stage computed on, at least one in flight");
   extern __shared__ uint4 dense_mma_smem[];
   const int h = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x / W, lane = threadIdx.x % W, g = lane / 4, c = lane % 4;
@@ -98,60 +110,74 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(kDenseMmaThreads, 2) dense_mma_kernel(
   const int t0 = split * p.split_len, t1 = min(n, t0 + p.split_len);
   const int Hq = p.n_q_heads, ld = 2 * p.n_kv_heads * D;
 
-  // Q as the A operand: row g (a q head of the group, zero past G), this lane's chunks.
-  Chunk qc[NC];
-#pragma unroll
-  for (int i = 0; i < NC; ++i) {
-    qc[i].v = make_uint4(0u, 0u, 0u, 0u);
-    if (g < G) qc[i].v = *reinterpret_cast<const uint4*>(p.q + b * p.ldq + (h * G + g) * D + 8 * c + CS * i);
+  // Q (the A operand) into shared memory: row r = a q head of the group, zero past G.
+  constexpr int RQ = D + kDenseMmaQPad;
+  T* const s_q = reinterpret_cast<T*>(dense_mma_smem) + NW * NS * SS;
+  if (threadIdx.x < D) {  // 8 rows x D/8 chunks
+    const int r = threadIdx.x / (D / 8), k = threadIdx.x % (D / 8);
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (r < G) v = *reinterpret_cast<const uint4*>(p.q + b * p.ldq + (h * G + r) * D + 8 * k);
+    *reinterpret_cast<uint4*>(s_q + r * RQ + 8 * k) = v;
   }
+  __syncthreads();
+  const T* const my_q = s_q + g * RQ + 8 * c;  // this lane's chunks: row g, c + 4i
   float m = kNegInf, l = 0.f;  // head g's running max (same in the 4 lanes of g) and this lane's sum
   float o[MB][4];              // O^T blocks: rows d (see below), columns heads 2c, 2c + 1
 #pragma unroll
   for (int mb = 0; mb < MB; ++mb) o[mb][0] = o[mb][1] = o[mb][2] = o[mb][3] = 0.f;
   const T* base = p.kv + b * p.seq_stride;
-  // This lane's slots in the warp's two stages: K row g at row g, V row g at row 8 + g.
-  T* const my_stage = reinterpret_cast<T*>(dense_mma_smem) + warp * 2 * 16 * RS + g * RS + 8 * c;
+  // This lane's slots in the warp's stages: K row g at row g, V row g at row 8 + g. Its chunk
+  // c + 4i sits at c + 4(i ^ (g & 1)) (the layout above), i.e. i's offset moves by +-sw.
+  T* const my_stage = reinterpret_cast<T*>(dense_mma_smem) + warp * NS * SS + g * RS + 8 * c;
+  const int sw = (g & 1) ? CS : 0;
+  auto chunk_at = [&](int i) { return CS * i + (i % 2 == 0 ? sw : -sw); };
   // The copies: PR = D / 8 16-byte pieces per row; one instruction takes RI = 128 / D tokens' K and
   // V rows (32 pieces); lane -> (token RI-offset, K or V, piece).
   constexpr int PR = D / 8, RI = 128 / D;
   static_assert(!vendor::kTensorTiles || 2 * PR * RI == W, "a copy instruction takes 32 pieces: RI tokens' K and V rows");
   const int c_piece = lane % PR, c_kv = (lane / PR) % 2, c_tok = RI == 1 ? 0 : lane / (2 * PR);
-  T* const copy_stage = reinterpret_cast<T*>(dense_mma_smem) + warp * 2 * 16 * RS + (8 * c_kv + c_tok) * RS + 8 * c_piece;
+  // Row 8 c_kv + c_tok + j of a stage; its parity is that of c_tok + j (j steps by RI).
+  T* const copy_stage = reinterpret_cast<T*>(dense_mma_smem) + warp * NS * SS + (8 * c_kv + c_tok) * RS;
+  const int piece_even = 8 * (c_piece ^ (4 * (c_tok & 1))), piece_odd = 8 * (c_piece ^ (4 * ((c_tok + 1) & 1)));
   // L2 policies: K and V are read once per step (evict first), the logits are read by the selection
   // right after this pass (evict last). Measured on the H100 at Llama 128K x 8: the layer 1.496 ->
   // 1.482 ms, the filter layer's extra 0.183 -> 0.172.
   const unsigned long long read_once = vendor::l2_evict_first_policy(), read_next = vendor::l2_evict_last_policy();
   auto issue = [&](int tb, int st) {  // rows past t1 copy a valid row (t0), masked later
-    T* dst = copy_stage + st * 16 * RS;
+    T* dst = copy_stage + st * SS;
 #pragma unroll
     for (int j = 0; j < 8; j += RI) {
       const int row = tb + j + c_tok < t1 ? tb + j + c_tok : t0;
-      vendor::cp_async16_hint(dst + j * RS, base + std::int64_t(row) * ld + (c_kv * p.n_kv_heads + h) * D + 8 * c_piece, read_once);
+      vendor::cp_async16_hint(dst + j * RS + (j % 2 == 0 ? piece_even : piece_odd),
+                              base + std::int64_t(row) * ld + (c_kv * p.n_kv_heads + h) * D + 8 * c_piece, read_once);
     }
   };
   const bool pair_store = p.ld_logits % 2 == 0 && reinterpret_cast<std::uintptr_t>(p.logits) % 4 == 0;  // f16 logit pairs
-  if (t0 + 8 * warp < t1) issue(t0 + 8 * warp, 0);
-  vendor::cp_async_commit();
+#pragma unroll
+  for (int k = 0; k < NS - 1; ++k) {  // the first NS - 1 stages in flight
+    if (t0 + 8 * warp + 64 * k < t1) issue(t0 + 8 * warp + 64 * k, k);
+    vendor::cp_async_commit();
+  }
 
   int st = 0;
-  for (int tb = t0 + 8 * warp; tb < t1; tb += 64, st ^= 1) {  // warp-uniform bound
-    const T* sk = my_stage + st * 16 * RS;
+  for (int tb = t0 + 8 * warp; tb < t1; tb += 64, st = st == NS - 1 ? 0 : st + 1) {  // warp-uniform bound
+    const T* sk = my_stage + st * SS;
     vendor::warp_sync();  // every lane is done reading the stage the next copies overwrite
-    if (tb + 64 < t1) issue(tb + 64, st ^ 1);
+    if (tb + 64 * (NS - 1) < t1) issue(tb + 64 * (NS - 1), st == 0 ? NS - 1 : st - 1);
     vendor::cp_async_commit();
-    vendor::cp_async_wait<1>();  // this lane's copies of this stage have landed
-    vendor::warp_sync();         // and the other lanes'
+    vendor::cp_async_wait<NS - 1>();  // this lane's copies of this stage have landed
+    vendor::warp_sync();              // and the other lanes'
     Chunk kc[NC];
 #pragma unroll
-    for (int i = 0; i < NC; ++i) kc[i].v = *reinterpret_cast<const uint4*>(sk + CS * i);
+    for (int i = 0; i < NC; ++i) kc[i].v = *reinterpret_cast<const uint4*>(sk + chunk_at(i));
     // Two accumulators, slice parity alternating (and the split's error part in the second), halve
     // the chain of dependent products per step.
     float sacc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
     // k16 slice (i, hh) = chunk i's words 2hh, 2hh + 1, for Q and K alike. RoPE is applied one
     // slice at a time (4 values per chunk) to keep the temporaries small.
     auto qk = [&](int i, int hh, unsigned k0, unsigned k1, int acc) {
-      vendor::mma_16816<T>(sacc[acc], qc[i].w[2 * hh], 0u, qc[i].w[2 * hh + 1], 0u, k0, k1);
+      const uint2 qw = reinterpret_cast<const uint2*>(my_q + CS * i)[hh];
+      vendor::mma_16816<T>(sacc[acc], qw.x, 0u, qw.y, 0u, k0, k1);
     };
     auto unpack4 = [&](const Chunk& x, int hh, float* f) {
       const T* e = reinterpret_cast<const T*>(&x.w[2 * hh]);
@@ -241,7 +267,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(kDenseMmaThreads, 2) dense_mma_kernel(
 #pragma unroll
     for (int i = 0; i < NC; ++i) {
       Chunk vc;
-      vc.v = *reinterpret_cast<const uint4*>(sk + 8 * RS + CS * i);
+      vc.v = *reinterpret_cast<const uint4*>(sk + 8 * RS + chunk_at(i));
 #pragma unroll
       for (int e = 0; e < 4; e += 2) {
         float(&acc)[4] = o[2 * i + e / 2];
