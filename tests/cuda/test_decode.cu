@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -148,6 +149,11 @@ void run_dense_case(const Shape& s, const std::vector<std::int32_t>& n, bool lan
   const int B = int(n.size()), kvd = 2 * s.Hkv * s.D, qd = s.Hq * s.D;
   const std::int64_t stride = max_n * kvd;
   auto kv = random_16<T>(std::size_t(B) * stride, 11 + s.D, -1.f, 1.f);
+  // rows past a sequence's end are never attended: NaN there must not reach the output (the
+  // kernels copy whole stages and mask the rows past the end)
+  for (int b = 0; b < B; ++b)
+    for (std::int64_t i = std::int64_t(n[b]) * kvd; i < stride; ++i)
+      kv.b[std::size_t(b) * stride + i] = vendor::from_float<T>(std::numeric_limits<float>::quiet_NaN());
   auto q = random_16<T>(std::size_t(B) * qd, 12 + s.D, -1.f, 1.f);
   const double scale = scale_mul / std::sqrt(double(s.D));
   RopeDev rope(theta, s.D, max_n);
@@ -243,6 +249,8 @@ TEST_CASE("fused dense decode: attention, logits and lse against float64 RoPE at
                         Shape{7, 1, 128, RopeStyle::half}, Shape{8, 1, 64, RopeStyle::none}, Shape{2, 2, 128, RopeStyle::half}})
     for (const bool lane : {false, true})
       for (const bool with_logits : {true, false}) run_dense_case(s, {1, 777, 2500}, lane, with_logits);
+  // sequence ends inside a stage of 8 tokens, split length 320 (not a power of two)
+  for (const bool lane : {false, true}) run_dense_case(Shape{8, 2, 128, RopeStyle::half}, {5, 1000, 2499}, lane, true, 320);
   // a split length the tensor-core kernel cannot take (not a multiple of 64): the lane kernel serves it
   run_dense_case(Shape{8, 2, 128, RopeStyle::half}, {1, 777, 2500}, false, true, 200);
   run_dense_case(Shape{8, 2, 128, RopeStyle::half}, {1, 777, 2500}, false, true, 320);
