@@ -135,6 +135,9 @@ DELTAKV_GPU_D float saturate_f16(float x) { return x > 65504.f ? 65504.f : (x < 
 // back transposed in the same layout. CUDA only: kTensorTiles says whether they exist; on HIP they
 // fail to instantiate, and the callers are only instantiated behind kTensorTiles.
 #if defined(__CUDACC__) && !defined(__HIPCC__)
+// The 32-bit shared-memory address (the .shared state space) of a generic pointer into shared
+// memory: the operand form of ldmatrix, cp.async, mbarrier, bulk copies and mapa.
+DELTAKV_GPU_D unsigned smem_u32(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
 template <class T>
 DELTAKV_GPU_D unsigned pack2(float lo, float hi) {  // round to nearest even
   static_assert(std::is_same_v<T, bf16> || std::is_same_v<T, f16>, "pack2: bf16 or f16");
@@ -184,7 +187,7 @@ DELTAKV_GPU_D unsigned transpose8x8(unsigned x) {
 // from a row-major [k][n] tile.
 template <bool Trans = false>
 DELTAKV_GPU_D void ldmatrix_x4(unsigned (&r)[4], const void* smem_row) {
-  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
+  const unsigned a = smem_u32(smem_row);
   if constexpr (Trans)
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
@@ -195,7 +198,7 @@ DELTAKV_GPU_D void ldmatrix_x4(unsigned (&r)[4], const void* smem_row) {
 // Asynchronous 16-byte global -> shared copies (cp.async, L1 bypassed), in groups: commit closes
 // a group, wait<N> returns once at most N of this thread's groups are still in flight.
 DELTAKV_GPU_D void cp_async16(void* smem, const void* gmem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const unsigned s = smem_u32(smem);
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
 }
 // L2 cache policies (createpolicy) for the hinted copy and store below: evict first for data read
@@ -211,7 +214,7 @@ DELTAKV_GPU_D unsigned long long l2_evict_last_policy() {
   return pol;
 }
 DELTAKV_GPU_D void cp_async16_hint(void* smem, const void* gmem, unsigned long long pol) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const unsigned s = smem_u32(smem);
   asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "l"(pol) : "memory");
 }
 DELTAKV_GPU_D void st_u32_hint(void* gmem, unsigned v, unsigned long long pol) {
@@ -301,7 +304,7 @@ DELTAKV_GPU_D unsigned cluster_address(const void* p, unsigned rank) {
   __trap();
   return 0u;
 #else
-  const auto local = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  const auto local = smem_u32(p);
   unsigned remote;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
   return remote;
@@ -352,9 +355,7 @@ DELTAKV_GPU_D void mbar_init(unsigned long long* bar) {
   (void)bar;
   __trap();
 #else
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n\tfence.mbarrier_init.release.cluster;" ::"r"(
-                   static_cast<unsigned>(__cvta_generic_to_shared(bar)))
-               : "memory");
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n\tfence.mbarrier_init.release.cluster;" ::"r"(smem_u32(bar)) : "memory");
 #endif
 }
 DELTAKV_GPU_D void mbar_expect_tx(unsigned long long* bar, unsigned bytes) {
@@ -363,9 +364,7 @@ DELTAKV_GPU_D void mbar_expect_tx(unsigned long long* bar, unsigned bytes) {
   (void)bytes;
   __trap();
 #else
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(bar))),
-               "r"(bytes)
-               : "memory");
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
 #endif
 }
 DELTAKV_GPU_D void bulk_copy_g2s(void* smem, const void* gmem, unsigned bytes, unsigned long long* bar) {
@@ -376,9 +375,8 @@ DELTAKV_GPU_D void bulk_copy_g2s(void* smem, const void* gmem, unsigned bytes, u
   (void)bar;
   __trap();
 #else
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                   static_cast<unsigned>(__cvta_generic_to_shared(smem))),
-               "l"(gmem), "r"(bytes), "r"(static_cast<unsigned>(__cvta_generic_to_shared(bar)))
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(smem_u32(smem)),
+               "l"(gmem), "r"(bytes), "r"(smem_u32(bar))
                : "memory");
 #endif
 }
@@ -389,7 +387,7 @@ DELTAKV_GPU_D void mbar_wait(unsigned long long* bar, unsigned parity) {
   __trap();
 #else
   asm volatile("{\n\t.reg .pred q;\nDK_MBAR_WAIT_%=:\n\tmbarrier.try_wait.parity.shared::cta.b64 q, [%0], %1;\n\t@!q bra DK_MBAR_WAIT_%=;\n}" ::"r"(
-                   static_cast<unsigned>(__cvta_generic_to_shared(bar))),
+                   smem_u32(bar)),
                "r"(parity)
                : "memory");
 #endif
