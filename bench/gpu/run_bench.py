@@ -92,7 +92,7 @@ def prefill_table(rows, peak):
     print(f"\nprefill compression, one compressed layer, one sequence (FixedStride 10, k 4, SwiGLU f_c hidden 3072, "
           f"d_c = kv_dim/4, int4); tensor-core floor = the work at torch's bf16 GEMM rate in this run, {peak:.0f} TFLOP/s")
     print("| model | encode GEMMs on | tokens | ms | tokens/s per layer | floor tokens/s | % of floor | TFLOP/s achieved | "
-          "our encode GEMMs TFLOP/s | our ref search TFLOP/s | encode share of time |")
+          "encode GEMMs TFLOP/s | our ref search TFLOP/s | encode share of time |")
     print("|" + "---|" * 11)
     out = []
     for r in rows:

@@ -62,14 +62,17 @@ TEST_CASE("cuda linear matches the CPU GEMM") {
 }
 
 TEST_CASE("cuda bf16 linear on tensor cores matches a float64 GEMM (edges, bias, strides)") {
-  // >= 64 rows, in % 8 == 0, ldx % 8 == 0: the tensor-core kernel (linear_mma_eligible). Inputs
-  // are bf16 values, so the float64 product of the same values is the exact answer; the kernel
-  // accumulates in f32 and rounds once to bf16 (at most 2^-8 relative per element).
+  // Both tensor-core paths: cuBLAS (the default; any shape without a bias: with one, linear() takes
+  // the next path, so those cases check that choice) and our tile kernel (set_vendor_gemm false;
+  // >= 64 rows, in % 8 == 0, ldx % 8 == 0: linear_mma_eligible). Inputs are bf16 values, so
+  // the float64 product of the same values is the exact answer; both accumulate in f32 and round
+  // once to bf16 (at most 2^-8 relative per element), the bias included before that rounding.
   DKT_REQUIRE_CUDA();
   if (!tensor_tiles_built()) return;
   using B = cuda::bf16;
   cuda::CudaDevice<B> dev;
   dev.set_tensor_cores(true);
+  CHECK(dev.vendor_gemm());
   struct S {
     std::int64_t n;
     int in, out;
@@ -77,10 +80,16 @@ TEST_CASE("cuda bf16 linear on tensor cores matches a float64 GEMM (edges, bias,
     int padx, pady;
   };
   std::uint32_t seed = 1500;
-  // (922, 3072 -> 512) and (64, 1024 -> 256) have too few output tiles for the GPU: split-K.
+  // (922, 3072 -> 512) and (64, 1024 -> 256) have too few output tiles for the GPU: split-K in our
+  // kernel. (5, 40 -> 24), (3, 7 -> 9) and (1, 13 -> 5) only cuBLAS takes (few rows, odd widths and
+  // strides; the first two with a bias, so on the CUDA-core kernel).
+  for (const bool vendor : {true, false})
   for (S s : {S{64, 8, 1, false, 0, 0}, S{77, 200, 130, true, 8, 3}, S{300, 2048, 512, true, 0, 0},
               S{1000, 3072, 200, false, 0, 0}, S{257, 2048, 640, true, 16, 0}, S{922, 3072, 512, true, 0, 0},
-              S{64, 1024, 256, false, 0, 0}}) {
+              S{64, 1024, 256, false, 0, 0}, S{5, 40, 24, true, 0, 2}, S{3, 7, 9, true, 1, 1},
+              S{1, 13, 5, false, 3, 1}, S{129, 2048, 1536, false, 8, 8}}) {
+    CAPTURE(vendor);
+    dev.set_vendor_gemm(vendor);
     const std::int64_t ldx = s.in + s.padx, ldy = s.out + s.pady;
     auto x = round_bf16(randn<float>(std::size_t(s.n * ldx), ++seed));
     auto w = round_bf16(randn<float>(std::size_t(s.out) * s.in, ++seed, 1.0 / std::sqrt(double(s.in))));
@@ -88,7 +97,7 @@ TEST_CASE("cuda bf16 linear on tensor cores matches a float64 GEMM (edges, bias,
     DBuf<B> dx(to_bf16(x)), dw(to_bf16(w)), db(to_bf16(b)), dy(std::size_t(s.n * ldy));
     dy.poison();
     const LinearParams<B> lp{dx.p, ldx, dy.p, ldy, s.n, dw.p, s.bias ? db.p : nullptr, s.in, s.out};
-    REQUIRE(gpu::linear_mma_eligible(lp));
+    if (!vendor && !gpu::linear_mma_eligible(lp)) continue;  // the CUDA-core kernel's shape (tested above)
     dev.linear(lp);
     // per element: one bf16 rounding (2^-8 relative at most) plus f32 summation error, bounded by
     // 1e-5 of the sum of |terms|; and the whole output: rel L2 < 4e-3
@@ -110,7 +119,8 @@ TEST_CASE("cuda bf16 linear on tensor cores matches a float64 GEMM (edges, bias,
     for (std::size_t i = 0; i < got.size(); ++i)
       bad += !(std::abs(double(got[i]) - want[i]) <= std::ldexp(std::abs(double(want[i])), -8) + 1e-5 * mag[i]);
     const double e = rel_l2(got, want);
-    MESSAGE("tensor-core linear n=" << s.n << " in=" << s.in << " out=" << s.out << ": rel L2 " << e << ", " << bad
+    MESSAGE("tensor-core linear (" << std::string(vendor && !s.bias ? "cuBLAS" : "own kernel") << ") n=" << s.n << " in=" << s.in << " out=" << s.out
+                                    << ": rel L2 " << e << ", " << bad
                                     << " elements outside their bound");
     CHECK(bad == 0);
     CHECK(e < 4e-3);

@@ -12,6 +12,8 @@
 //     first use; growing synchronizes the stream and allocates device memory, so pre-size it
 //     where a call must not block (or be captured in a CUDA/HIP graph).
 //   - one device int and one pinned host int for all_finite.
+//   - with tensor cores on (16-bit T, CUDA): a cuBLAS handle on the device's stream and its
+//     workspace (kBlasWorkspace bytes), made by set_tensor_cores(true), for linear().
 // Host staging is never allocated on the op paths. to_host synchronizes the stream; to_device
 // returns once the host buffer may be reused (pageable memory is staged by the runtime; pinned
 // memory is waited for). all_finite synchronizes too (its answer is a host bool).
@@ -80,12 +82,33 @@ class GpuDevice {
   GpuDevice(const GpuDevice&) = delete;
   GpuDevice& operator=(const GpuDevice&) = delete;
 
-  // linear() and ref_search() on tensor cores (bf16/f16; linear_mma_kernel, ref_search_mma_kernel)
-  // where the shapes allow, instead of the CUDA-core kernels: prefill compression 4.6-5.9x faster on
-  // the H100 (docs/BENCHMARKS.md); results differ from the CUDA-core path by f32 summation order only.
-  // Off by default (the engine opts in). No effect on HIP (no tensor-core tile there yet).
-  void set_tensor_cores(bool on) { tensor_cores_ = on; }
+  // linear() and ref_search() on tensor cores (bf16/f16) where the shapes allow, instead of the
+  // CUDA-core kernels: linear() without a bias through the vendor's GEMM (cuBLAS; see vendor_gemm), the
+  // search on ref_search_mma_kernel. Results differ from the CUDA-core path by f32 summation order
+  // only. Off by default (the engine opts in). Turning it on for a 16-bit device on CUDA creates
+  // the cuBLAS handle and allocates its workspace (once; not a call for a hot path). No effect on
+  // HIP (no tensor-core tile there yet).
+  void set_tensor_cores(bool on) {
+    if constexpr (vendor::kHasBlas && !std::is_same_v<T, float>) {
+      if (on && !blas_) {
+        blas_ws_ = vendor::malloc_device(kBlasWorkspace);
+        try {
+          blas_ = vendor::blas_create(stream_, blas_ws_, kBlasWorkspace);
+        } catch (...) {
+          vendor::free_device(blas_ws_);
+          blas_ws_ = nullptr;
+          throw;
+        }
+      }
+    }
+    tensor_cores_ = on;
+  }
   bool tensor_cores() const { return tensor_cores_; }
+  // With tensor cores on, linear() on the vendor's GEMM (the default where the build has one) or on
+  // our own tile kernel (linear_mma_kernel: for comparisons; about a fifth of cuBLAS's rate on the
+  // H100 at prefill's encode shapes, docs/BENCHMARKS.md).
+  void set_vendor_gemm(bool on) { vendor_gemm_ = on; }
+  bool vendor_gemm() const { return vendor_gemm_ && vendor::kHasBlas && !std::is_same_v<T, float>; }
 
   stream_t stream() const { return stream_; }
   int device() const { return device_; }
@@ -120,6 +143,16 @@ class GpuDevice {
   // output tiles alone would leave most of the GPU idle.
   void linear(const LinearParams<T>& p) {
     if (p.n <= 0 || p.out <= 0) return;
+    if constexpr (vendor::kHasBlas && !std::is_same_v<T, float>) {
+      constexpr std::int64_t kIntMax = 0x7fffffff;  // cuBLAS takes int sizes and strides
+      // Without a bias only. With one (y pre-filled with the bias, beta = 1) ~11% of the elements
+      // missed the tests' bound (2^-8 relative + 1e-5 of the sum of |terms|) at in >= 2048 on the
+      // H100, where the bias-free calls keep it; the encode's weights carry no bias.
+      if (tensor_cores_ && vendor_gemm_ && blas_ && !p.b && p.in > 0 && p.n <= kIntMax && p.ldx <= kIntMax && p.ldy <= kIntMax) {
+        vendor::gemm_x_wt<T>(blas_, p.n, p.out, p.in, p.x, p.ldx, p.w, p.y, p.ldy);
+        return;
+      }
+    }
     if constexpr (vendor::kTensorTiles && !std::is_same_v<T, float>) {
       if (tensor_cores_ && gpu::linear_mma_eligible(p)) {  // 16-bit, >= 64 rows, 16-byte pieces
         const std::int64_t gx = (p.out + gpu::kMmaBN - 1) / gpu::kMmaBN;
@@ -409,6 +442,10 @@ class GpuDevice {
 
   void release() noexcept {
     (void)vendor::stream_sync_noexcept(stream_);  // nothing may still use the scratch
+    vendor::blas_destroy(blas_);
+    vendor::free_device(blas_ws_);
+    blas_ = nullptr;
+    blas_ws_ = nullptr;
     vendor::free_device(scratch_);
     vendor::free_device(flag_);
     vendor::free_pinned(host_flag_);
@@ -419,9 +456,14 @@ class GpuDevice {
     scratch_bytes_ = 0;
   }
 
+  // cuBLAS's recommended workspace on Hopper (enough for its split-K and stream-K algorithms)
+  static constexpr std::size_t kBlasWorkspace = std::size_t(32) << 20;
   stream_t stream_ = nullptr;
   bool owns_stream_ = false;
   bool tensor_cores_ = false;
+  bool vendor_gemm_ = true;
+  vendor::blas_t blas_ = nullptr;
+  void* blas_ws_ = nullptr;
   bool rs_smem_allowed_ = false;
   int device_ = 0;
   int sms_ = 1;

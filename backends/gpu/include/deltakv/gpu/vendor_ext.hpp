@@ -11,6 +11,7 @@
 #include "vendor.hpp"
 
 #if defined(__CUDACC__) && !defined(__HIPCC__)
+#include <cublas_v2.h>
 #include <mma.h>
 #endif
 
@@ -560,6 +561,59 @@ inline int max_smem_per_block(int device) {
 inline void graph_destroy(graph_exec_t x) noexcept { (void)cudaGraphExecDestroy(x); }
 inline void memcpy_d2d_async(void* dst, const void* src, std::size_t bytes, stream_t s) {
   check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s), "cudaMemcpyAsync");
+}
+#endif
+
+// ---- the vendor's GEMM (GpuDevice::linear on 16-bit storage) ---------------------------------
+// y[n, out] = x[n, in] W^T with W [out, in] row-major, 16-bit T, f32 accumulation, one
+// rounding to T at the end, on a handle bound to one stream and to a workspace the caller owns (so
+// that no call allocates and the calls can be captured in a graph). CUDA: cuBLAS, part of the
+// toolkit: prefill's encode is big GEMMs (4096 x 6144 x 2048 at Llama's shape), where cuBLAS runs
+// near the device's tensor-core rate and our own tile kernel (linear_mma_kernel) at about a fifth of
+// it. HIP: none (kHasBlas false; the caller keeps its own kernel).
+#if defined(__CUDACC__) && !defined(__HIPCC__)
+inline constexpr bool kHasBlas = true;
+using blas_t = cublasHandle_t;
+inline void blas_check(cublasStatus_t st, const char* what) {
+  if (st == CUBLAS_STATUS_SUCCESS) return;
+  const std::string msg = std::string(what) + ": " + cublasGetStatusString(st);
+  if (st == CUBLAS_STATUS_ALLOC_FAILED) throw CapacityError(msg);
+  throw ConfigError(msg);
+}
+inline blas_t blas_create(stream_t s, void* workspace, std::size_t bytes) {
+  cublasHandle_t h = nullptr;
+  blas_check(cublasCreate(&h), "cublasCreate");
+  try {
+    blas_check(cublasSetStream(h, s), "cublasSetStream");
+    blas_check(cublasSetWorkspace(h, workspace, bytes), "cublasSetWorkspace");
+    blas_check(cublasSetMathMode(h, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
+  } catch (...) {
+    (void)cublasDestroy(h);
+    throw;
+  }
+  return h;
+}
+inline void blas_destroy(blas_t h) noexcept {
+  if (h) (void)cublasDestroy(h);
+}
+template <class T>
+void gemm_x_wt(blas_t h, std::int64_t n, int out, int in, const T* x, std::int64_t ldx, const T* w, T* y, std::int64_t ldy) {
+  static_assert(std::is_same_v<T, bf16> || std::is_same_v<T, f16>, "gemm_x_wt: 16-bit storage");
+  constexpr cudaDataType_t ty = std::is_same_v<T, bf16> ? CUDA_R_16BF : CUDA_R_16F;
+  const float alpha = 1.f, beta = 0.f;
+  // Column-major view: y^T [out x n] = W [out x in] (W's rows are the stored [in x out] transposed) x^T [in x n]
+  blas_check(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, out, int(n), in, &alpha, w, ty, in, x, ty, int(ldx), &beta, y, ty, int(ldy),
+                          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+             "cublasGemmEx");
+}
+#else
+inline constexpr bool kHasBlas = false;
+using blas_t = void*;
+inline blas_t blas_create(stream_t, void*, std::size_t) { return nullptr; }
+inline void blas_destroy(blas_t) noexcept {}
+template <class T>
+void gemm_x_wt(blas_t, std::int64_t, int, int, const T*, std::int64_t, const T*, T*, std::int64_t) {
+  throw ConfigError("gemm_x_wt: no vendor GEMM in this build (HIP)");
 }
 #endif
 
