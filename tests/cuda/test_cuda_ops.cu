@@ -204,7 +204,8 @@ std::pair<std::vector<std::int32_t>, std::vector<std::int32_t>> ref_search_both(
   DBuf<std::int32_t> dvis(q.vis), dids(std::size_t(q.n * q.k));
   dids.poison(0x5A);  // not -1: "no reference" is a valid id, and every one must be written
   const RefSearchParams<T> rp{dx.p, q.ldx, q.n, dr.p, q.ldr, q.m, dvis.p, q.dim, q.k, metric, dids.p};
-  if (tensor_path) *tensor_path = dev.tensor_cores() && gpu::ref_search_mma_eligible(rp);
+  if (tensor_path)
+    *tensor_path = dev.tensor_cores() && (dev.vendor_gemm() ? gpu::ref_search_gemm_eligible(rp) : gpu::ref_search_mma_eligible(rp));
   dev.ref_search(rp);
   std::vector<std::int32_t> want(std::size_t(q.n * q.k), -7);
   cpu::CpuDevice<float> ref;
@@ -260,20 +261,25 @@ TEST_CASE("cuda ref_search picks the same references as the CPU, ties included")
 TEST_CASE("cuda bf16 ref_search on tensor cores picks the same references as the CPU, ties included") {
   // Grid values are exact in bf16, and every product and partial sum of them is exact in f32, so
   // the tensor-core scores equal the CPU's bit for bit: ids must agree, ties to the earlier
-  // reference included. k <= 8, metric l2 / dot and >= 64 rows take ref_search_mma_kernel (checked
-  // below); the other shapes fall back to the CUDA-core kernel and are checked too.
+  // reference included. k <= 8, metric l2 / dot and >= 64 rows take the tensor-core paths (checked
+  // below): the scores as cuBLAS GEMMs (the default; chunks of 2048 rows x 4096 references, so the
+  // 2100-row and 4097- / 5000-reference shapes cross chunk boundaries) or ref_search_mma_kernel
+  // (set_vendor_gemm false); the other shapes fall back to the CUDA-core kernel and are checked too.
   DKT_REQUIRE_CUDA();
   if (!tensor_tiles_built()) return;
   cuda::CudaDevice<cuda::bf16> dev;
   dev.set_tensor_cores(true);
   std::uint32_t seed = 1700;
+  for (const bool vendor : {true, false})
   for (Metric metric : {Metric::l2, Metric::dot, Metric::cosine}) {
+    dev.set_vendor_gemm(vendor);
     for (RefShape s : {RefShape{1, 0, 64, 4}, {5, 3, 32, 4}, {37, 50, 64, 4}, {128, 300, 256, 4}, {200, 1000, 256, 1},
-                       {130, 700, 2048, 8}, {300, 3000, 128, 4}, {64, 2000, 200, 2}, {64, 500, 128, 16}}) {
+                       {130, 700, 2048, 8}, {300, 3000, 128, 4}, {64, 2000, 200, 2}, {64, 500, 128, 16}, {64, 0, 64, 4},
+                       {70, 4097, 32, 8}, {130, 5000, 128, 4}, {2100, 300, 64, 4}}) {
       const RefProblem q = grid_ref_problem(s.n, s.m, s.dim, s.k, 8, 16, seed);  // strides: multiples of 8
       bool tc = false;
       const std::int64_t diff = ids_differing(ref_search_both(dev, q, metric, &tc));
-      MESSAGE("bf16 ref_search (" << std::string(tc ? "tensor cores" : "CUDA cores") << ") metric=" << int(metric) << " n=" << s.n
+      MESSAGE("bf16 ref_search (" << std::string(tc ? (vendor ? "cuBLAS scores" : "tensor cores") : "CUDA cores") << ") metric=" << int(metric) << " n=" << s.n
                                   << " m=" << s.m << " dim=" << s.dim << " k=" << s.k << ": " << diff << " differing ids");
       CHECK(tc == (metric != Metric::cosine && s.k <= 8 && s.n >= 64));
       CHECK(diff == 0);
@@ -281,7 +287,10 @@ TEST_CASE("cuda bf16 ref_search on tensor cores picks the same references as the
   }
   // Gaussian bf16 data: the f32 sums round in a different order than the CPU's, so a near-tie
   // may swap; expect at most one row of 128 to differ, as for the f32 kernel.
+  for (const bool vendor : {true, false})
   for (Metric metric : {Metric::l2, Metric::dot}) {
+    dev.set_vendor_gemm(vendor);
+    CAPTURE(vendor);
     const RefProblem q = gaussian_ref_problem<cuda::bf16>(128, 900, 256, 4, seed);
     bool tc = false;
     const int rows = rows_differing(ref_search_both(dev, q, metric, &tc), q.n, q.k);

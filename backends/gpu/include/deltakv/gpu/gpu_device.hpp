@@ -116,12 +116,15 @@ class GpuDevice {
 
   // Scratch that makes every later call allocation-free: topk with k up to `topk_k`, ref_search
   // with up to `ref_rows` rows and `ref_k` ids, and any split-K GEMM (bounded by the SM count).
+  // With tensor cores on (CUDA, 16-bit) the search's GEMM scores take ~32 MiB of it: ask after
+  // set_tensor_cores(true).
   std::size_t scratch_bytes_for(std::int64_t topk_k, std::int64_t ref_rows = 0, int ref_k = 0) const {
     std::size_t b = topk_scratch(topk_k);
     b = std::max(b, std::size_t(gpu::kRefMaxSplits) * std::size_t(std::max<std::int64_t>(ref_rows, 0)) *
                         std::size_t(std::max(ref_k, 0)) * (sizeof(float) + sizeof(std::int32_t)) + 256);
     b = std::max(b, std::size_t(4) * std::size_t(sms_) * gpu::kLinBM * gpu::kLinBN * sizeof(float));
     b = std::max(b, std::size_t(3) * std::size_t(sms_) * gpu::kMmaBM * gpu::kMmaBN * sizeof(float));  // tensor-core split-K
+    if (ref_rows >= 64 && tensor_cores_ && vendor_gemm() && blas_) b = std::max(b, ref_gemm_scratch());  // GEMM-scored search
     return b;
   }
   std::size_t scratch_capacity() const { return scratch_bytes_; }
@@ -149,7 +152,7 @@ class GpuDevice {
       // missed the tests' bound (2^-8 relative + 1e-5 of the sum of |terms|) at in >= 2048 on the
       // H100, where the bias-free calls keep it; the encode's weights carry no bias.
       if (tensor_cores_ && vendor_gemm_ && blas_ && !p.b && p.in > 0 && p.n <= kIntMax && p.ldx <= kIntMax && p.ldy <= kIntMax) {
-        vendor::gemm_x_wt<T>(blas_, p.n, p.out, p.in, p.x, p.ldx, p.w, p.y, p.ldy);
+        vendor::gemm_x_wt<T, T>(blas_, p.n, p.out, p.in, p.x, p.ldx, p.w, p.in, p.y, p.ldy);
         return;
       }
     }
@@ -196,6 +199,12 @@ class GpuDevice {
   // tensor cores (ref_search_mma_kernel, where eligible and enabled), else up to 8.
   void ref_search(const RefSearchParams<T>& p) {
     if (p.n <= 0 || p.k <= 0) return;
+    if constexpr (vendor::kHasBlas && !std::is_same_v<T, float>) {
+      if (tensor_cores_ && vendor_gemm_ && blas_ && gpu::ref_search_gemm_eligible(p)) {
+        ref_search_gemm(p);
+        return;
+      }
+    }
     if constexpr (vendor::kTensorTiles && !std::is_same_v<T, float>) {
       if (tensor_cores_ && gpu::ref_search_mma_eligible(p)) {
         const std::int64_t row_blocks = (p.n + gpu::kRsBM - 1) / gpu::kRsBM;
@@ -227,6 +236,40 @@ class GpuDevice {
     gpu::ref_search_kernel<T, kWarp, NT><<<grid, NT, smem, stream_>>>(p, rows, sp.per, sp.part_s, sp.part_i);
     launched("ref_search");
     ref_merge(p, sp);
+  }
+
+  // The search's scores as GEMMs on cuBLAS, chunk by chunk (kernels.cuh, ref_topk_rows_kernel).
+  void ref_search_gemm(const RefSearchParams<T>& p) {
+    reserve_scratch(ref_gemm_scratch());
+    float* scores = reinterpret_cast<float*>(scratch_);
+    float* norms = scores + std::size_t(gpu::kRsChunkRows) * gpu::kRsChunkRefs;
+    float* list_s = norms + gpu::kRsChunkRefs;
+    std::int32_t* list_i = reinterpret_cast<std::int32_t*>(list_s + std::size_t(gpu::kRsChunkRows) * gpu::kRsMaxK);
+    constexpr int NT = 256, RPB = NT / kWarp;  // rows (warps) per block
+    for (std::int64_t r0 = 0; r0 < p.n; r0 += gpu::kRsChunkRows) {
+      const std::int64_t nr = std::min<std::int64_t>(gpu::kRsChunkRows, p.n - r0);
+      const T* x = p.x + r0 * p.ldx;
+      for (std::int64_t j0 = 0; j0 == 0 || j0 < p.m; j0 += gpu::kRsChunkRefs) {  // once at least: m = 0 writes -1s
+        const int mc = int(std::min<std::int64_t>(gpu::kRsChunkRefs, p.m - j0));
+        const bool last = j0 + gpu::kRsChunkRefs >= p.m;
+        if (mc > 0) {
+          const T* r = p.refs + j0 * p.ldr;
+          vendor::gemm_x_wt<T, float>(blas_, nr, mc, p.dim, x, p.ldx, r, p.ldr, scores, mc);
+          if (p.metric == Metric::l2) {
+            gpu::ref_norms_kernel<T, kWarp><<<unsigned((mc + RPB - 1) / RPB), NT, 0, stream_>>>(r, p.ldr, mc, p.dim, norms);
+            launched("ref_search (norms)");
+          }
+        }
+        gpu::ref_topk_rows_kernel<kWarp, gpu::kRsMaxK><<<unsigned((nr + RPB - 1) / RPB), NT, 0, stream_>>>(
+            nr, p.k, p.metric, scores, std::max(mc, 1), norms, j0, std::max(mc, 0), p.visible + r0, j0 == 0, list_s, list_i,
+            last ? p.ids + r0 * p.k : nullptr);
+        launched("ref_search (top-k)");
+      }
+    }
+  }
+  static std::size_t ref_gemm_scratch() {
+    return (std::size_t(gpu::kRsChunkRows) * gpu::kRsChunkRefs + gpu::kRsChunkRefs + 2 * std::size_t(gpu::kRsChunkRows) * gpu::kRsMaxK) *
+           sizeof(float);
   }
 
   void gather_mean(const GatherMeanParams<T>& p) {
@@ -457,7 +500,7 @@ class GpuDevice {
   }
 
   // cuBLAS's recommended workspace on Hopper (enough for its split-K and stream-K algorithms)
-  static constexpr std::size_t kBlasWorkspace = std::size_t(32) << 20;
+  static constexpr std::size_t kBlasWorkspace = std::size_t{1} << 25;  // 32 MiB
   stream_t stream_ = nullptr;
   bool owns_stream_ = false;
   bool tensor_cores_ = false;

@@ -685,6 +685,116 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(kRsThreads, 2)
 }
 
 // =============================================================================================
+// The search with its scores from the vendor's GEMM (GpuDevice::ref_search with tensor cores on,
+// where the build has one): per chunk of at most kRsChunkRows rows x kRsChunkRefs references,
+// S = X R^T in f32 (scratch), |r|^2 of the chunk's references (ref_norms_kernel), then
+// ref_topk_rows_kernel folds the chunk into each row's k best (list_s / list_i, carried from chunk
+// to chunk in reference order, so that ties keep going to the lower id) and writes the ids after
+// the last chunk. Scores as in ref_search_mma_kernel: 2 s - |r|^2 (l2) or s (dot). The chunk sizes
+// are fixed, so the GEMM shapes, and with them the f32 sums, do not depend on the scratch's size.
+// =============================================================================================
+inline constexpr int kRsChunkRows = 2048, kRsChunkRefs = 4096;
+
+// Whether the vendor-GEMM search takes p (with tensor cores on): 16-bit T, a vendor GEMM in the
+// build, >= 64 rows (as for ref_search_mma_kernel), l2 or dot, k <= kRsMaxK, strides cuBLAS takes.
+template <class T>
+bool ref_search_gemm_eligible(const RefSearchParams<T>& p) {
+  if constexpr (!vendor::kHasBlas || std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    return false;
+  } else {
+    constexpr std::int64_t kIntMax = 0x7fffffff;
+    return p.n >= 64 && p.metric != Metric::cosine && p.k >= 1 && p.k <= kRsMaxK && p.dim >= 1 && p.ldx <= kIntMax &&
+           p.ldr <= kIntMax && p.m <= kIntMax;
+  }
+}
+
+template <class T, int W>
+__global__ void ref_norms_kernel(const T* refs, std::int64_t ldr, int rows, int dim, float* norms) {
+  const int r = (blockIdx.x * blockDim.x + threadIdx.x) / W, lane = threadIdx.x % W;
+  if (r >= rows) return;  // whole warps
+  float a = 0.f;
+  for (int d = lane; d < dim; d += W) {
+    const float v = to_float(refs[std::int64_t(r) * ldr + d]);
+    a += v * v;
+  }
+  for (int o = W / 2; o > 0; o >>= 1) a += vendor::shfl_xor<W>(a, o);
+  if (lane == 0) norms[r] = a;
+}
+
+// One warp per row: each lane keeps the k best of the columns it scans (lane 0 starts from the
+// row's list so far), then k rounds of a warp-wide pick of the best list head merge them.
+template <int W, int MK>
+__global__ void ref_topk_rows_kernel(std::int64_t n, int k, Metric metric, const float* scores, int ld_scores,
+                                     const float* norms, std::int64_t j0, int cols, const std::int32_t* visible, bool first,
+                                     float* list_s, std::int32_t* list_i, std::int32_t* ids) {
+  const std::int64_t row = (std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / W;
+  const int lane = threadIdx.x % W;
+  if (row >= n) return;  // whole warps
+  float bs[MK];
+  int bi[MK];
+#pragma unroll
+  for (int q = 0; q < MK; ++q) {
+    bs[q] = kNegInf;
+    bi[q] = -1;
+    if (!first && lane == 0 && q < k) {
+      bs[q] = list_s[row * k + q];
+      bi[q] = list_i[row * k + q];
+    }
+  }
+  const std::int64_t vis_left = std::int64_t(visible[row]) - j0, lim = vis_left < cols ? vis_left : cols;
+  const float* srow = scores + row * ld_scores;
+  for (std::int64_t c = lane; c < lim; c += W) {
+    float sc = srow[c];
+    if (metric == Metric::l2) sc = 2.f * sc - norms[c];
+    const int jj = static_cast<int>(j0 + c);
+    if (!ranks_before(sc, jj, bs[k - 1], bi[k - 1])) continue;
+    // insertion from the bottom, constant indices (the list stays in registers)
+#pragma unroll
+    for (int q = MK - 1; q >= 0; --q) {
+      if (q >= k) continue;
+      if (q > 0 && ranks_before(sc, jj, bs[q - 1], bi[q - 1])) {
+        bs[q] = bs[q - 1];
+        bi[q] = bi[q - 1];
+      } else {
+        bs[q] = sc;
+        bi[q] = jj;
+        break;
+      }
+    }
+  }
+  for (int q = 0; q < k; ++q) {  // the warp's best head, ties (empty heads) to the lower lane
+    float s = bs[0];
+    int i = bi[0], l = lane;
+    for (int o = W / 2; o > 0; o >>= 1) {
+      const float os = vendor::shfl_xor<W>(s, o);
+      const int oi = vendor::shfl_xor<W>(i, o), ol = vendor::shfl_xor<W>(l, o);
+      if (ranks_before(os, oi, s, i) || (!ranks_before(s, i, os, oi) && ol < l)) {
+        s = os;
+        i = oi;
+        l = ol;
+      }
+    }
+    if (lane == l) {
+#pragma unroll
+      for (int t = 0; t + 1 < MK; ++t) {
+        bs[t] = bs[t + 1];
+        bi[t] = bi[t + 1];
+      }
+      bs[MK - 1] = kNegInf;
+      bi[MK - 1] = -1;
+    }
+    if (lane == 0) {
+      if (ids) {
+        ids[row * k + q] = i;
+      } else {
+        list_s[row * k + q] = s;
+        list_i[row * k + q] = i;
+      }
+    }
+  }
+}
+
+// =============================================================================================
 // gather_mean: one block per output row (grid-stride), threads over features. Sums in id order
 // then one division, like the CPU: bit-identical in f32.
 // =============================================================================================

@@ -596,14 +596,18 @@ inline blas_t blas_create(stream_t s, void* workspace, std::size_t bytes) {
 inline void blas_destroy(blas_t h) noexcept {
   if (h) (void)cublasDestroy(h);
 }
-template <class T>
-void gemm_x_wt(blas_t h, std::int64_t n, int out, int in, const T* x, std::int64_t ldx, const T* w, T* y, std::int64_t ldy) {
+// Y = T (rounded once) or float (the f32 sums: ref_search's scores); w's rows ldw apart.
+template <class T, class Y>
+void gemm_x_wt(blas_t h, std::int64_t n, int out, int in, const T* x, std::int64_t ldx, const T* w, std::int64_t ldw, Y* y,
+               std::int64_t ldy) {
   static_assert(std::is_same_v<T, bf16> || std::is_same_v<T, f16>, "gemm_x_wt: 16-bit storage");
+  static_assert(std::is_same_v<Y, T> || std::is_same_v<Y, float>, "gemm_x_wt: output T or f32");
   constexpr cudaDataType_t ty = std::is_same_v<T, bf16> ? CUDA_R_16BF : CUDA_R_16F;
+  constexpr cudaDataType_t tout = std::is_same_v<Y, float> ? CUDA_R_32F : ty;
   const float alpha = 1.f, beta = 0.f;
   // Column-major view: y^T [out x n] = W [out x in] (W's rows are the stored [in x out] transposed) x^T [in x n]
-  blas_check(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, out, int(n), in, &alpha, w, ty, in, x, ty, int(ldx), &beta, y, ty, int(ldy),
-                          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+  blas_check(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, out, int(n), in, &alpha, w, ty, int(ldw), x, ty, int(ldx), &beta, y, tout,
+                          int(ldy), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
              "cublasGemmEx");
 }
 #else
@@ -611,8 +615,8 @@ inline constexpr bool kHasBlas = false;
 using blas_t = void*;
 inline blas_t blas_create(stream_t, void*, std::size_t) { return nullptr; }
 inline void blas_destroy(blas_t) noexcept {}
-template <class T>
-void gemm_x_wt(blas_t, std::int64_t, int, int, const T*, std::int64_t, const T*, T*, std::int64_t) {
+template <class T, class Y>
+void gemm_x_wt(blas_t, std::int64_t, int, int, const T*, std::int64_t, const T*, std::int64_t, Y*, std::int64_t) {
   throw ConfigError("gemm_x_wt: no vendor GEMM in this build (HIP)");
 }
 #endif
