@@ -251,17 +251,18 @@ class GpuDevice {
       const T* x = p.x + r0 * p.ldx;
       for (std::int64_t j0 = 0; j0 == 0 || j0 < p.m; j0 += gpu::kRsChunkRefs) {  // once at least: m = 0 writes -1s
         const int mc = int(std::min<std::int64_t>(gpu::kRsChunkRefs, p.m - j0));
+        const int ld = std::max(4, (mc + 3) / 4 * 4);  // the top-k kernel reads 16-byte pieces of rows
         const bool last = j0 + gpu::kRsChunkRefs >= p.m;
         if (mc > 0) {
           const T* r = p.refs + j0 * p.ldr;
-          vendor::gemm_x_wt<T, float>(blas_, nr, mc, p.dim, x, p.ldx, r, p.ldr, scores, mc);
+          vendor::gemm_x_wt<T, float>(blas_, nr, mc, p.dim, x, p.ldx, r, p.ldr, scores, ld);
           if (p.metric == Metric::l2) {
             gpu::ref_norms_kernel<T, kWarp><<<unsigned((mc + RPB - 1) / RPB), NT, 0, stream_>>>(r, p.ldr, mc, p.dim, norms);
             launched("ref_search (norms)");
           }
         }
         gpu::ref_topk_rows_kernel<kWarp, gpu::kRsMaxK><<<unsigned((nr + RPB - 1) / RPB), NT, 0, stream_>>>(
-            nr, p.k, p.metric, scores, std::max(mc, 1), norms, j0, std::max(mc, 0), p.visible + r0, j0 == 0, list_s, list_i,
+            nr, p.k, p.metric, scores, ld, norms, j0, std::max(mc, 0), p.visible + r0, j0 == 0, list_s, list_i,
             last ? p.ids + r0 * p.k : nullptr);
         launched("ref_search (top-k)");
       }

@@ -723,6 +723,8 @@ __global__ void ref_norms_kernel(const T* refs, std::int64_t ldr, int rows, int 
 
 // One warp per row: each lane keeps the k best of the columns it scans (lane 0 starts from the
 // row's list so far), then k rounds of a warp-wide pick of the best list head merge them.
+// scores: rows ld_scores apart, a multiple of 4, 16-byte aligned; norms: 16-byte aligned, readable
+// up to cols rounded up to 4.
 template <int W, int MK>
 __global__ void ref_topk_rows_kernel(std::int64_t n, int k, Metric metric, const float* scores, int ld_scores,
                                      const float* norms, std::int64_t j0, int cols, const std::int32_t* visible, bool first,
@@ -742,12 +744,12 @@ __global__ void ref_topk_rows_kernel(std::int64_t n, int k, Metric metric, const
     }
   }
   const std::int64_t vis_left = std::int64_t(visible[row]) - j0, lim = vis_left < cols ? vis_left : cols;
+  // Four columns per lane step, one 16-byte load each of scores and norms (rows ld_scores % 4 == 0
+  // apart, 16-byte aligned): one score per load was a chain of load latencies per lane.
   const float* srow = scores + row * ld_scores;
-  for (std::int64_t c = lane; c < lim; c += W) {
-    float sc = srow[c];
-    if (metric == Metric::l2) sc = 2.f * sc - norms[c];
+  auto consider = [&](float sc, std::int64_t c) {
     const int jj = static_cast<int>(j0 + c);
-    if (!ranks_before(sc, jj, bs[k - 1], bi[k - 1])) continue;
+    if (!ranks_before(sc, jj, bs[k - 1], bi[k - 1])) return;
     // insertion from the bottom, constant indices (the list stays in registers)
 #pragma unroll
     for (int q = MK - 1; q >= 0; --q) {
@@ -758,9 +760,19 @@ __global__ void ref_topk_rows_kernel(std::int64_t n, int k, Metric metric, const
       } else {
         bs[q] = sc;
         bi[q] = jj;
-        break;
+        return;
       }
     }
+  };
+  for (std::int64_t c = 4 * lane; c < lim; c += 4 * W) {
+    const float4 v = *reinterpret_cast<const float4*>(srow + c);
+    float4 nr = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (metric == Metric::l2) nr = *reinterpret_cast<const float4*>(norms + c);
+    const bool l2 = metric == Metric::l2;
+    consider(l2 ? 2.f * v.x - nr.x : v.x, c);
+    if (c + 1 < lim) consider(l2 ? 2.f * v.y - nr.y : v.y, c + 1);
+    if (c + 2 < lim) consider(l2 ? 2.f * v.z - nr.z : v.z, c + 2);
+    if (c + 3 < lim) consider(l2 ? 2.f * v.w - nr.w : v.w, c + 3);
   }
   for (int q = 0; q < k; ++q) {  // the warp's best head, ties (empty heads) to the lower lane
     float s = bs[0];
