@@ -13,7 +13,8 @@
 //     where a call must not block (or be captured in a CUDA/HIP graph).
 //   - one device int and one pinned host int for all_finite.
 //   - with tensor cores on (16-bit T, CUDA): a cuBLAS handle on the device's stream and its
-//     workspace (kBlasWorkspace bytes), made by set_tensor_cores(true), for linear().
+//     workspace (kBlasWorkspace bytes), made by set_tensor_cores(true), for linear() and the
+//     search's scores.
 // Host staging is never allocated on the op paths. to_host synchronizes the stream; to_device
 // returns once the host buffer may be reused (pageable memory is staged by the runtime; pinned
 // memory is waited for). all_finite synchronizes too (its answer is a host bool).
@@ -83,9 +84,9 @@ class GpuDevice {
   GpuDevice& operator=(const GpuDevice&) = delete;
 
   // linear() and ref_search() on tensor cores (bf16/f16) where the shapes allow, instead of the
-  // CUDA-core kernels: linear() without a bias through the vendor's GEMM (cuBLAS; see vendor_gemm), the
-  // search on ref_search_mma_kernel. Results differ from the CUDA-core path by f32 summation order
-  // only. Off by default (the engine opts in). Turning it on for a 16-bit device on CUDA creates
+  // CUDA-core kernels: linear() without a bias and the search's scores through the vendor's GEMM
+  // (cuBLAS; see vendor_gemm), otherwise linear_mma_kernel and ref_search_mma_kernel. Results differ
+  // from the CUDA-core path by f32 summation order only. Off by default (the engine opts in). Turning it on for a 16-bit device on CUDA creates
   // the cuBLAS handle and allocates its workspace (once; not a call for a hot path). No effect on
   // HIP (no tensor-core tile there yet).
   void set_tensor_cores(bool on) {
@@ -104,9 +105,9 @@ class GpuDevice {
     tensor_cores_ = on;
   }
   bool tensor_cores() const { return tensor_cores_; }
-  // With tensor cores on, linear() on the vendor's GEMM (the default where the build has one) or on
-  // our own tile kernel (linear_mma_kernel: for comparisons; about a fifth of cuBLAS's rate on the
-  // H100 at prefill's encode shapes, docs/BENCHMARKS.md).
+  // With tensor cores on, linear() and the search's scores on the vendor's GEMM (the default where
+  // the build has one) or on our own tile kernels (linear_mma_kernel, ref_search_mma_kernel: for
+  // comparisons; prefill takes 2.5x as long with them on the H100, docs/BENCHMARKS.md).
   void set_vendor_gemm(bool on) { vendor_gemm_ = on; }
   bool vendor_gemm() const { return vendor_gemm_ && vendor::kHasBlas && !std::is_same_v<T, float>; }
 
@@ -194,9 +195,10 @@ class GpuDevice {
     launched("axpy_rows");
   }
 
-  // Blocks of rows x a share of the references; more than one share per row block when that is
-  // needed to fill the GPU (partial lists merged by a second kernel). Rows per block: 128 on
-  // tensor cores (ref_search_mma_kernel, where eligible and enabled), else up to 8.
+  // With tensor cores on and a vendor GEMM: ref_search_gemm (below). Otherwise blocks of rows x a
+  // share of the references; more than one share per row block when that is needed to fill the GPU
+  // (partial lists merged by a second kernel). Rows per block: 128 on tensor cores
+  // (ref_search_mma_kernel, where eligible and enabled), else up to 8.
   void ref_search(const RefSearchParams<T>& p) {
     if (p.n <= 0 || p.k <= 0) return;
     if constexpr (vendor::kHasBlas && !std::is_same_v<T, float>) {
@@ -236,41 +238,6 @@ class GpuDevice {
     gpu::ref_search_kernel<T, kWarp, NT><<<grid, NT, smem, stream_>>>(p, rows, sp.per, sp.part_s, sp.part_i);
     launched("ref_search");
     ref_merge(p, sp);
-  }
-
-  // The search's scores as GEMMs on cuBLAS, chunk by chunk (kernels.cuh, ref_topk_rows_kernel).
-  void ref_search_gemm(const RefSearchParams<T>& p) {
-    reserve_scratch(ref_gemm_scratch());
-    float* scores = reinterpret_cast<float*>(scratch_);
-    float* norms = scores + std::size_t(gpu::kRsChunkRows) * gpu::kRsChunkRefs;
-    float* list_s = norms + gpu::kRsChunkRefs;
-    std::int32_t* list_i = reinterpret_cast<std::int32_t*>(list_s + std::size_t(gpu::kRsChunkRows) * gpu::kRsMaxK);
-    constexpr int NT = 256, RPB = NT / kWarp;  // rows (warps) per block
-    for (std::int64_t r0 = 0; r0 < p.n; r0 += gpu::kRsChunkRows) {
-      const std::int64_t nr = std::min<std::int64_t>(gpu::kRsChunkRows, p.n - r0);
-      const T* x = p.x + r0 * p.ldx;
-      for (std::int64_t j0 = 0; j0 == 0 || j0 < p.m; j0 += gpu::kRsChunkRefs) {  // once at least: m = 0 writes -1s
-        const int mc = int(std::min<std::int64_t>(gpu::kRsChunkRefs, p.m - j0));
-        const int ld = std::max(4, (mc + 3) / 4 * 4);  // the top-k kernel reads 16-byte pieces of rows
-        const bool last = j0 + gpu::kRsChunkRefs >= p.m;
-        if (mc > 0) {
-          const T* r = p.refs + j0 * p.ldr;
-          vendor::gemm_x_wt<T, float>(blas_, nr, mc, p.dim, x, p.ldx, r, p.ldr, scores, ld);
-          if (p.metric == Metric::l2) {
-            gpu::ref_norms_kernel<T, kWarp><<<unsigned((mc + RPB - 1) / RPB), NT, 0, stream_>>>(r, p.ldr, mc, p.dim, norms);
-            launched("ref_search (norms)");
-          }
-        }
-        gpu::ref_topk_rows_kernel<kWarp, gpu::kRsMaxK><<<unsigned((nr + RPB - 1) / RPB), NT, 0, stream_>>>(
-            nr, p.k, p.metric, scores, ld, norms, j0, std::max(mc, 0), p.visible + r0, j0 == 0, list_s, list_i,
-            last ? p.ids + r0 * p.k : nullptr);
-        launched("ref_search (top-k)");
-      }
-    }
-  }
-  static std::size_t ref_gemm_scratch() {
-    return (std::size_t(gpu::kRsChunkRows) * gpu::kRsChunkRefs + gpu::kRsChunkRefs + 2 * std::size_t(gpu::kRsChunkRows) * gpu::kRsMaxK) *
-           sizeof(float);
   }
 
   void gather_mean(const GatherMeanParams<T>& p) {
@@ -401,6 +368,41 @@ class GpuDevice {
   void fill_zero(void* p, std::size_t bytes) { vendor::memset_async(p, 0, bytes, stream_); }
 
  private:
+  // The search's scores as GEMMs on cuBLAS, chunk by chunk (kernels.cuh, ref_topk_rows_kernel).
+  void ref_search_gemm(const RefSearchParams<T>& p) {
+    reserve_scratch(ref_gemm_scratch());
+    float* scores = reinterpret_cast<float*>(scratch_);
+    float* norms = scores + std::size_t(gpu::kRsChunkRows) * gpu::kRsChunkRefs;
+    float* list_s = norms + gpu::kRsChunkRefs;
+    std::int32_t* list_i = reinterpret_cast<std::int32_t*>(list_s + std::size_t(gpu::kRsChunkRows) * gpu::kRsMaxK);
+    constexpr int NT = 256, RPB = NT / kWarp;  // rows (warps) per block
+    for (std::int64_t r0 = 0; r0 < p.n; r0 += gpu::kRsChunkRows) {
+      const std::int64_t nr = std::min<std::int64_t>(gpu::kRsChunkRows, p.n - r0);
+      const T* x = p.x + r0 * p.ldx;
+      for (std::int64_t j0 = 0; j0 == 0 || j0 < p.m; j0 += gpu::kRsChunkRefs) {  // once at least: m = 0 writes -1s
+        const int mc = int(std::min<std::int64_t>(gpu::kRsChunkRefs, p.m - j0));
+        const int ld = std::max(4, (mc + 3) / 4 * 4);  // the top-k kernel reads 16-byte pieces of rows
+        const bool last = j0 + gpu::kRsChunkRefs >= p.m;
+        if (mc > 0) {
+          const T* r = p.refs + j0 * p.ldr;
+          vendor::gemm_x_wt<T, float>(blas_, nr, mc, p.dim, x, p.ldx, r, p.ldr, scores, ld);
+          if (p.metric == Metric::l2) {
+            gpu::ref_norms_kernel<T, kWarp><<<unsigned((mc + RPB - 1) / RPB), NT, 0, stream_>>>(r, p.ldr, mc, p.dim, norms);
+            launched("ref_search (norms)");
+          }
+        }
+        gpu::ref_topk_rows_kernel<kWarp, gpu::kRsMaxK><<<unsigned((nr + RPB - 1) / RPB), NT, 0, stream_>>>(
+            nr, p.k, p.metric, scores, ld, norms, j0, std::max(mc, 0), p.visible + r0, j0 == 0, list_s, list_i,
+            last ? p.ids + r0 * p.k : nullptr);
+        launched("ref_search (top-k)");
+      }
+    }
+  }
+  static std::size_t ref_gemm_scratch() {
+    return (std::size_t(gpu::kRsChunkRows) * gpu::kRsChunkRefs + gpu::kRsChunkRefs + 2 * std::size_t(gpu::kRsChunkRows) * gpu::kRsMaxK) *
+           sizeof(float);
+  }
+
   // Split-K of a GEMM with `tiles` output tiles and `steps` K steps: one split unless the tiles
   // number fewer than `fill`; then enough for two waves of blocks, at most `max_by_k` and 16. `per`
   // K steps per split; the f32 partials [splits, n, out] live in the scratch.
