@@ -82,14 +82,15 @@ TEST_CASE("cuda bf16 linear on tensor cores matches a float64 GEMM (edges, bias,
   std::uint32_t seed = 1500;
   // (922, 3072 -> 512) and (64, 1024 -> 256) have too few output tiles for the GPU: split-K in our
   // kernel. (5, 40 -> 24), (3, 7 -> 9) and (1, 13 -> 5) only cuBLAS takes (few rows, odd widths and
-  // strides; the first two with a bias, so on the CUDA-core kernel).
+  // strides).
   for (const bool vendor : {true, false})
   for (S s : {S{64, 8, 1, false, 0, 0}, S{77, 200, 130, true, 8, 3}, S{300, 2048, 512, true, 0, 0},
               S{1000, 3072, 200, false, 0, 0}, S{257, 2048, 640, true, 16, 0}, S{922, 3072, 512, true, 0, 0},
-              S{64, 1024, 256, false, 0, 0}, S{5, 40, 24, true, 0, 2}, S{3, 7, 9, true, 1, 1},
+              S{64, 1024, 256, false, 0, 0}, S{5, 40, 24, false, 0, 2}, S{3, 7, 9, false, 1, 1},
               S{1, 13, 5, false, 3, 1}, S{129, 2048, 1536, false, 8, 8}}) {
     CAPTURE(vendor);
     dev.set_vendor_gemm(vendor);
+    CHECK(dev.vendor_gemm() == vendor);  // the handle exists where asked for
     const std::int64_t ldx = s.in + s.padx, ldy = s.out + s.pady;
     auto x = round_bf16(randn<float>(std::size_t(s.n * ldx), ++seed));
     auto w = round_bf16(randn<float>(std::size_t(s.out) * s.in, ++seed, 1.0 / std::sqrt(double(s.in))));
@@ -285,6 +286,20 @@ TEST_CASE("cuda bf16 ref_search on tensor cores picks the same references as the
       CHECK(diff == 0);
     }
   }
+  // The GEMM path also takes what the mma kernel refuses (odd widths, strides off 16-byte pieces),
+  // and one shape crosses both chunk sizes at once (rows carried over 4096-reference chunks).
+  dev.set_vendor_gemm(true);
+  REQUIRE(dev.vendor_gemm());
+  for (Metric metric : {Metric::l2, Metric::dot})
+    for (RefShape s : {RefShape{96, 500, 61, 4}, {2100, 4100, 16, 3}}) {
+      const RefProblem q = grid_ref_problem(s.n, s.m, s.dim, s.k, 3, 5, seed);  // strides dim + 3, dim + 5
+      bool tc = false;
+      const std::int64_t diff = ids_differing(ref_search_both(dev, q, metric, &tc));
+      MESSAGE("bf16 ref_search (cuBLAS scores, odd strides) metric=" << int(metric) << " n=" << s.n << " m=" << s.m
+                                                                   << " dim=" << s.dim << ": " << diff << " differing ids");
+      CHECK(tc);
+      CHECK(diff == 0);
+    }
   // Gaussian bf16 data: the f32 sums round in a different order than the CPU's, so a near-tie
   // may swap; expect at most one row of 128 to differ, as for the f32 kernel.
   for (const bool vendor : {true, false})

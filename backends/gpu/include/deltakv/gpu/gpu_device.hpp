@@ -109,7 +109,8 @@ class GpuDevice {
   // the build has one) or on our own tile kernels (linear_mma_kernel, ref_search_mma_kernel: for
   // comparisons; prefill takes 2.5x as long with them on the H100, docs/BENCHMARKS.md).
   void set_vendor_gemm(bool on) { vendor_gemm_ = on; }
-  bool vendor_gemm() const { return vendor_gemm_ && vendor::kHasBlas && !std::is_same_v<T, float>; }
+  // Whether those calls do go to the vendor's GEMM now (asked, and its handle made).
+  bool vendor_gemm() const { return vendor_gemm_ && blas_ != nullptr; }
 
   stream_t stream() const { return stream_; }
   int device() const { return device_; }
@@ -125,7 +126,7 @@ class GpuDevice {
                         std::size_t(std::max(ref_k, 0)) * (sizeof(float) + sizeof(std::int32_t)) + 256);
     b = std::max(b, std::size_t(4) * std::size_t(sms_) * gpu::kLinBM * gpu::kLinBN * sizeof(float));
     b = std::max(b, std::size_t(3) * std::size_t(sms_) * gpu::kMmaBM * gpu::kMmaBN * sizeof(float));  // tensor-core split-K
-    if (ref_rows >= 64 && tensor_cores_ && vendor_gemm() && blas_) b = std::max(b, ref_gemm_scratch());  // GEMM-scored search
+    if (ref_rows >= 64 && tensor_cores_ && vendor_gemm()) b = std::max(b, ref_gemm_scratch());  // GEMM-scored search
     return b;
   }
   std::size_t scratch_capacity() const { return scratch_bytes_; }
@@ -151,7 +152,8 @@ class GpuDevice {
       constexpr std::int64_t kIntMax = 0x7fffffff;  // cuBLAS takes int sizes and strides
       // Without a bias only. With one (y pre-filled with the bias, beta = 1) ~11% of the elements
       // missed the tests' bound (2^-8 relative + 1e-5 of the sum of |terms|) at in >= 2048 on the
-      // H100, where the bias-free calls keep it; the encode's weights carry no bias.
+      // H100, where the bias-free calls keep it (likely split-K sums reduced into the bf16 y; see
+      // vendor_ext.hpp's math mode); the encode's weights carry no bias.
       if (tensor_cores_ && vendor_gemm_ && blas_ && !p.b && p.in > 0 && p.n <= kIntMax && p.ldx <= kIntMax && p.ldy <= kIntMax) {
         vendor::gemm_x_wt<T, T>(blas_, p.n, p.out, p.in, p.x, p.ldx, p.w, p.in, p.y, p.ldy);
         return;
@@ -370,31 +372,33 @@ class GpuDevice {
  private:
   // The search's scores as GEMMs on cuBLAS, chunk by chunk (kernels.cuh, ref_topk_rows_kernel).
   void ref_search_gemm(const RefSearchParams<T>& p) {
-    reserve_scratch(ref_gemm_scratch());
-    float* scores = reinterpret_cast<float*>(scratch_);
-    float* norms = scores + std::size_t(gpu::kRsChunkRows) * gpu::kRsChunkRefs;
-    float* list_s = norms + gpu::kRsChunkRefs;
-    std::int32_t* list_i = reinterpret_cast<std::int32_t*>(list_s + std::size_t(gpu::kRsChunkRows) * gpu::kRsMaxK);
-    constexpr int NT = 256, RPB = NT / kWarp;  // rows (warps) per block
-    for (std::int64_t r0 = 0; r0 < p.n; r0 += gpu::kRsChunkRows) {
-      const std::int64_t nr = std::min<std::int64_t>(gpu::kRsChunkRows, p.n - r0);
-      const T* x = p.x + r0 * p.ldx;
-      for (std::int64_t j0 = 0; j0 == 0 || j0 < p.m; j0 += gpu::kRsChunkRefs) {  // once at least: m = 0 writes -1s
-        const int mc = int(std::min<std::int64_t>(gpu::kRsChunkRefs, p.m - j0));
-        const int ld = std::max(4, (mc + 3) / 4 * 4);  // the top-k kernel reads 16-byte pieces of rows
-        const bool last = j0 + gpu::kRsChunkRefs >= p.m;
-        if (mc > 0) {
-          const T* r = p.refs + j0 * p.ldr;
-          vendor::gemm_x_wt<T, float>(blas_, nr, mc, p.dim, x, p.ldx, r, p.ldr, scores, ld);
-          if (p.metric == Metric::l2) {
-            gpu::ref_norms_kernel<T, kWarp><<<unsigned((mc + RPB - 1) / RPB), NT, 0, stream_>>>(r, p.ldr, mc, p.dim, norms);
-            launched("ref_search (norms)");
+    if constexpr (!std::is_same_v<T, float>) {  // 16-bit only (the vendor GEMM's inputs); the float device never calls it
+      reserve_scratch(ref_gemm_scratch());
+      float* scores = reinterpret_cast<float*>(scratch_);
+      float* norms = scores + std::size_t(gpu::kRsChunkRows) * gpu::kRsChunkRefs;
+      float* list_s = norms + gpu::kRsChunkRefs;
+      std::int32_t* list_i = reinterpret_cast<std::int32_t*>(list_s + std::size_t(gpu::kRsChunkRows) * gpu::kRsMaxK);
+      constexpr int NT = 256, RPB = NT / kWarp;  // rows (warps) per block
+      for (std::int64_t r0 = 0; r0 < p.n; r0 += gpu::kRsChunkRows) {
+        const std::int64_t nr = std::min<std::int64_t>(gpu::kRsChunkRows, p.n - r0);
+        const T* x = p.x + r0 * p.ldx;
+        for (std::int64_t j0 = 0; j0 == 0 || j0 < p.m; j0 += gpu::kRsChunkRefs) {  // once at least: m = 0 writes -1s
+          const int mc = int(std::min<std::int64_t>(gpu::kRsChunkRefs, p.m - j0));
+          const int ld = std::max(4, (mc + 3) / 4 * 4);  // the top-k kernel reads 16-byte pieces of rows
+          const bool last = j0 + gpu::kRsChunkRefs >= p.m;
+          if (mc > 0) {
+            const T* r = p.refs + j0 * p.ldr;
+            vendor::gemm_x_wt<T, float>(blas_, nr, mc, p.dim, x, p.ldx, r, p.ldr, scores, ld);
+            if (p.metric == Metric::l2) {
+              gpu::ref_norms_kernel<T, kWarp><<<unsigned((mc + RPB - 1) / RPB), NT, 0, stream_>>>(r, p.ldr, mc, p.dim, norms);
+              launched("ref_search (norms)");
+            }
           }
+          gpu::ref_topk_rows_kernel<kWarp, gpu::kRsMaxK><<<unsigned((nr + RPB - 1) / RPB), NT, 0, stream_>>>(
+              nr, p.k, p.metric, scores, ld, norms, j0, std::max(mc, 0), p.visible + r0, j0 == 0, list_s, list_i,
+              last ? p.ids + r0 * p.k : nullptr);
+          launched("ref_search (top-k)");
         }
-        gpu::ref_topk_rows_kernel<kWarp, gpu::kRsMaxK><<<unsigned((nr + RPB - 1) / RPB), NT, 0, stream_>>>(
-            nr, p.k, p.metric, scores, ld, norms, j0, std::max(mc, 0), p.visible + r0, j0 == 0, list_s, list_i,
-            last ? p.ids + r0 * p.k : nullptr);
-        launched("ref_search (top-k)");
       }
     }
   }

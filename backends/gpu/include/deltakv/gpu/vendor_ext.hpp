@@ -564,13 +564,15 @@ inline void memcpy_d2d_async(void* dst, const void* src, std::size_t bytes, stre
 }
 #endif
 
-// ---- the vendor's GEMM (GpuDevice::linear on 16-bit storage) ---------------------------------
-// y[n, out] = x[n, in] W^T with W [out, in] row-major, 16-bit T, f32 accumulation, one
-// rounding to T at the end, on a handle bound to one stream and to a workspace the caller owns (so
-// that no call allocates and the calls can be captured in a graph). CUDA: cuBLAS, part of the
-// toolkit: prefill's encode is big GEMMs (4096 x 6144 x 2048 at Llama's shape), where cuBLAS runs
-// near the device's tensor-core rate and our own tile kernel (linear_mma_kernel) at about a fifth of
-// it. HIP: none (kHasBlas false; the caller keeps its own kernel).
+// ---- the vendor's GEMM (GpuDevice::linear and ref_search on 16-bit storage) ------------------
+// y[n, out] = x[n, in] W^T with W [out, in] row-major (rows ldw apart), 16-bit inputs, f32
+// accumulation, output T or f32, on a handle bound to one stream and to a workspace the caller
+// owns (so that no call allocates and the calls can be captured in a graph). cuBLAS's default math
+// mode is kept: it may reduce split-K partial sums in T (CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_
+// REDUCTION would forbid that; not measured yet). CUDA: cuBLAS, part of the toolkit: prefill's
+// encode is big GEMMs (4096 x 6144 x 2048 at Llama's shape), where cuBLAS runs near the device's
+// tensor-core rate and our own tile kernel (linear_mma_kernel) at about a fifth of it. HIP: none
+// (kHasBlas false; the caller keeps its own kernels).
 #if defined(__CUDACC__) && !defined(__HIPCC__)
 inline constexpr bool kHasBlas = true;
 using blas_t = cublasHandle_t;
