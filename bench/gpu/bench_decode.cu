@@ -17,7 +17,9 @@
 // It also prints the device's streaming-read bandwidth (read_probe: the ceiling of a pass that only
 // reads, like the dense layers) besides the copy bandwidth the byte floors use.
 // Tuning knobs (environment): DELTAKV_DENSE_SPLIT_LEN (tokens per dense split, a multiple of 64 for
-// the tensor-core kernel), DELTAKV_SPARSE, DELTAKV_SELECT_PATH, DELTAKV_PHASES (see below).
+// the tensor-core kernel), DELTAKV_SPARSE, DELTAKV_SELECT_PATH, DELTAKV_PHASES (see below);
+// DELTAKV_PREFILL_OPS: each prefill row also prints its GPU time per kind of device op
+// (timed_device.hpp) and the GPU's busy time against the wall time.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -36,6 +38,7 @@
 #include "deltakv/gpu/vendor.hpp"
 #include "deltakv/gpu/vendor_ext.hpp"
 #include "read_probes.cuh"
+#include "timed_device.hpp"
 
 namespace {
 
@@ -465,16 +468,17 @@ PrefillResult run_prefill(const Model& m, std::int64_t N, std::int64_t chunk, bo
               std::span<std::byte>(static_cast<std::byte*>(workspace.p), lay.workspace_bytes));
   std::vector<std::int64_t> pos(static_cast<std::size_t>(chunk));
   const std::int32_t sid[1] = {0};
-  auto prefill = [&] {
-    cache.reset(0);
+  auto prefill_on = [&](auto& c_) {
+    c_.reset(0);
     for (std::int64_t t0 = 0; t0 < N; t0 += chunk) {
       const std::int64_t c = std::min(chunk, N - t0);
       for (std::int64_t i = 0; i < c; ++i) pos[std::size_t(i)] = t0 + i;
       const std::int32_t ip[2] = {0, std::int32_t(c)};
-      cache.append(0, RaggedBatch<const bf>{MatrixView<const bf>{x.as<bf>() + t0 * kvd, c, kvd, kvd}, sid, ip,
-                                            std::span<const std::int64_t>(pos.data(), std::size_t(c))});
+      c_.append(0, RaggedBatch<const bf>{MatrixView<const bf>{x.as<bf>() + t0 * kvd, c, kvd, kvd}, sid, ip,
+                                         std::span<const std::int64_t>(pos.data(), std::size_t(c))});
     }
   };
+  auto prefill = [&] { prefill_on(cache); };
   PrefillResult r;
   r.tokens = double(N);
   prefill();  // warm-up (first launches, scratch)
@@ -484,6 +488,35 @@ PrefillResult run_prefill(const Model& m, std::int64_t N, std::int64_t chunk, bo
   prefill();
   vendor::event_record(e1, s);
   r.ms = vendor::event_ms(e0, e1);
+  // DELTAKV_PREFILL_OPS: the same prefill once more through a cache on a TimedDevice, for the GPU time
+  // of each kind of op and, against that run's wall time, how long the GPU sat idle
+  if (std::getenv("DELTAKV_PREFILL_OPS")) {
+    using TDev = bench::TimedDevice<GDev, bf>;
+    static_assert(Device<TDev, bf>);
+    TDev td(dev);
+    using TCache = CompressedCache<bf, TDev, FixedStride, SwiGLUEncoder<bf>, LinearDecoder<bf>, DensePolicy>;
+    TCache tcache(td, cfg, sel, std::span<const SwiGLUEncoder<bf>>(&enc, 1), std::span<const LinearDecoder<bf>>(&decd, 1), pol,
+                  std::span<std::byte>(static_cast<std::byte*>(storage.p), lay.storage_bytes),
+                  std::span<std::byte>(static_cast<std::byte*>(workspace.p), lay.workspace_bytes));
+    prefill_on(tcache);  // warm-up (the event pool grows here)
+    vendor::stream_sync(s);
+    td.clear();
+    vendor::event_record(e0, s);
+    prefill_on(tcache);
+    vendor::event_record(e1, s);
+    const double wall = vendor::event_ms(e0, e1);
+    double busy = 0;
+    std::string ops;
+    for (const auto& o : td.report()) {
+      busy += o.ms;
+      ops += (ops.empty() ? "" : ", ") + std::string("{\"op\": \"") + o.op + "\", \"ms\": " + std::to_string(o.ms) +
+             ", \"calls\": " + std::to_string(o.calls) + "}";
+    }
+    std::printf("{\"prefill_ops\": \"%s\", \"tensor_cores\": %d, \"vendor_gemm\": %d, \"wall_ms\": %.4f, \"gpu_busy_ms\": %.4f, "
+                "\"ops\": [%s]}\n",
+                m.name, int(tensor_cores), int(vendor_gemm), wall, busy, ops.c_str());
+    std::fflush(stdout);
+  }
   const auto counts = cache.counts();
   r.latents = double(counts.latents);
   // tensor-core work: per latent token two encodes + its search over the references before it
