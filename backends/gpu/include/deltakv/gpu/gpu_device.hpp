@@ -149,12 +149,11 @@ class GpuDevice {
   void linear(const LinearParams<T>& p) {
     if (p.n <= 0 || p.out <= 0) return;
     if constexpr (vendor::kHasBlas && !std::is_same_v<T, float>) {
-      constexpr std::int64_t kIntMax = 0x7fffffff;  // cuBLAS takes int sizes and strides
-      // Without a bias only. With one (y pre-filled with the bias, beta = 1) ~11% of the elements
-      // missed the tests' bound (2^-8 relative + 1e-5 of the sum of |terms|) at in >= 2048 on the
-      // H100, where the bias-free calls keep it (likely split-K sums reduced into the bf16 y; see
-      // vendor_ext.hpp's math mode); the encode's weights carry no bias.
-      if (tensor_cores_ && vendor_gemm_ && blas_ && !p.b && p.in > 0 && p.n <= kIntMax && p.ldx <= kIntMax && p.ldy <= kIntMax) {
+      // Without a bias only (linear_gemm_eligible). With one (y pre-filled with the bias, beta = 1)
+      // ~11% of the elements missed the tests' bound (2^-8 relative + 1e-5 of the sum of |terms|)
+      // at in >= 2048 on the H100, where the bias-free calls keep it (likely split-K sums reduced
+      // into the bf16 y; see vendor_ext.hpp's math mode); the encode's weights carry no bias.
+      if (tensor_cores_ && vendor_gemm() && gpu::linear_gemm_eligible(p)) {
         vendor::gemm_x_wt<T, T>(blas_, p.n, p.out, p.in, p.x, p.ldx, p.w, p.in, p.y, p.ldy);
         return;
       }
@@ -204,7 +203,7 @@ class GpuDevice {
   void ref_search(const RefSearchParams<T>& p) {
     if (p.n <= 0 || p.k <= 0) return;
     if constexpr (vendor::kHasBlas && !std::is_same_v<T, float>) {
-      if (tensor_cores_ && vendor_gemm_ && blas_ && gpu::ref_search_gemm_eligible(p)) {
+      if (tensor_cores_ && vendor_gemm() && gpu::ref_search_gemm_eligible(p)) {
         ref_search_gemm(p);
         return;
       }

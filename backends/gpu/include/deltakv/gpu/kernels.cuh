@@ -204,6 +204,18 @@ __global__ void linear_reduce_kernel(LinearParams<T> p, int splits, const float*
 inline constexpr int kMmaBM = 128, kMmaBN = 128, kMmaBK = 32, kMmaThreads = 256;  // gpu-check: allow(K step, not lanes)
 inline constexpr int kMmaLd = kMmaBK + 8;  // 16-bit elements per shared row: 80 bytes, rows spread over banks
 
+// Whether the vendor GEMM takes p (with tensor cores on): 16-bit T, a vendor GEMM in the build, no
+// bias (see GpuDevice::linear), sizes and strides it takes.
+template <class T>
+bool linear_gemm_eligible(const LinearParams<T>& p) {
+  if constexpr (!vendor::kHasBlas || std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    return false;
+  } else {
+    constexpr std::int64_t kMax = vendor::kBlasMaxInt;
+    return !p.b && p.in > 0 && p.n <= kMax && p.ldx <= kMax && p.ldy <= kMax;
+  }
+}
+
 template <class T>
 bool linear_mma_eligible(const LinearParams<T>& p) {
   if constexpr (!vendor::kTensorTiles || std::is_same_v<T, float> || std::is_same_v<T, double>) {
@@ -702,9 +714,9 @@ bool ref_search_gemm_eligible(const RefSearchParams<T>& p) {
   if constexpr (!vendor::kHasBlas || std::is_same_v<T, float> || std::is_same_v<T, double>) {
     return false;
   } else {
-    constexpr std::int64_t kIntMax = 0x7fffffff;
-    return p.n >= 64 && p.metric != Metric::cosine && p.k >= 1 && p.k <= kRsMaxK && p.dim >= 1 && p.ldx <= kIntMax &&
-           p.ldr <= kIntMax && p.m <= kIntMax;
+    constexpr std::int64_t kMax = vendor::kBlasMaxInt;
+    return p.n >= 64 && p.metric != Metric::cosine && p.k >= 1 && p.k <= kRsMaxK && p.dim >= 1 && p.ldx <= kMax && p.ldr <= kMax &&
+           p.m <= kMax;
   }
 }
 

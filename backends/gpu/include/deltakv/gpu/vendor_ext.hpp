@@ -573,6 +573,7 @@ inline void memcpy_d2d_async(void* dst, const void* src, std::size_t bytes, stre
 // encode is big GEMMs (4096 x 6144 x 2048 at Llama's shape), where cuBLAS runs near the device's
 // tensor-core rate and our own tile kernel (linear_mma_kernel) at about a fifth of it. HIP: none
 // (kHasBlas false; the caller keeps its own kernels).
+inline constexpr std::int64_t kBlasMaxInt = 0x7fffffff;  // the vendor GEMM takes int sizes and strides
 #if defined(__CUDACC__) && !defined(__HIPCC__)
 inline constexpr bool kHasBlas = true;
 using blas_t = cublasHandle_t;
