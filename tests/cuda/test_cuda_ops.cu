@@ -99,6 +99,8 @@ TEST_CASE("cuda bf16 linear on tensor cores matches a float64 GEMM (edges, bias,
     dy.poison();
     const LinearParams<B> lp{dx.p, ldx, dy.p, ldy, s.n, dw.p, s.bias ? db.p : nullptr, s.in, s.out};
     if (!vendor && !gpu::linear_mma_eligible(lp)) continue;  // the CUDA-core kernel's shape (tested above)
+    const bool blas = dev.vendor_gemm() && gpu::linear_gemm_eligible(lp);  // the path linear() takes
+    CHECK(blas == (vendor && !s.bias));
     dev.linear(lp);
     // per element: one bf16 rounding (2^-8 relative at most) plus f32 summation error, bounded by
     // 1e-5 of the sum of |terms|; and the whole output: rel L2 < 4e-3
@@ -120,8 +122,8 @@ TEST_CASE("cuda bf16 linear on tensor cores matches a float64 GEMM (edges, bias,
     for (std::size_t i = 0; i < got.size(); ++i)
       bad += !(std::abs(double(got[i]) - want[i]) <= std::ldexp(std::abs(double(want[i])), -8) + 1e-5 * mag[i]);
     const double e = rel_l2(got, want);
-    MESSAGE("tensor-core linear (" << std::string(vendor && !s.bias ? "cuBLAS" : "own kernel") << ") n=" << s.n << " in=" << s.in << " out=" << s.out
-                                    << ": rel L2 " << e << ", " << bad
+    MESSAGE("tensor-core linear (" << std::string(blas ? "cuBLAS" : "own kernel") << ") n=" << s.n << " in=" << s.in
+                                    << " out=" << s.out << ": rel L2 " << e << ", " << bad
                                     << " elements outside their bound");
     CHECK(bad == 0);
     CHECK(e < 4e-3);
