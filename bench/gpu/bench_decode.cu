@@ -463,9 +463,12 @@ PrefillResult run_prefill(const Model& m, std::int64_t N, std::int64_t chunk, bo
   Dev storage(lay.storage_bytes), workspace(lay.workspace_bytes), x(std::size_t(N) * kvd * 2);
   fill(x.as<bf>(), std::size_t(N) * kvd, 21, 1.f);
   dev.reserve_scratch(dev.scratch_bytes_for(0, block, 4));
-  Cache cache(dev, cfg, sel, std::span<const SwiGLUEncoder<bf>>(&enc, 1), std::span<const LinearDecoder<bf>>(&decd, 1), pol,
-              std::span<std::byte>(static_cast<std::byte*>(storage.p), lay.storage_bytes),
-              std::span<std::byte>(static_cast<std::byte*>(workspace.p), lay.workspace_bytes));
+  // the cache's inputs (also those of the op-timing rerun's cache below)
+  const std::span<const SwiGLUEncoder<bf>> encs(&enc, 1);
+  const std::span<const LinearDecoder<bf>> decs(&decd, 1);
+  const std::span<std::byte> store(static_cast<std::byte*>(storage.p), lay.storage_bytes),
+      work(static_cast<std::byte*>(workspace.p), lay.workspace_bytes);
+  Cache cache(dev, cfg, sel, encs, decs, pol, store, work);
   std::vector<std::int64_t> pos(static_cast<std::size_t>(chunk));
   const std::int32_t sid[1] = {0};
   auto prefill_on = [&](auto& c_) {
@@ -495,9 +498,7 @@ PrefillResult run_prefill(const Model& m, std::int64_t N, std::int64_t chunk, bo
     static_assert(Device<TDev, bf>);
     TDev td(dev);
     using TCache = CompressedCache<bf, TDev, FixedStride, SwiGLUEncoder<bf>, LinearDecoder<bf>, DensePolicy>;
-    TCache tcache(td, cfg, sel, std::span<const SwiGLUEncoder<bf>>(&enc, 1), std::span<const LinearDecoder<bf>>(&decd, 1), pol,
-                  std::span<std::byte>(static_cast<std::byte*>(storage.p), lay.storage_bytes),
-                  std::span<std::byte>(static_cast<std::byte*>(workspace.p), lay.workspace_bytes));
+    TCache tcache(td, cfg, sel, encs, decs, pol, store, work);
     prefill_on(tcache);  // warm-up (the event pool grows here)
     vendor::stream_sync(s);
     td.clear();
