@@ -141,7 +141,7 @@ struct Harness {
     else enc = codec.swiglu_encoders();
     dec = codec.decoders();
     std::int64_t scratch = 0;
-    for (auto& x : enc) scratch = std::max(scratch, x.scratch_elems(cfg.block()));
+    for (auto& x : enc) scratch = std::max(scratch, x.scratch_elems(cfg.compress_rows()));
     auto lay = Cache::layout(cfg, sel, pol, scratch);
     storage.resize(lay.storage_bytes);
     workspace.resize(lay.workspace_bytes);

@@ -140,6 +140,56 @@ TEST_CASE("chunked prefill, decode steps and one-shot append store identical bit
   CHECK(std::memcmp(ra.data(), rb.data(), ra.size() * sizeof(float)) == 0);
 }
 
+// An append that completes several blocks compresses them in passes of blocks_per_pass (the ring's
+// rows and the input's straight, one search and one encode per pass): the pass size, and where the
+// chunks split the ring from the input, must not change a bit or a reference id.
+TEST_CASE("compression passes of 1 to 7 blocks store identical bits and references") {
+  auto cfg = small_config();
+  cfg.comp.latent_dim = 8;
+  cfg.comp.latent_bits = 4;
+  cfg.comp.block = 12;  // ring of 28 rows: chunks of up to 90 complete several blocks
+  auto codec = random_codec<float>(2, 32, 8, 5);
+  const std::int64_t n = 371;
+  auto x = structured_kv<float>(n, 32, 23);
+  auto run = [&](int per_pass, std::uint32_t chunk_seed) {
+    auto c = cfg;
+    c.comp.blocks_per_pass = per_pass;
+    Harness<float, FixedStride, LinearEncoder<float>, DensePolicy> h(c, FixedStride(10), codec, DensePolicy{});
+    std::mt19937 rng(chunk_seed);
+    for (std::int64_t done = 0; done < n;) {
+      const std::int64_t k = std::min<std::int64_t>(n - done, 1 + rng() % 90);
+      h.append(1, 2, x, done, k);
+      done += k;
+    }
+    return h;
+  };
+  auto base = run(1, 1);
+  const auto rb = base.reconstruct(1, 2, true);
+  std::int64_t latents = 0;
+  for (int per_pass : {2, 3, 4, 7})
+    for (std::uint32_t seed : {1u, 2u, 9u}) {
+      CAPTURE(per_pass);
+      CAPTURE(seed);
+      auto h = run(per_pass, seed);
+      const auto r = h.reconstruct(1, 2, true);
+      REQUIRE(r.size() == rb.size());
+      CHECK(std::memcmp(r.data(), rb.data(), r.size() * sizeof(float)) == 0);
+      std::int64_t ia[kMaxNeighbors], ib[kMaxNeighbors], differ = 0;
+      latents = 0;
+      for (std::int64_t p = 0; p < n; ++p) {
+        const int ka = h.cache->references_of(1, 2, p, ia), kb = base.cache->references_of(1, 2, p, ib);
+        latents += kb > 0;
+        differ += ka != kb || !std::equal(ia, ia + ka, ib);
+      }
+      CHECK(differ == 0);
+    }
+  // the cache compressed what it should: every position before the window but sinks and references
+  CHECK(latents > 250);
+  auto bad = cfg;
+  bad.comp.blocks_per_pass = 0;
+  CHECK_THROWS_AS(validate(bad), ConfigError);
+}
+
 TEST_CASE("dense attention over an exact cache equals naive softmax attention (f64, GQA, causal, batch)") {
   for (RopeStyle style : {RopeStyle::half, RopeStyle::interleaved}) {
     auto cfg = small_config();

@@ -275,7 +275,7 @@ TEST_CASE("paper SwiGLU checkpoint in a CompressedCache: latents decode to f_d(f
   const auto encs = comp.swiglu_encoders();
   const auto decs = comp.decoders();
   using C = CompressedCache<T, cpu::CpuDevice<T>, FixedStride, SwiGLUEncoder<T>, LinearDecoder<T>, MiddleExactPolicy>;
-  const auto lay = C::layout(cfg, FixedStride(stride), MiddleExactPolicy{}, encs[0].scratch_elems(cfg.block()));
+  const auto lay = C::layout(cfg, FixedStride(stride), MiddleExactPolicy{}, encs[0].scratch_elems(cfg.compress_rows()));
   std::vector<std::byte> storage(lay.storage_bytes), work(lay.workspace_bytes);
   cpu::CpuDevice<T> dev;
   C cache(dev, cfg, FixedStride(stride), std::span<const SwiGLUEncoder<T>>(encs), std::span<const LinearDecoder<T>>(decs),

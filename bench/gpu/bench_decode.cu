@@ -459,7 +459,7 @@ PrefillResult run_prefill(const Model& m, std::int64_t N, std::int64_t chunk, bo
   const SwiGLUEncoder<bf> enc{{w12.as<bf>(), nullptr, kvd, 2 * hidden}, {w3.as<bf>(), nullptr, hidden, dc}};
   const LinearDecoder<bf> decd{{wd.as<bf>(), nullptr, dc, kvd}};
   using Cache = CompressedCache<bf, GDev, FixedStride, SwiGLUEncoder<bf>, LinearDecoder<bf>, DensePolicy>;
-  const auto lay = Cache::layout(cfg, sel, pol, enc.scratch_elems(cfg.block()));
+  const auto lay = Cache::layout(cfg, sel, pol, enc.scratch_elems(cfg.compress_rows()));
   Dev storage(lay.storage_bytes), workspace(lay.workspace_bytes), x(std::size_t(N) * kvd * 2);
   fill(x.as<bf>(), std::size_t(N) * kvd, 21, 1.f);
   dev.reserve_scratch(dev.scratch_bytes_for(0, block, 4));

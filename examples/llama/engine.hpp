@@ -51,7 +51,7 @@ class CpuKvCache {
     else enc_ = codec_.swiglu_encoders();
     dec_ = codec_.decoders();
     std::int64_t scratch = 0;
-    for (const auto& e : enc_) scratch = std::max(scratch, e.scratch_elems(cfg.block()));
+    for (const auto& e : enc_) scratch = std::max(scratch, e.scratch_elems(cfg.compress_rows()));
     const auto lay = Cache::layout(cfg, sel, pol, scratch);
     storage_.resize(lay.storage_bytes);
     workspace_.resize(lay.workspace_bytes);

@@ -99,7 +99,8 @@ class CompressedCache {
     std::size_t workspace_bytes = 0;  // scratch for one call at a time
   };
 
-  // Bytes the caller must provide. `max_encoder_scratch` is the largest Enc::scratch_elems(block).
+  // Bytes the caller must provide. `max_encoder_scratch` is the largest
+  // Enc::scratch_elems(cfg.compress_rows()).
   // Every check the Config decides alone (validate(), max_tokens <= kMaxCacheTokens, the workspace
   // bytes, a lower bound of the storage bytes) runs before the O(max_tokens) position tables.
   static Layout layout(const Config& cfg, const Sel& sel, const Pol& pol, std::int64_t max_encoder_scratch) {
@@ -141,7 +142,7 @@ class CompressedCache {
                          std::to_string(e.latent_dim()) + "->" + std::to_string(d.output_dim()) +
                          ", config needs " + std::to_string(cfg_.model.kv_dim()) + "->" +
                          std::to_string(cfg_.latent_dim()) + "->" + std::to_string(cfg_.model.kv_dim()));
-      scratch = std::max(scratch, e.scratch_elems(cfg_.block()));
+      scratch = std::max(scratch, e.scratch_elems(cfg_.compress_rows()));
     }
     ws_ = workspace_plan(cfg_, scratch);
     if (storage.size() < min_storage)
@@ -165,8 +166,8 @@ class CompressedCache {
     h_pos_.resize(kTile);
     h_rows_.resize(kTile);
     h_rows2_.resize(kTile);
-    h_i32_.resize(cfg_.block());
-    h_blk2_.resize(cfg_.block());
+    h_i32_.resize(std::size_t(cfg_.compress_rows()));
+    h_stage_.resize(std::size_t(cfg_.compress_rows()));
     h_list_.resize(cfg_.cap.max_tokens);
     h_topk_.resize(cfg_.cap.max_tokens);
   }
@@ -296,21 +297,23 @@ class CompressedCache {
         done += take;
         s.c = s.n;
       }
-      const std::int64_t ring = g_.ring;
-      while (done < it.count) {
-        const std::int64_t take = std::min(it.count - done, ring - (s.n - s.c));
-        // The ring may wrap inside one chunk: copy in at most two contiguous pieces.
-        std::int64_t k = 0;
-        while (k < take) {
-          const std::int64_t slot = (s.n + k - S) % ring;
-          const std::int64_t piece = std::min(take - k, ring - slot);
-          copy_contiguous(src + (done + k) * x.rows.ld, x.rows.ld, region(p.layer, it.seq, Region::ring) + slot * kv(), piece);
-          k += piece;
-        }
-        s.n += take;
-        done += take;
-        while (s.n - s.c >= ring) compress_block(p.layer, it.seq);
+      // The blocks this append completes leave the window now: compressed from the ring (positions
+      // before n0) and straight from the input (the rest), passes of up to blocks_per_pass blocks;
+      // then the positions that stay exact enter the ring. Positions the passes take never touch it.
+      const std::int64_t ring = g_.ring, n0 = s.n, n1 = s.n + (it.count - done);
+      const std::int64_t Bk = cfg_.block(), R = cfg_.comp.recent;
+      const std::int64_t blocks = n1 - s.c >= ring ? (n1 - s.c - R) / Bk : 0;
+      const T* in = src + done * x.rows.ld;  // the row of position n0
+      for (std::int64_t b = 0; b < blocks; b += cfg_.comp.blocks_per_pass)
+        compress_pass(p.layer, it.seq, std::min<std::int64_t>(cfg_.comp.blocks_per_pass, blocks - b), in, x.rows.ld, n0);
+      // The passes read the ring before these writes (stream order); n1 - c < ring, so the kept
+      // positions take distinct slots, in at most two contiguous pieces.
+      for (std::int64_t q = std::max(s.c, n0); q < n1;) {
+        const std::int64_t slot = (q - S) % ring, piece = std::min(n1 - q, ring - slot);
+        copy_contiguous(in + (q - n0) * x.rows.ld, x.rows.ld, region(p.layer, it.seq, Region::ring) + slot * kv(), piece);
+        q += piece;
       }
+      s.n = n1;
     }
     ++generation_;
   }
@@ -450,7 +453,7 @@ class CompressedCache {
 
   struct Workspace {
     std::size_t tile_a, tile_b, tile_z, tile_pos, tile_rows, tile_rows2;
-    std::size_t blk_x, blk_r, blk_zx, blk_zr, blk_enc, blk_vis, blk_rows, blk_rows2;
+    std::size_t blk_x, blk_r, blk_zx, blk_zr, blk_enc, blk_vis, blk_rows;
     std::size_t att_rows, att_m, att_l, att_acc, att_qpos, scores, topk;
     std::size_t total;
   };
@@ -595,7 +598,7 @@ class CompressedCache {
     };
     using detail::bytes_mul;
     // All of these are positive ints (validate()) except the encoder's scratch, an int64.
-    const std::size_t D = cfg.model.kv_dim(), dc = cfg.latent_dim(), B = cfg.block();
+    const std::size_t D = cfg.model.kv_dim(), dc = cfg.latent_dim(), B = std::size_t(cfg.compress_rows());
     const std::size_t hq = std::size_t(cfg.model.n_q_heads), hd = cfg.model.head_dim, mq = cfg.cap.max_query_rows;
     const std::size_t tile = kTile;
     put(w.tile_a, bytes_mul(tile, D, sizeof(T)));
@@ -611,7 +614,6 @@ class CompressedCache {
     put(w.blk_enc, bytes_mul(detail::count_of(enc_scratch), sizeof(T)));
     put(w.blk_vis, bytes_mul(B, sizeof(std::int32_t)));
     put(w.blk_rows, bytes_mul(B, sizeof(std::int64_t)));
-    put(w.blk_rows2, bytes_mul(B, sizeof(std::int64_t)));
     put(w.att_rows, bytes_mul(tile, D, sizeof(T)));
     put(w.att_m, bytes_mul(mq, hq, sizeof(accum_t<T>)));
     put(w.att_l, bytes_mul(mq, hq, sizeof(accum_t<T>)));
@@ -668,53 +670,62 @@ class CompressedCache {
     if (n > 0) dev_.to_device(work_ + ws_off, host, n * sizeof(U));
   }
 
-  // Oldest `block` tokens of the ring leave it: references are copied to the reference store,
-  // every other token is encoded against the mean of its k nearest earlier references.
-  void compress_block(int l, int seq) {
+  // The oldest `nblk` blocks of the window leave it (positions [c, c + nblk * block)): references
+  // are copied to the reference store, every other token is encoded against the mean of its k
+  // nearest earlier references. A position p < n0 is read from the ring, a later one from `in`
+  // (row p - n0, rows ldi apart). References and latents are stored in position order, and the
+  // ring's positions come before the input's, so each store is written in two contiguous pieces.
+  void compress_pass(int l, int seq, std::int64_t nblk, const T* in, std::int64_t ldi, std::int64_t n0) {
     LayerSeq& s = at(l, seq);
-    const std::int64_t B = cfg_.block(), a = s.c, ring = g_.ring;
+    const std::int64_t a = s.c, e = a + nblk * cfg_.block(), ring = g_.ring;
     const int S = cfg_.comp.sinks, D = kv(), dc = cfg_.latent_dim(), k = cfg_.comp.k_neighbors;
+    const std::int64_t mid = std::clamp(n0, a, e);  // [a, mid) in the ring, [mid, e) in the input
     T* ring_p = region(l, seq, Region::ring);
     T* refs_p = region(l, seq, Region::refs);
-    // 1. references
-    std::int64_t nr = 0;
-    for (std::int64_t p = a; p < a + B; ++p)
+    // Host lists, one upload: the source rows of the references (ring part, input part), then of
+    // the latents (same), and the latents' visible reference counts.
+    std::int64_t* list = h_stage_.data();
+    std::int64_t nl = 0, nr_ring = 0, nr = 0, u_ring = 0, u = 0;
+    auto src_row = [&](std::int64_t p) { return p < n0 ? (p - S) % ring : p - n0; };
+    for (std::int64_t p = a; p < e; ++p)
       if (g_.cls[p] == 1) {
-        h_list_[nr] = (p - S) % ring;
-        h_blk2_[nr] = g_.row_of[p];
+        list[nl++] = src_row(p);
+        nr_ring += p < mid;
         ++nr;
       }
-    if (nr > 0) {
-      upload(ws_.blk_rows, h_list_.data(), nr);
-      upload(ws_.blk_rows2, h_blk2_.data(), nr);
-      dev_.copy_rows(CopyRowsParams<T>{ring_p, D, ws<std::int64_t>(ws_.blk_rows), refs_p, D,
-                                       ws<std::int64_t>(ws_.blk_rows2), nr, D});
-    }
-    const std::int64_t m = s.n_refs + nr;
-    // 2. the others, in position order: their latent rows are s.n_lat, s.n_lat + 1, ...
-    std::int64_t u = 0;
-    std::vector<std::int64_t>& rows = h_list_;  // host staging (sized max_tokens >= block)
-    for (std::int64_t p = a; p < a + B; ++p)
+    for (std::int64_t p = a; p < e; ++p)
       if (g_.cls[p] == 2) {
-        rows[u] = (p - S) % ring;
+        list[nl++] = src_row(p);
         h_i32_[u] = g_.refs_upto[p];
+        u_ring += p < mid;
         ++u;
       }
+    upload(ws_.blk_rows, list, nl);
+    upload(ws_.blk_vis, h_i32_.data(), u);
+    const std::int64_t* d_list = ws<std::int64_t>(ws_.blk_rows);
+    // rows [0, n) listed at d_list + off: the first n_ring from the ring, the rest from the input
+    auto gather = [&](std::int64_t off, std::int64_t n_ring, std::int64_t n, T* dst) {
+      if (n_ring > 0) dev_.copy_rows(CopyRowsParams<T>{ring_p, D, d_list + off, dst, D, nullptr, n_ring, D});
+      if (n > n_ring)
+        dev_.copy_rows(CopyRowsParams<T>{in, ldi, d_list + off + n_ring, dst + n_ring * D, D, nullptr, n - n_ring, D});
+    };
+    // 1. references (rows s.n_refs, s.n_refs + 1, ...)
+    gather(0, nr_ring, nr, refs_p + s.n_refs * D);
+    const std::int64_t m = s.n_refs + nr;
+    // 2. the others, in position order: their latent rows are s.n_lat, s.n_lat + 1, ...
     if (u > 0) {
       const std::int64_t lat0 = s.n_lat;
-      upload(ws_.blk_rows, rows.data(), u);
-      upload(ws_.blk_vis, h_i32_.data(), u);
       T* X = ws<T>(ws_.blk_x);
-      T* R = ws<T>(ws_.blk_r);
+      T* Rm = ws<T>(ws_.blk_r);
       T* Zx = ws<T>(ws_.blk_zx);
       T* Zr = ws<T>(ws_.blk_zr);
       auto* ids = reinterpret_cast<std::int32_t*>(region_bytes(l, seq, Region::ids)) + lat0 * k;
-      dev_.copy_rows(CopyRowsParams<T>{ring_p, D, ws<std::int64_t>(ws_.blk_rows), X, D, nullptr, u, D});
+      gather(nr, u_ring, u, X);
       dev_.ref_search(RefSearchParams<T>{X, D, u, refs_p, D, m, ws<std::int32_t>(ws_.blk_vis), D, k,
                                          cfg_.comp.metric, ids});
-      dev_.gather_mean(GatherMeanParams<T>{ids, k, u, nullptr, refs_p, D, D, R, D});
+      dev_.gather_mean(GatherMeanParams<T>{ids, k, u, nullptr, refs_p, D, D, Rm, D});
       enc_[l].encode(dev_, MatrixView<const T>{X, u, D, D}, MatrixView<T>{Zx, u, dc, dc}, ws<T>(ws_.blk_enc));
-      enc_[l].encode(dev_, MatrixView<const T>{R, u, D, D}, MatrixView<T>{Zr, u, dc, dc}, ws<T>(ws_.blk_enc));
+      enc_[l].encode(dev_, MatrixView<const T>{Rm, u, D, D}, MatrixView<T>{Zr, u, dc, dc}, ws<T>(ws_.blk_enc));
       dev_.axpy_rows(AxpyRowsParams<T>{Zr, dc, Zx, dc, u, dc, T(-1)});
       if (cfg_.comp.latent_bits == 0) {
         dev_.copy_rows(CopyRowsParams<T>{Zx, dc, nullptr, region(l, seq, Region::lat) + lat0 * dc, dc, nullptr, u, dc});
@@ -724,7 +735,7 @@ class CompressedCache {
         dev_.quantize(QuantizeParams<T>{Zx, dc, u, dc, cfg_.comp.latent_bits, q, g_.lat_ld, sm});
       }
     }
-    s.c = a + B;
+    s.c = e;
     s.n_refs = m;
     s.n_lat += u;
   }
@@ -941,7 +952,7 @@ class CompressedCache {
   std::vector<std::int64_t> sel_count_;  // [max_seqs], -1: none yet
   std::vector<AppendPlan::Item> items_;
   // host staging, sized at construction
-  std::vector<std::int64_t> h_pos_, h_rows_, h_rows2_, h_list_, h_blk2_;
+  std::vector<std::int64_t> h_pos_, h_rows_, h_rows2_, h_list_, h_stage_;
   std::vector<std::int32_t> h_i32_, h_topk_;
   std::uint64_t generation_ = 1;
 };

@@ -44,6 +44,9 @@ struct CompressionConfig {
   int latent_dim = 0;    // d_c; 0: kv_dim / 4
   int latent_bits = 0;   // 0 (store latents in the cache's element type), 8 or 4: token-wise min/scale
   Metric metric = Metric::l2;
+  // Blocks one compression pass searches and encodes together when an append completes several (a
+  // prefill chunk): larger GEMMs and fewer launches for workspace of that many blocks' rows.
+  int blocks_per_pass = 4;
 };
 
 struct Capacity {
@@ -61,6 +64,11 @@ struct Config {
   int latent_dim() const { return comp.latent_dim > 0 ? comp.latent_dim : model.kv_dim() / 4; }
   int block() const { return comp.block > 0 ? comp.block : (comp.recent > 0 ? comp.recent : 1); }
   int rot_dim() const { return rope.rot_dim > 0 ? rope.rot_dim : model.head_dim; }
+  // Rows one compression pass holds at most (its workspace; encoders' scratch_elems of this).
+  std::int64_t compress_rows() const {
+    const std::int64_t r = std::int64_t(block()) * (comp.blocks_per_pass > 0 ? comp.blocks_per_pass : 1);
+    return cap.max_tokens > 0 && cap.max_tokens < r ? cap.max_tokens : r;
+  }
 };
 
 inline void validate(const Config& c) {
@@ -79,6 +87,7 @@ inline void validate(const Config& c) {
   if (c.comp.k_neighbors <= 0 || c.comp.k_neighbors > kMaxNeighbors)
     bad("k_neighbors must be in [1, " + std::to_string(kMaxNeighbors) + "]");
   if (c.latent_dim() <= 0) bad("latent_dim must be >= 1");
+  if (c.comp.blocks_per_pass <= 0) bad("blocks_per_pass must be >= 1");
   if (c.comp.latent_bits != 0 && c.comp.latent_bits != 8 && c.comp.latent_bits != 4)
     bad("latent_bits must be 0, 8 or 4");
   if (c.comp.latent_bits == 4 && c.latent_dim() % 2 != 0) bad("int4 latents need an even latent_dim");
