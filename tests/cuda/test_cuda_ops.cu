@@ -147,6 +147,24 @@ TEST_CASE("cuda swiglu and axpy_rows match the CPU") {
     MESSAGE("swiglu n=" << n << " hidden=" << hidden << ": rel L2 " << e);
     CHECK(e < 1e-6);
   }
+  {  // bf16: 16-byte packs (hidden, ldh multiples of 8) and the element path (odd ldh); the CPU in
+     // f32 on the same bf16 inputs, one bf16 rounding apart
+    cuda::CudaDevice<cuda::bf16> dev16;
+    for (auto [n, hidden, pad] : {std::tuple{3, 8, 0}, {129, 3072, 8}, {40, 24, 3}}) {
+      const std::int64_t ldh = 2 * hidden + pad;
+      auto h = round_bf16(randn<float>(std::size_t(n * ldh), ++seed, 2.0));
+      DBuf<cuda::bf16> dh(to_bf16(h));
+      dev16.swiglu({dh.p, ldh, n, hidden});
+      ref.swiglu({h.data(), ldh, n, hidden});
+      const auto got = to_f32(dh.get());
+      const double e = rel_l2(got, h);
+      std::int64_t outside = 0;  // each element within one bf16 rounding (2^-8 relative)
+      for (std::size_t i = 0; i < h.size(); ++i) outside += std::fabs(got[i] - h[i]) > std::ldexp(std::fabs(h[i]), -8) * 1.0001 + 1e-30;
+      MESSAGE("swiglu bf16 n=" << n << " hidden=" << hidden << " ldh=" << ldh << ": rel L2 " << e << ", " << outside
+                               << " elements outside one rounding");
+      CHECK(outside == 0);
+    }
+  }
   for (auto [n, dim, alpha] : {std::tuple{1, 3, -1.0f}, {77, 256, 1.0f}, {130, 1000, 0.37f}}) {
     const std::int64_t ldx = dim + 3, ldy = dim + 1;
     auto x = randn<float>(std::size_t(n * ldx), ++seed);
@@ -673,6 +691,24 @@ TEST_CASE("cuda all_finite, to_host, to_device and fill_zero") {
     CHECK_FALSE(ref.all_finite({y.data(), ld, n, int(dim)}));
   }
   CHECK(dev.all_finite({dx.p, ld, 0, int(dim)}));
+  {  // 16-byte packs (rows a multiple of 8 bf16 / 4 floats): a bad value at each place of a pack
+    cuda::CudaDevice<cuda::bf16> dev16;
+    const std::int64_t rows = 70, cols = 2048, ldp = 2056;
+    auto v = randn<float>(std::size_t(rows * ldp), 5);
+    for (std::int64_t r = 0; r < rows; ++r) v[std::size_t(r * ldp + cols + 3)] = INFINITY;  // padding
+    DBuf<cuda::bf16> dv(to_bf16(v));
+    DBuf<float> dvf(v);
+    CHECK(dev16.all_finite({dv.p, ldp, rows, int(cols)}));
+    CHECK(dev.all_finite({dvf.p, ldp, rows, int(cols)}));
+    for (std::int64_t at : {std::int64_t(0), std::int64_t(7), std::int64_t(13 * ldp + 1029), (rows - 1) * ldp + cols - 1}) {
+      auto w = v;
+      w[std::size_t(at)] = std::nanf("");
+      DBuf<cuda::bf16> dw(to_bf16(w));
+      DBuf<float> dwf(w);
+      CHECK_FALSE(dev16.all_finite({dw.p, ldp, rows, int(cols)}));
+      CHECK_FALSE(dev.all_finite({dwf.p, ldp, rows, int(cols)}));
+    }
+  }
 
   std::vector<float> h(1000);
   std::iota(h.begin(), h.end(), 0.f);

@@ -186,13 +186,17 @@ class GpuDevice {
 
   void swiglu(const SwiGLUParams<T>& p) {
     if (p.n <= 0 || p.hidden <= 0) return;
-    gpu::swiglu_kernel<T><<<blocks(p.n * p.hidden, 256), 256, 0, stream_>>>(p);
+    constexpr int V = 16 / int(sizeof(T));
+    if (p.hidden % V == 0 && p.ldh % V == 0 && reinterpret_cast<std::uintptr_t>(p.h) % 16 == 0)
+      gpu::swiglu_kernel<T, V><<<grid_rows(p.n), threads_for(p.hidden / V), 0, stream_>>>(p);
+    else
+      gpu::swiglu_kernel<T, 1><<<grid_rows(p.n), threads_for(p.hidden), 0, stream_>>>(p);
     launched("swiglu");
   }
 
   void axpy_rows(const AxpyRowsParams<T>& p) {
     if (p.n <= 0 || p.dim <= 0) return;
-    gpu::axpy_rows_kernel<T><<<blocks(p.n * p.dim, 256), 256, 0, stream_>>>(p);
+    gpu::axpy_rows_kernel<T><<<grid_rows(p.n), threads_for(p.dim), 0, stream_>>>(p);
     launched("axpy_rows");
   }
 
@@ -337,11 +341,11 @@ class GpuDevice {
                      reinterpret_cast<std::uintptr_t>(dst) % 16 == 0;
     if (v16) {
       const int units = static_cast<int>(row / 16);
-      gpu::copy_rows_kernel<vendor::bytes16><<<blocks(p.n * units, 256), 256, 0, stream_>>>(src, std::int64_t(lds), p.src_rows, dst,
-                                                                                   std::int64_t(ldd), p.dst_rows, p.n, units);
+      gpu::copy_rows_kernel<vendor::bytes16><<<grid_rows(p.n), threads_for(units), 0, stream_>>>(
+          src, std::int64_t(lds), p.src_rows, dst, std::int64_t(ldd), p.dst_rows, p.n, units);
     } else {
-      gpu::copy_rows_kernel<T><<<blocks(p.n * p.dim, 256), 256, 0, stream_>>>(src, std::int64_t(lds), p.src_rows, dst,
-                                                                               std::int64_t(ldd), p.dst_rows, p.n, p.dim);
+      gpu::copy_rows_kernel<T><<<grid_rows(p.n), threads_for(p.dim), 0, stream_>>>(src, std::int64_t(lds), p.src_rows, dst,
+                                                                                   std::int64_t(ldd), p.dst_rows, p.n, p.dim);
     }
     launched("copy_rows");
   }
@@ -349,7 +353,11 @@ class GpuDevice {
   bool all_finite(const FiniteCheckParams<T>& p) {
     if (p.n <= 0 || p.dim <= 0) return true;
     vendor::memset_async(flag_, 0, sizeof(int), stream_);
-    gpu::all_finite_kernel<T><<<blocks(p.n * p.dim, 256), 256, 0, stream_>>>(p, flag_);
+    constexpr int V = 16 / int(sizeof(T));
+    if (p.dim % V == 0 && p.ldx % V == 0 && reinterpret_cast<std::uintptr_t>(p.x) % 16 == 0)
+      gpu::all_finite_kernel<T, V><<<blocks(p.n * p.dim / V, threads_for(p.dim / V)), threads_for(p.dim / V), 0, stream_>>>(p, flag_);
+    else
+      gpu::all_finite_kernel<T, 1><<<blocks(p.n * p.dim, threads_for(p.dim)), threads_for(p.dim), 0, stream_>>>(p, flag_);
     launched("all_finite");
     vendor::memcpy_async(host_flag_, flag_, sizeof(int), stream_);
     vendor::stream_sync(stream_);

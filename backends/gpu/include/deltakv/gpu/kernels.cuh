@@ -313,33 +313,68 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(kMmaThreads, 2) linear_mma_kernel(Line
 }
 
 // =============================================================================================
-// swiglu, axpy_rows: elementwise, grid-stride.
+// swiglu, axpy_rows, copy_rows, all_finite: row-wise. A block per row (blocks loop over rows),
+// threads over the row's columns: no 64-bit division per element. Where every row start is
+// 16-byte aligned the host picks V = 16 / sizeof(T) elements per thread (one 16-byte load each),
+// else V = 1.
 // =============================================================================================
-template <class T>
+template <class T, int V>
+struct Pack {  // V elements, loaded and stored as one unit when V > 1
+  T v[V];
+};
+template <class T, int V>
+DELTAKV_GPU_D Pack<T, V> load_pack(const T* p) {
+  Pack<T, V> r;
+  if constexpr (V * sizeof(T) == 16) {
+    const vendor::bytes16 u = *reinterpret_cast<const vendor::bytes16*>(p);
+    static_assert(sizeof(u) == sizeof(r));
+    __builtin_memcpy(&r, &u, 16);
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) r.v[i] = p[i];
+  }
+  return r;
+}
+template <class T, int V>
+DELTAKV_GPU_D void store_pack(T* p, const Pack<T, V>& r) {
+  if constexpr (V * sizeof(T) == 16) {
+    vendor::bytes16 u;
+    __builtin_memcpy(&u, &r, 16);
+    *reinterpret_cast<vendor::bytes16*>(p) = u;
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) p[i] = r.v[i];
+  }
+}
+
+// h[:, :hidden] = silu(h[:, :hidden]) * h[:, hidden:]; hidden % V == 0 and ldh % V == 0.
+template <class T, int V>
 __global__ void swiglu_kernel(SwiGLUParams<T> p) {
-  const std::int64_t total = p.n * p.hidden;
-  for (std::int64_t t = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
-       t += std::int64_t(gridDim.x) * blockDim.x) {
-    const std::int64_t i = t / p.hidden;
-    const int j = static_cast<int>(t % p.hidden);
+  const int packs = p.hidden / V;
+  for (std::int64_t i = blockIdx.x; i < p.n; i += gridDim.x) {
     T* h = p.h + i * p.ldh;
-    const float a = to_float(h[j]);
-    h[j] = from_float<T>(a / (1.f + expf(-a)) * to_float(h[p.hidden + j]));
+    for (int j = threadIdx.x; j < packs; j += blockDim.x) {
+      Pack<T, V> a = load_pack<T, V>(h + std::int64_t(j) * V);
+      const Pack<T, V> b = load_pack<T, V>(h + p.hidden + std::int64_t(j) * V);
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const float x = to_float(a.v[e]);
+        a.v[e] = from_float<T>(x / (1.f + expf(-x)) * to_float(b.v[e]));
+      }
+      store_pack<T, V>(h + std::int64_t(j) * V, a);
+    }
   }
 }
 
 template <class T>
 __global__ void axpy_rows_kernel(AxpyRowsParams<T> p) {
-  const std::int64_t total = p.n * p.dim;
   const float alpha = to_float(p.alpha);
-  for (std::int64_t t = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
-       t += std::int64_t(gridDim.x) * blockDim.x) {
-    const std::int64_t i = t / p.dim;
-    const int j = static_cast<int>(t % p.dim);
-    T& y = p.y[i * p.ldy + j];
-    // y + alpha * x in two roundings, like the CPU (no FMA).
-    y = from_float<T>(vendor::add_rn(to_float(y), vendor::mul_rn(alpha, to_float(p.x[i * p.ldx + j]))));
-  }
+  for (std::int64_t i = blockIdx.x; i < p.n; i += gridDim.x)
+    for (int j = threadIdx.x; j < p.dim; j += blockDim.x) {
+      T& y = p.y[i * p.ldy + j];
+      // y + alpha * x in two roundings, like the CPU (no FMA).
+      y = from_float<T>(vendor::add_rn(to_float(y), vendor::mul_rn(alpha, to_float(p.x[i * p.ldx + j]))));
+    }
 }
 
 // =============================================================================================
@@ -1260,35 +1295,34 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT)
     p.idx[q] = static_cast<std::int32_t>(kKeyOnes - static_cast<unsigned>(buf[q] & kKeyOnes));
 }
 
-// =============================================================================================
-// copy_rows: grid-stride over row units; 16-byte units when every row start is 16-byte aligned
-// (the host picks the unit type U), else elements. Source and destination must not overlap.
-// =============================================================================================
+// copy_rows: a block per row, threads over its units (U: 16 bytes where every row start is 16-byte
+// aligned, else T; the host picks). Source and destination must not overlap.
 template <class U>
 __global__ void copy_rows_kernel(const unsigned char* src, std::int64_t lds_bytes, const std::int64_t* src_rows,
                                  unsigned char* dst, std::int64_t ldd_bytes, const std::int64_t* dst_rows, std::int64_t n,
                                  int units) {
-  const std::int64_t total = n * units;
-  for (std::int64_t t = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
-       t += std::int64_t(gridDim.x) * blockDim.x) {
-    const std::int64_t i = t / units;
-    const int u = static_cast<int>(t % units);
+  for (std::int64_t i = blockIdx.x; i < n; i += gridDim.x) {
     const std::int64_t s = src_rows ? src_rows[i] : i;
     const std::int64_t d = dst_rows ? dst_rows[i] : i;
-    reinterpret_cast<U*>(dst + d * ldd_bytes)[u] = reinterpret_cast<const U*>(src + s * lds_bytes)[u];
+    const U* from = reinterpret_cast<const U*>(src + s * lds_bytes);
+    U* to = reinterpret_cast<U*>(dst + d * ldd_bytes);
+    for (int u = threadIdx.x; u < units; u += blockDim.x) to[u] = from[u];
   }
 }
 
-// all_finite: sets *flag = 1 when any element is NaN or Inf (the host clears it first).
-template <class T>
+// all_finite: sets *flag = 1 when any element is NaN or Inf (the host clears it first); dim % V == 0
+// and ldx % V == 0.
+template <class T, int V>
 __global__ void all_finite_kernel(FiniteCheckParams<T> p, int* flag) {
-  const std::int64_t total = p.n * p.dim;
-  for (std::int64_t t = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
-       t += std::int64_t(gridDim.x) * blockDim.x) {
-    const std::int64_t i = t / p.dim;
-    const int j = static_cast<int>(t % p.dim);
-    if (!isfinite(to_float(p.x[i * p.ldx + j]))) *flag = 1;
-  }
+  const int packs = p.dim / V;
+  bool bad = false;
+  for (std::int64_t i = blockIdx.x; i < p.n; i += gridDim.x)
+    for (int j = threadIdx.x; j < packs; j += blockDim.x) {
+      const Pack<T, V> a = load_pack<T, V>(p.x + i * p.ldx + std::int64_t(j) * V);
+#pragma unroll
+      for (int e = 0; e < V; ++e) bad = bad || !isfinite(to_float(a.v[e]));
+    }
+  if (bad) *flag = 1;
 }
 
 }  // namespace deltakv::gpu
