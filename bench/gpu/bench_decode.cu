@@ -428,6 +428,7 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
 // the encode and the search alone, to say where the time goes.
 struct PrefillResult {
   double ms = 0, tokens = 0, latents = 0, flops = 0, encode_tflops = 0, search_tflops = 0, encode_share = 0;
+  int blocks_per_pass = 0;
 };
 
 PrefillResult run_prefill(const Model& m, std::int64_t N, std::int64_t chunk, bool tensor_cores, bool vendor_gemm,
@@ -444,6 +445,9 @@ PrefillResult run_prefill(const Model& m, std::int64_t N, std::int64_t chunk, bo
   cfg.comp.latent_dim = dc;
   cfg.comp.latent_bits = 4;
   cfg.cap = {1, N, int(chunk)};
+  // blocks one compression pass takes (default 4: a chunk's four blocks); DELTAKV_BLOCKS_PER_PASS=1
+  // is the block-at-a-time cache of the fifteenth session, for comparison
+  if (const char* e = std::getenv("DELTAKV_BLOCKS_PER_PASS")) cfg.comp.blocks_per_pass = std::max(1, std::atoi(e));
   const FixedStride sel(10);
   const DensePolicy pol{};
   GDev dev(s, 0);
@@ -484,6 +488,7 @@ PrefillResult run_prefill(const Model& m, std::int64_t N, std::int64_t chunk, bo
   auto prefill = [&] { prefill_on(cache); };
   PrefillResult r;
   r.tokens = double(N);
+  r.blocks_per_pass = cfg.comp.blocks_per_pass;
   prefill();  // warm-up (first launches, scratch)
   vendor::stream_sync(s);
   auto e0 = vendor::event_create(), e1 = vendor::event_create();
@@ -604,8 +609,9 @@ int main(int argc, char** argv) {
         const PrefillResult r = run_prefill(m, N, 4096, mode > 0, mode == 2, s);
         const char* gemm = mode == 0 ? "CUDA cores" : (mode == 1 ? "tensor cores, own GEMM" : "tensor cores, cuBLAS GEMM");
         std::printf("{\"prefill\": \"%s\", \"gemm\": \"%s\", \"tokens\": %.0f, \"latents\": %.0f, \"ms\": %.4f, \"flops\": %.6e, "
-                    "\"encode_tflops\": %.2f, \"search_tflops\": %.2f, \"encode_share\": %.3f}\n",
-                    m.name, gemm, r.tokens, r.latents, r.ms, r.flops, r.encode_tflops, r.search_tflops, r.encode_share);
+                    "\"encode_tflops\": %.2f, \"search_tflops\": %.2f, \"encode_share\": %.3f, \"blocks_per_pass\": %d}\n",
+                    m.name, gemm, r.tokens, r.latents, r.ms, r.flops, r.encode_tflops, r.search_tflops, r.encode_share,
+                    r.blocks_per_pass);
         std::fflush(stdout);
       }
     }
