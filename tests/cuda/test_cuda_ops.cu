@@ -307,16 +307,19 @@ TEST_CASE("cuda bf16 ref_search on tensor cores picks the same references as the
     }
   }
   // The GEMM path also takes what the mma kernel refuses (odd widths, strides off 16-byte pieces),
-  // and one shape crosses both chunk sizes at once (rows carried over 4096-reference chunks).
+  // one shape crosses both chunk sizes at once (rows carried over 4096-reference chunks), and the
+  // top-k kernel is instantiated per k: k 5, 6 and 7 (with reference counts off multiples of 8, so
+  // the scores come from two GEMMs) only run here.
   dev.set_vendor_gemm(true);
   REQUIRE(dev.vendor_gemm());
   for (Metric metric : {Metric::l2, Metric::dot})
-    for (RefShape s : {RefShape{96, 500, 61, 4}, {2100, 4100, 16, 3}}) {
+    for (RefShape s : {RefShape{96, 500, 61, 4}, {2100, 4100, 16, 3}, {100, 901, 64, 5}, {150, 4103, 40, 6}, {80, 1299, 96, 7}}) {
       const RefProblem q = grid_ref_problem(s.n, s.m, s.dim, s.k, 3, 5, seed);  // strides dim + 3, dim + 5
       bool tc = false;
       const std::int64_t diff = ids_differing(ref_search_both(dev, q, metric, &tc));
       MESSAGE("bf16 ref_search (cuBLAS scores, odd strides) metric=" << int(metric) << " n=" << s.n << " m=" << s.m
-                                                                   << " dim=" << s.dim << ": " << diff << " differing ids");
+                                                                   << " dim=" << s.dim << " k=" << s.k << ": " << diff
+                                                                   << " differing ids");
       CHECK(tc);
       CHECK(diff == 0);
     }

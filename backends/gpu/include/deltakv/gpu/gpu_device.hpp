@@ -385,13 +385,14 @@ class GpuDevice {
       float* norms = scores + std::size_t(gpu::kRsChunkRows) * gpu::kRsChunkRefs;
       float* list_s = norms + gpu::kRsChunkRefs;
       std::int32_t* list_i = reinterpret_cast<std::int32_t*>(list_s + std::size_t(gpu::kRsChunkRows) * gpu::kRsMaxK);
-      constexpr int NT = 256, RPB = NT / kWarp;  // rows (warps) per block
+      constexpr int NT = 256, RPB = NT / kWarp;  // top-k: a block per row; norms: a warp per reference
       for (std::int64_t r0 = 0; r0 < p.n; r0 += gpu::kRsChunkRows) {
         const std::int64_t nr = std::min<std::int64_t>(gpu::kRsChunkRows, p.n - r0);
         const T* x = p.x + r0 * p.ldx;
         for (std::int64_t j0 = 0; j0 == 0 || j0 < p.m; j0 += gpu::kRsChunkRefs) {  // once at least: m = 0 writes -1s
           const int mc = int(std::min<std::int64_t>(gpu::kRsChunkRefs, p.m - j0));
-          const int ld = std::max(4, (mc + 3) / 4 * 4);  // the top-k kernel reads 16-byte pieces of rows
+          // the top-k kernel reads 16-byte pieces of rows; cuBLAS wants 32-byte aligned ones
+          const int ld = std::max(8, (mc + 7) / 8 * 8);
           const bool last = j0 + gpu::kRsChunkRefs >= p.m;
           if (mc > 0) {
             const T* r = p.refs + j0 * p.ldr;
@@ -401,12 +402,19 @@ class GpuDevice {
               launched("ref_search (norms)");
             }
           }
-          gpu::ref_topk_rows_kernel<kWarp, gpu::kRsMaxK><<<unsigned((nr + RPB - 1) / RPB), NT, 0, stream_>>>(
-              nr, p.k, p.metric, scores, ld, norms, j0, std::max(mc, 0), p.visible + r0, j0 == 0, list_s, list_i,
-              last ? p.ids + r0 * p.k : nullptr);
+          ref_topk_launch<NT>(p.k, unsigned(nr), nr, p.metric, scores, ld, norms, j0, std::max(mc, 0), p.visible + r0, j0 == 0,
+                              list_s, list_i, last ? p.ids + r0 * p.k : nullptr);
           launched("ref_search (top-k)");
         }
       }
+    }
+  }
+  // ref_topk_rows_kernel with K = k (1..kRsMaxK; ref_search_gemm_eligible bounds k).
+  template <int NT, int K = 1, class... Args>
+  void ref_topk_launch(int k, unsigned grid, Args... args) {
+    if constexpr (K <= gpu::kRsMaxK) {
+      if (k != K) return ref_topk_launch<NT, K + 1>(k, grid, args...);
+      gpu::ref_topk_rows_kernel<kWarp, K, NT><<<grid, NT, 0, stream_>>>(args...);
     }
   }
   static std::size_t ref_gemm_scratch() {

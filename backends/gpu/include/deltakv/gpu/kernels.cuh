@@ -768,60 +768,12 @@ __global__ void ref_norms_kernel(const T* refs, std::int64_t ldr, int rows, int 
   if (lane == 0) norms[r] = a;
 }
 
-// One warp per row: each lane keeps the k best of the columns it scans (lane 0 starts from the
-// row's list so far), then k rounds of a warp-wide pick of the best list head merge them.
-// scores: rows ld_scores apart, a multiple of 4, 16-byte aligned; norms: 16-byte aligned, readable
-// up to cols rounded up to 4.
-template <int W, int MK>
-__global__ void ref_topk_rows_kernel(std::int64_t n, int k, Metric metric, const float* scores, int ld_scores,
-                                     const float* norms, std::int64_t j0, int cols, const std::int32_t* visible, bool first,
-                                     float* list_s, std::int32_t* list_i, std::int32_t* ids) {
-  const std::int64_t row = (std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / W;
-  const int lane = threadIdx.x % W;
-  if (row >= n) return;  // whole warps
-  float bs[MK];
-  int bi[MK];
-#pragma unroll
-  for (int q = 0; q < MK; ++q) {
-    bs[q] = kNegInf;
-    bi[q] = -1;
-    if (!first && lane == 0 && q < k) {
-      bs[q] = list_s[row * k + q];
-      bi[q] = list_i[row * k + q];
-    }
-  }
-  const std::int64_t vis_left = std::int64_t(visible[row]) - j0, lim = vis_left < cols ? vis_left : cols;
-  // Four columns per lane step, one 16-byte load each of scores and norms (rows ld_scores % 4 == 0
-  // apart, 16-byte aligned): one score per load was a chain of load latencies per lane.
-  const float* srow = scores + row * ld_scores;
-  auto consider = [&](float sc, std::int64_t c) {
-    const int jj = static_cast<int>(j0 + c);
-    if (!ranks_before(sc, jj, bs[k - 1], bi[k - 1])) return;
-    // insertion from the bottom, constant indices (the list stays in registers)
-#pragma unroll
-    for (int q = MK - 1; q >= 0; --q) {
-      if (q >= k) continue;
-      if (q > 0 && ranks_before(sc, jj, bs[q - 1], bi[q - 1])) {
-        bs[q] = bs[q - 1];
-        bi[q] = bi[q - 1];
-      } else {
-        bs[q] = sc;
-        bi[q] = jj;
-        return;
-      }
-    }
-  };
-  for (std::int64_t c = 4 * lane; c < lim; c += 4 * W) {
-    const float4 v = *reinterpret_cast<const float4*>(srow + c);
-    float4 nr = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (metric == Metric::l2) nr = *reinterpret_cast<const float4*>(norms + c);
-    const bool l2 = metric == Metric::l2;
-    consider(l2 ? 2.f * v.x - nr.x : v.x, c);
-    if (c + 1 < lim) consider(l2 ? 2.f * v.y - nr.y : v.y, c + 1);
-    if (c + 2 < lim) consider(l2 ? 2.f * v.z - nr.z : v.z, c + 2);
-    if (c + 3 < lim) consider(l2 ? 2.f * v.w - nr.w : v.w, c + 3);
-  }
-  for (int q = 0; q < k; ++q) {  // the warp's best head, ties (empty heads) to the lower lane
+// k rounds of a warp-wide pick of the best list head (ties, which only empty heads make, to the
+// lower lane): out(q, score, id) receives the warp's q-th best on every lane. Each lane's list
+// (bs, bi) is sorted best first; the picked heads are popped.
+template <int W, int MK, class Out>
+DELTAKV_GPU_D void warp_pick_k(float (&bs)[MK], int (&bi)[MK], int k, int lane, Out out) {
+  for (int q = 0; q < k; ++q) {
     float s = bs[0];
     int i = bi[0], l = lane;
     for (int o = W / 2; o > 0; o >>= 1) {
@@ -842,14 +794,98 @@ __global__ void ref_topk_rows_kernel(std::int64_t n, int k, Metric metric, const
       bs[MK - 1] = kNegInf;
       bi[MK - 1] = -1;
     }
-    if (lane == 0) {
-      if (ids) {
-        ids[row * k + q] = i;
-      } else {
-        list_s[row * k + q] = s;
-        list_i[row * k + q] = i;
+    out(q, s, i);
+  }
+}
+
+// A block of NT threads per row: each thread keeps the K best of the columns it scans (thread 0
+// starts from the row's list so far), each warp picks its K best (warp_pick_k) into shared
+// memory, and the first warp, one warp list per lane, picks the row's K best from those. (One
+// warp per row left an SM ~7 warps at a block's 920 rows.) K is the k of the search, a template
+// parameter so that the lists stay in registers with constant indices (the host dispatches k).
+// A thread meets its columns in increasing id order, after every id already in its list (those of
+// earlier chunks included), so a column enters the list exactly when its score is strictly above
+// the list's last: one compare per column. (NaN scores never enter, as with ranks_before.)
+// scores: rows ld_scores apart, a multiple of 4, 16-byte aligned; norms: 16-byte aligned, readable
+// up to cols rounded up to 4.
+template <int W, int K, int NT>
+__global__ void DELTAKV_LAUNCH_BOUNDS(NT) ref_topk_rows_kernel(std::int64_t n, Metric metric, const float* scores,
+                                                               int ld_scores, const float* norms, std::int64_t j0, int cols,
+                                                               const std::int32_t* visible, bool first, float* list_s,
+                                                               std::int32_t* list_i, std::int32_t* ids) {
+  constexpr int NW = NT / W;
+  static_assert(NW <= W, "one warp list per lane of the first warp");
+  __shared__ float w_s[NW][K];
+  __shared__ std::int32_t w_i[NW][K];
+  const int lane = threadIdx.x % W, warp = threadIdx.x / W;
+  for (std::int64_t row = blockIdx.x; row < n; row += gridDim.x) {
+    float bs[K];
+    int bi[K];
+#pragma unroll
+    for (int q = 0; q < K; ++q) {
+      bs[q] = kNegInf;
+      bi[q] = -1;
+      if (!first && threadIdx.x == 0) {
+        bs[q] = list_s[row * K + q];
+        bi[q] = list_i[row * K + q];
       }
     }
+    const std::int64_t vis_left = std::int64_t(visible[row]) - j0, lim = vis_left < cols ? vis_left : cols;
+    const float* srow = scores + row * ld_scores;
+    auto consider = [&](float sc, std::int64_t c) {
+      if (!(sc > bs[K - 1])) return;
+      const int jj = static_cast<int>(j0 + c);
+      // insertion from the bottom, each place from the old list above it (constant indices, no exits:
+      // an early return kept the list out of registers)
+#pragma unroll
+      for (int q = K - 1; q >= 0; --q) {
+        const bool up = q > 0 && sc > bs[q > 0 ? q - 1 : 0];
+        if (up) {
+          bs[q] = bs[q - 1];
+          bi[q] = bi[q - 1];
+        } else if (sc > bs[q]) {
+          bs[q] = sc;
+          bi[q] = jj;
+        }
+      }
+    };
+    // Four columns per step, one 16-byte load each of scores and norms.
+    for (std::int64_t c = 4 * threadIdx.x; c < lim; c += 4 * NT) {
+      const float4 v = *reinterpret_cast<const float4*>(srow + c);
+      float4 nr = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (metric == Metric::l2) nr = *reinterpret_cast<const float4*>(norms + c);
+      const bool l2 = metric == Metric::l2;
+      consider(l2 ? 2.f * v.x - nr.x : v.x, c);
+      if (c + 1 < lim) consider(l2 ? 2.f * v.y - nr.y : v.y, c + 1);
+      if (c + 2 < lim) consider(l2 ? 2.f * v.z - nr.z : v.z, c + 2);
+      if (c + 3 < lim) consider(l2 ? 2.f * v.w - nr.w : v.w, c + 3);
+    }
+    warp_pick_k<W, K>(bs, bi, K, lane, [&](int q, float sc, int id) {
+      if (lane == 0) {
+        w_s[warp][q] = sc;
+        w_i[warp][q] = id;
+      }
+    });
+    __syncthreads();
+    if (warp == 0) {
+#pragma unroll
+      for (int q = 0; q < K; ++q) {
+        const bool has = lane < NW;
+        bs[q] = has ? w_s[has ? lane : 0][q] : kNegInf;
+        bi[q] = has ? w_i[has ? lane : 0][q] : -1;
+      }
+      warp_pick_k<W, K>(bs, bi, K, lane, [&](int q, float sc, int id) {
+        if (lane == 0) {
+          if (ids) {
+            ids[row * K + q] = id;
+          } else {
+            list_s[row * K + q] = sc;
+            list_i[row * K + q] = id;
+          }
+        }
+      });
+    }
+    __syncthreads();  // w_s / w_i are rewritten for the next row
   }
 }
 

@@ -608,10 +608,17 @@ void gemm_x_wt(blas_t h, std::int64_t n, int out, int in, const T* x, std::int64
   constexpr cudaDataType_t ty = std::is_same_v<T, bf16> ? CUDA_R_16BF : CUDA_R_16F;
   constexpr cudaDataType_t tout = std::is_same_v<Y, float> ? CUDA_R_32F : ty;
   const float alpha = 1.f, beta = 0.f;
-  // Column-major view: y^T [out x n] = W [out x in] (W's rows are the stored [in x out] transposed) x^T [in x n]
-  blas_check(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, out, int(n), in, &alpha, w, ty, int(ldw), x, ty, int(ldx), &beta, y, tout,
-                          int(ldy), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-             "cublasGemmEx");
+  // Column-major view: y^T [out x n] = W [out x in] (W's rows are the stored [in x out] transposed) x^T [in x n].
+  // An `out` that is not a multiple of 8 sent cuBLAS 13 to a Turing-era split-K kernel at 80-210
+  // TFLOP/s on the H100 (the search's score GEMMs, 2048 rows x 919..3277 references x 2048), where
+  // the multiple of 8 below it ran at 500-660: so the first out / 8 * 8 outputs, then the rest.
+  const int head = out > 8 ? out / 8 * 8 : out;
+  for (int o0 = 0; o0 < out; o0 += head) {
+    const int m = o0 == 0 ? head : out - head;
+    blas_check(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, m, int(n), in, &alpha, w + std::int64_t(o0) * ldw, ty, int(ldw), x, ty,
+                            int(ldx), &beta, y + o0, tout, int(ldy), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+               "cublasGemmEx");
+  }
 }
 #else
 inline constexpr bool kHasBlas = false;
