@@ -19,7 +19,8 @@
 // Tuning knobs (environment): DELTAKV_DENSE_SPLIT_LEN (tokens per dense split, a multiple of 64 for
 // the tensor-core kernel), DELTAKV_SPARSE, DELTAKV_SELECT_PATH, DELTAKV_PHASES (see below);
 // DELTAKV_PREFILL_OPS: each prefill row also prints its GPU time per kind of device op
-// (timed_device.hpp) and the GPU's busy time against the wall time.
+// (timed_device.hpp) and the GPU's busy time against the wall time; DELTAKV_BLOCKS_PER_PASS sets the
+// prefill cache's pass size; DELTAKV_PREFILL_MODE=0|1|2 runs that prefill row only (profiling).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -605,7 +606,9 @@ int main(int argc, char** argv) {
       const std::int64_t N = quick ? 8192 : 32768;
       // the CUDA-core kernels, the tensor-core ones with our own GEMM tile kernel, and the default
       // tensor-core path (GEMMs on cuBLAS)
+      const char* only_mode = std::getenv("DELTAKV_PREFILL_MODE");  // 0, 1 or 2: that row only (profiling)
       for (const int mode : {0, 1, 2}) {
+        if (only_mode && std::atoi(only_mode) != mode) continue;
         const PrefillResult r = run_prefill(m, N, 4096, mode > 0, mode == 2, s);
         const char* gemm = mode == 0 ? "CUDA cores" : (mode == 1 ? "tensor cores, own GEMM" : "tensor cores, cuBLAS GEMM");
         std::printf("{\"prefill\": \"%s\", \"gemm\": \"%s\", \"tokens\": %.0f, \"latents\": %.0f, \"ms\": %.4f, \"flops\": %.6e, "

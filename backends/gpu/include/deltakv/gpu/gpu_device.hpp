@@ -386,6 +386,12 @@ class GpuDevice {
       float* list_s = norms + gpu::kRsChunkRefs;
       std::int32_t* list_i = reinterpret_cast<std::int32_t*>(list_s + std::size_t(gpu::kRsChunkRows) * gpu::kRsMaxK);
       constexpr int NT = 256, RPB = NT / kWarp;  // top-k: a block per row; norms: a warp per reference
+      // One chunk of references (a prefill pass's search): their norms once for every row chunk.
+      const bool one_ref_chunk = p.m <= gpu::kRsChunkRefs;
+      if (one_ref_chunk && p.m > 0 && p.metric == Metric::l2) {
+        gpu::ref_norms_kernel<T, kWarp><<<unsigned((p.m + RPB - 1) / RPB), NT, 0, stream_>>>(p.refs, p.ldr, int(p.m), p.dim, norms);
+        launched("ref_search (norms)");
+      }
       for (std::int64_t r0 = 0; r0 < p.n; r0 += gpu::kRsChunkRows) {
         const std::int64_t nr = std::min<std::int64_t>(gpu::kRsChunkRows, p.n - r0);
         const T* x = p.x + r0 * p.ldx;
@@ -397,7 +403,7 @@ class GpuDevice {
           if (mc > 0) {
             const T* r = p.refs + j0 * p.ldr;
             vendor::gemm_x_wt<T, float>(blas_, nr, mc, p.dim, x, p.ldx, r, p.ldr, scores, ld);
-            if (p.metric == Metric::l2) {
+            if (p.metric == Metric::l2 && !one_ref_chunk) {
               gpu::ref_norms_kernel<T, kWarp><<<unsigned((mc + RPB - 1) / RPB), NT, 0, stream_>>>(r, p.ldr, mc, p.dim, norms);
               launched("ref_search (norms)");
             }
