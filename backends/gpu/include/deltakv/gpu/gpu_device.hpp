@@ -402,7 +402,22 @@ class GpuDevice {
           const bool last = j0 + gpu::kRsChunkRefs >= p.m;
           if (mc > 0) {
             const T* r = p.refs + j0 * p.ldr;
-            vendor::gemm_x_wt<T, float>(blas_, nr, mc, p.dim, x, p.ldx, r, p.ldr, scores, ld);
+            // the first mc / 8 * 8 references on cuBLAS, the rest (< 8 = kRsTailMax + 1) by ref_tail_scores_kernel
+            const int head = mc / 8 * 8;
+            if (head > 0) vendor::gemm_x_wt<T, float>(blas_, nr, head, p.dim, x, p.ldx, r, p.ldr, scores, ld);
+            if (mc > head) {
+              const T* rt = r + std::int64_t(head) * p.ldr;
+              constexpr int V = 16 / int(sizeof(T));
+              const unsigned grid = unsigned((nr + RPB - 1) / RPB);
+              if (p.dim % V == 0 && p.ldx % V == 0 && p.ldr % V == 0 && reinterpret_cast<std::uintptr_t>(x) % 16 == 0 &&
+                  reinterpret_cast<std::uintptr_t>(rt) % 16 == 0)
+                gpu::ref_tail_scores_kernel<T, kWarp, V><<<grid, NT, 0, stream_>>>(x, p.ldx, nr, rt, p.ldr, mc - head, p.dim, scores, ld,
+                                                                                  head);
+              else
+                gpu::ref_tail_scores_kernel<T, kWarp, 1><<<grid, NT, 0, stream_>>>(x, p.ldx, nr, rt, p.ldr, mc - head, p.dim, scores, ld,
+                                                                                  head);
+              launched("ref_search (tail scores)");
+            }
             if (p.metric == Metric::l2 && !one_ref_chunk) {
               gpu::ref_norms_kernel<T, kWarp><<<unsigned((mc + RPB - 1) / RPB), NT, 0, stream_>>>(r, p.ldr, mc, p.dim, norms);
               launched("ref_search (norms)");
