@@ -343,9 +343,12 @@ TEST_CASE("cuda gather_mean is bit-exact") {
   cuda::CudaDevice<float> dev;
   cpu::CpuDevice<float> ref;
   std::uint32_t seed = 400;
+  // packed: strides that let the kernel take 16-byte packs (dim % 8 == 0 here; 130 never does)
+  for (const bool packed : {false, true})
   for (auto [n, m, dim, k, with_rows] : {std::tuple{1, 1, 32, 1, false}, {37, 20, 256, 4, true}, {128, 500, 2048, 4, false},
                                         {300, 77, 130, 8, true}}) {
-    const std::int64_t ldr = dim + 4, ldo = dim + 2;
+    CAPTURE(packed);
+    const std::int64_t ldr = packed ? dim + 8 : dim + 4, ldo = packed ? dim + 8 : dim + 2;
     const std::int64_t idrows = n + 5;
     auto r = randn<float>(std::size_t(m * ldr), ++seed);
     std::mt19937 rng(++seed);
@@ -362,8 +365,24 @@ TEST_CASE("cuda gather_mean is bit-exact") {
     auto want = poisoned<float>(std::size_t(n * ldo));
     ref.gather_mean({ids.data(), k, n, with_rows ? rows.data() : nullptr, r.data(), ldr, dim, want.data(), ldo});
     const bool exact = same_bits(dout.get(), want);
-    MESSAGE("gather_mean n=" << n << " dim=" << dim << " k=" << k << ": bit-exact " << exact);
+    MESSAGE("gather_mean n=" << n << " dim=" << dim << " k=" << k << " packed=" << packed << ": bit-exact " << exact);
     CHECK(exact);
+    // bf16 storage: the same f32 sums and division, one rounding: the CPU's f32 result rounded
+    cuda::CudaDevice<cuda::bf16> dev16;
+    const auto r16 = round_bf16(r);
+    DBuf<cuda::bf16> dr16(to_bf16(r16)), dout16(std::size_t(n * ldo));
+    dout16.poison();
+    dev16.gather_mean({dids.p, k, n, with_rows ? drows.p : nullptr, dr16.p, ldr, dim, dout16.p, ldo});
+    auto want16 = poisoned<float>(std::size_t(n * ldo));
+    ref.gather_mean({ids.data(), k, n, with_rows ? rows.data() : nullptr, r16.data(), ldr, dim, want16.data(), ldo});
+    const auto got16 = to_f32(dout16.get());
+    const auto want16r = round_bf16(want16);
+    std::int64_t differ = 0;
+    for (std::int64_t i = 0; i < n; ++i)
+      for (std::int64_t d = 0; d < dim; ++d)
+        differ += std::memcmp(&want16r[std::size_t(i * ldo + d)], &got16[std::size_t(i * ldo + d)], sizeof(float)) != 0;
+    MESSAGE("gather_mean bf16 n=" << n << " dim=" << dim << " packed=" << packed << ": " << differ << " values off the rounded CPU mean");
+    CHECK(differ == 0);
   }
 }
 

@@ -247,7 +247,12 @@ class GpuDevice {
 
   void gather_mean(const GatherMeanParams<T>& p) {
     if (p.n <= 0 || p.dim <= 0) return;
-    gpu::gather_mean_kernel<T><<<grid_rows(p.n), threads_for(p.dim), 0, stream_>>>(p);
+    constexpr int V = 16 / int(sizeof(T));
+    if (p.dim % V == 0 && p.ldr % V == 0 && p.ldo % V == 0 && reinterpret_cast<std::uintptr_t>(p.refs) % 16 == 0 &&
+        reinterpret_cast<std::uintptr_t>(p.out) % 16 == 0)
+      gpu::gather_mean_kernel<T, V><<<grid_rows(p.n), threads_for(p.dim / V), 0, stream_>>>(p);
+    else
+      gpu::gather_mean_kernel<T, 1><<<grid_rows(p.n), threads_for(p.dim), 0, stream_>>>(p);
     launched("gather_mean");
   }
 

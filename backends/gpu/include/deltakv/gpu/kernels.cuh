@@ -924,21 +924,33 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) ref_topk_rows_kernel(std::int64_t n, M
 }
 
 // =============================================================================================
-// gather_mean: one block per output row (grid-stride), threads over features. Sums in id order
-// then one division, like the CPU: bit-identical in f32.
+// gather_mean: one block per output row (grid-stride), threads over features in packs of V (16
+// bytes where dim, ldr, ldo and the bases allow; else 1). Sums in id order then one division, like
+// the CPU: bit-identical in f32.
 // =============================================================================================
-template <class T>
+template <class T, int V>
 __global__ void gather_mean_kernel(GatherMeanParams<T> p) {
+  const int packs = p.dim / V;
   for (std::int64_t i = blockIdx.x; i < p.n; i += gridDim.x) {
     const std::int64_t r = p.id_rows ? p.id_rows[i] : i;
     const std::int32_t* ids = p.ids + r * p.k;
     int c = 0;
     for (int j = 0; j < p.k; ++j) c += ids[j] >= 0;
-    for (int d = threadIdx.x; d < p.dim; d += blockDim.x) {
-      float acc = 0.f;
-      for (int j = 0; j < p.k; ++j)
-        if (ids[j] >= 0) acc += to_float(p.refs[std::int64_t(ids[j]) * p.ldr + d]);
-      p.out[i * p.ldo + d] = c ? from_float<T>(acc / float(c)) : from_float<T>(0.f);
+    for (int d = threadIdx.x; d < packs; d += blockDim.x) {
+      float acc[V];
+#pragma unroll
+      for (int e = 0; e < V; ++e) acc[e] = 0.f;
+      for (int j = 0; j < p.k; ++j) {
+        const std::int32_t id = ids[j];
+        if (id < 0) continue;
+        const Pack<T, V> a = load_pack<T, V>(p.refs + std::int64_t(id) * p.ldr + std::int64_t(d) * V);
+#pragma unroll
+        for (int e = 0; e < V; ++e) acc[e] += to_float(a.v[e]);
+      }
+      Pack<T, V> o;
+#pragma unroll
+      for (int e = 0; e < V; ++e) o.v[e] = c ? from_float<T>(acc[e] / float(c)) : from_float<T>(0.f);
+      store_pack<T, V>(p.out + i * p.ldo + std::int64_t(d) * V, o);
     }
   }
 }
