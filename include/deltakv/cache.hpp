@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <span>
 #include <string>
@@ -167,7 +168,7 @@ class CompressedCache {
     h_rows_.resize(kTile);
     h_rows2_.resize(kTile);
     h_i32_.resize(std::size_t(cfg_.compress_rows()));
-    h_stage_.resize(std::size_t(cfg_.compress_rows()));
+    h_stage_.resize(std::size_t(cfg_.compress_rows()) * 3 / 2 + 1);  // row lists, then the visible counts (int32)
     h_list_.resize(cfg_.cap.max_tokens);
     h_topk_.resize(cfg_.cap.max_tokens);
   }
@@ -453,7 +454,7 @@ class CompressedCache {
 
   struct Workspace {
     std::size_t tile_a, tile_b, tile_z, tile_pos, tile_rows, tile_rows2;
-    std::size_t blk_x, blk_r, blk_zx, blk_zr, blk_enc, blk_vis, blk_rows;
+    std::size_t blk_x, blk_r, blk_zx, blk_zr, blk_enc, blk_rows;
     std::size_t att_rows, att_m, att_l, att_acc, att_qpos, scores, topk;
     std::size_t total;
   };
@@ -612,8 +613,8 @@ class CompressedCache {
     put(w.blk_zx, bytes_mul(B, dc, sizeof(T)));
     put(w.blk_zr, bytes_mul(B, dc, sizeof(T)));
     put(w.blk_enc, bytes_mul(detail::count_of(enc_scratch), sizeof(T)));
-    put(w.blk_vis, bytes_mul(B, sizeof(std::int32_t)));
-    put(w.blk_rows, bytes_mul(B, sizeof(std::int64_t)));
+    // a pass's row lists (at most B int64) and then its visible counts (at most B int32): one upload
+    put(w.blk_rows, detail::bytes_add(bytes_mul(B, sizeof(std::int64_t)), bytes_mul(B, sizeof(std::int32_t)) + 8));
     put(w.att_rows, bytes_mul(tile, D, sizeof(T)));
     put(w.att_m, bytes_mul(mq, hq, sizeof(accum_t<T>)));
     put(w.att_l, bytes_mul(mq, hq, sizeof(accum_t<T>)));
@@ -700,9 +701,11 @@ class CompressedCache {
         u_ring += p < mid;
         ++u;
       }
-    upload(ws_.blk_rows, list, nl);
-    upload(ws_.blk_vis, h_i32_.data(), u);
+    // the counts (int32) right after the lists, in the same upload
+    std::memcpy(list + nl, h_i32_.data(), std::size_t(u) * sizeof(std::int32_t));
+    upload(ws_.blk_rows, list, std::size_t(nl + (u + 1) / 2));
     const std::int64_t* d_list = ws<std::int64_t>(ws_.blk_rows);
+    const auto* d_vis = reinterpret_cast<const std::int32_t*>(d_list + nl);
     // rows [0, n) listed at d_list + off: the first n_ring from the ring, the rest from the input
     auto gather = [&](std::int64_t off, std::int64_t n_ring, std::int64_t n, T* dst) {
       if (n_ring > 0) dev_.copy_rows(CopyRowsParams<T>{ring_p, D, d_list + off, dst, D, nullptr, n_ring, D});
@@ -721,7 +724,7 @@ class CompressedCache {
       T* Zr = ws<T>(ws_.blk_zr);
       auto* ids = reinterpret_cast<std::int32_t*>(region_bytes(l, seq, Region::ids)) + lat0 * k;
       gather(nr, u_ring, u, X);
-      dev_.ref_search(RefSearchParams<T>{X, D, u, refs_p, D, m, ws<std::int32_t>(ws_.blk_vis), D, k,
+      dev_.ref_search(RefSearchParams<T>{X, D, u, refs_p, D, m, d_vis, D, k,
                                          cfg_.comp.metric, ids});
       dev_.gather_mean(GatherMeanParams<T>{ids, k, u, nullptr, refs_p, D, D, Rm, D});
       enc_[l].encode(dev_, MatrixView<const T>{X, u, D, D}, MatrixView<T>{Zx, u, dc, dc}, ws<T>(ws_.blk_enc));
