@@ -854,6 +854,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   cfg.cap.max_seqs = in.range(1, 3);
   cfg.cap.max_tokens = in.range(1, 128);
   cfg.cap.max_query_rows = in.range(1, 4);
+  cfg.comp.blocks_per_pass = in.range(1, 5);
   if (raw) {  // invalid values the configuration check must refuse with a typed error
     switch (in.u8() % 11) {
       case 0: cfg.model.n_kv_heads = in.range(-1, 3); break;

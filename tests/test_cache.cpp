@@ -116,34 +116,46 @@ TEST_CASE("the reconstruction of a latent is f_d(f_c(x) - f_c(ref)) + ref with r
   CHECK(checked > 100);
 }
 
-TEST_CASE("chunked prefill, decode steps and one-shot append store identical bits") {
-  auto cfg = small_config();
-  cfg.comp.latent_dim = 8;
-  cfg.comp.latent_bits = 4;
-  auto codec = random_codec<float>(2, 32, 8, 4);
-  auto make = [&] {
-    return Harness<float, FixedStride, LinearEncoder<float>, DensePolicy>(cfg, FixedStride(10), codec, DensePolicy{});
-  };
-  auto a = make();
-  auto b = make();
-  const std::int64_t n = 333;
-  auto x = structured_kv<float>(n, 32, 21);
-  a.append(0, 0, x, 0, n);
-  std::mt19937 rng(3);
-  std::int64_t done = 0;
-  while (done < n) {
-    const std::int64_t c = std::min<std::int64_t>(n - done, done > 250 ? 1 : 1 + rng() % 70);
-    b.append(0, 0, x, done, c);
-    done += c;
+// With blocks_per_pass = 1 every block is encoded alone, so the encoder's GEMMs see the same rows
+// however the appends are chunked: identical bits, whatever the block (block 1 included, where a
+// one-row product takes Eigen's GEMV, which rounds differently from its GEMM). Larger passes encode
+// the rows of all their blocks at once; there the bits may depend on the chunking (next test).
+TEST_CASE("chunked prefill, decode steps and one-shot append store identical bits (blocks_per_pass 1)") {
+  for (int block : {0, 1, 2}) {  // 0: the default, block = recent
+    CAPTURE(block);
+    auto cfg = small_config();
+    cfg.comp.latent_dim = 8;
+    cfg.comp.latent_bits = 4;
+    cfg.comp.block = block;
+    cfg.comp.blocks_per_pass = 1;
+    auto codec = random_codec<float>(2, 32, 8, 4);
+    auto make = [&] {
+      return Harness<float, FixedStride, LinearEncoder<float>, DensePolicy>(cfg, FixedStride(block == 2 ? 2 : 10), codec,
+                                                                            DensePolicy{});
+    };
+    auto a = make();
+    auto b = make();
+    const std::int64_t n = 333;
+    auto x = structured_kv<float>(n, 32, 21);
+    a.append(0, 0, x, 0, n);
+    std::mt19937 rng(3);
+    std::int64_t done = 0;
+    while (done < n) {
+      const std::int64_t c = std::min<std::int64_t>(n - done, done > 250 ? 1 : 1 + rng() % 70);
+      b.append(0, 0, x, done, c);
+      done += c;
+    }
+    auto ra = a.reconstruct(0, 0, true), rb = b.reconstruct(0, 0, true);
+    CHECK(std::memcmp(ra.data(), rb.data(), ra.size() * sizeof(float)) == 0);
   }
-  auto ra = a.reconstruct(0, 0, true), rb = b.reconstruct(0, 0, true);
-  CHECK(std::memcmp(ra.data(), rb.data(), ra.size() * sizeof(float)) == 0);
 }
 
 // An append that completes several blocks compresses them in passes of blocks_per_pass (the ring's
 // rows and the input's straight, one search and one encode per pass): the pass size, and where the
-// chunks split the ring from the input, must not change a bit or a reference id.
-TEST_CASE("compression passes of 1 to 7 blocks store identical bits and references") {
+// chunks split the ring from the input, must not change a reference id, and the reconstructions
+// only by the rounding of differently shaped GEMMs (a row read from the wrong place is off by O(1)).
+// (With Eigen's GEMM here, blocks of >= 2 latents, they come out bit-identical; counted, not required.)
+TEST_CASE("compression passes of 1 to 7 blocks store the same references and reconstructions") {
   auto cfg = small_config();
   cfg.comp.latent_dim = 8;
   cfg.comp.latent_bits = 4;
@@ -173,7 +185,11 @@ TEST_CASE("compression passes of 1 to 7 blocks store identical bits and referenc
       auto h = run(per_pass, seed);
       const auto r = h.reconstruct(1, 2, true);
       REQUIRE(r.size() == rb.size());
-      CHECK(std::memcmp(r.data(), rb.data(), r.size() * sizeof(float)) == 0);
+      double worst = 0;
+      for (std::size_t i = 0; i < r.size(); ++i) worst = std::max(worst, std::fabs(double(r[i]) - rb[i]) / (1.0 + std::fabs(rb[i])));
+      MESSAGE("passes of " << per_pass << " (chunking " << seed << "): max scaled difference " << worst << ", bit-identical "
+                           << (std::memcmp(r.data(), rb.data(), r.size() * sizeof(float)) == 0));
+      CHECK(worst < 1e-5);
       std::int64_t ia[kMaxNeighbors], ib[kMaxNeighbors], differ = 0;
       latents = 0;
       for (std::int64_t p = 0; p < n; ++p) {

@@ -45,7 +45,10 @@ struct CompressionConfig {
   int latent_bits = 0;   // 0 (store latents in the cache's element type), 8 or 4: token-wise min/scale
   Metric metric = Metric::l2;
   // Blocks one compression pass searches and encodes together when an append completes several (a
-  // prefill chunk): larger GEMMs and fewer launches for workspace of that many blocks' rows.
+  // prefill chunk): larger GEMMs and fewer launches for workspace of that many blocks' rows. The
+  // encoder's GEMMs then see a pass's rows at once, so their rounding (and the stored latents' bits)
+  // can depend on how appends group the blocks; 1 encodes block by block, the same bits however
+  // the appends are chunked.
   int blocks_per_pass = 4;
 };
 
