@@ -467,7 +467,7 @@ PrefillResult run_prefill(const Model& m, std::int64_t N, std::int64_t chunk, bo
   const auto lay = Cache::layout(cfg, sel, pol, enc.scratch_elems(cfg.compress_rows()));
   Dev storage(lay.storage_bytes), workspace(lay.workspace_bytes), x(std::size_t(N) * kvd * 2);
   fill(x.as<bf>(), std::size_t(N) * kvd, 21, 1.f);
-  dev.reserve_scratch(dev.scratch_bytes_for(0, cfg.compress_rows(), 4));
+  dev.reserve_scratch(dev.scratch_bytes_for(0, cfg.pass_tokens(), 4));
   // the cache's inputs (also those of the op-timing rerun's cache below)
   const std::span<const SwiGLUEncoder<bf>> encs(&enc, 1);
   const std::span<const LinearDecoder<bf>> decs(&decd, 1);

@@ -167,8 +167,8 @@ class CompressedCache {
     h_pos_.resize(kTile);
     h_rows_.resize(kTile);
     h_rows2_.resize(kTile);
-    h_i32_.resize(std::size_t(cfg_.compress_rows()));
-    h_stage_.resize(std::size_t(cfg_.compress_rows()) * 3 / 2 + 1);  // row lists, then the visible counts (int32)
+    h_i32_.resize(std::size_t(cfg_.pass_tokens()));
+    h_stage_.resize(std::size_t(cfg_.pass_tokens()) * 3 / 2 + 1);  // row lists, then the visible counts (int32)
     h_list_.resize(cfg_.cap.max_tokens);
     h_topk_.resize(cfg_.cap.max_tokens);
   }
@@ -454,7 +454,7 @@ class CompressedCache {
 
   struct Workspace {
     std::size_t tile_a, tile_b, tile_z, tile_pos, tile_rows, tile_rows2;
-    std::size_t blk_x, blk_r, blk_zx, blk_zr, blk_enc, blk_rows;
+    std::size_t blk_x, blk_zx, blk_enc, blk_rows;
     std::size_t att_rows, att_m, att_l, att_acc, att_qpos, scores, topk;
     std::size_t total;
   };
@@ -599,7 +599,8 @@ class CompressedCache {
     };
     using detail::bytes_mul;
     // All of these are positive ints (validate()) except the encoder's scratch, an int64.
-    const std::size_t D = cfg.model.kv_dim(), dc = cfg.latent_dim(), B = std::size_t(cfg.compress_rows());
+    // B: a pass's positions; its latents and their reference means are encoded together (2B rows)
+    const std::size_t D = cfg.model.kv_dim(), dc = cfg.latent_dim(), B = std::size_t(cfg.pass_tokens());
     const std::size_t hq = std::size_t(cfg.model.n_q_heads), hd = cfg.model.head_dim, mq = cfg.cap.max_query_rows;
     const std::size_t tile = kTile;
     put(w.tile_a, bytes_mul(tile, D, sizeof(T)));
@@ -608,10 +609,8 @@ class CompressedCache {
     put(w.tile_pos, bytes_mul(tile, sizeof(std::int64_t)));
     put(w.tile_rows, bytes_mul(tile, sizeof(std::int64_t)));
     put(w.tile_rows2, bytes_mul(tile, sizeof(std::int64_t)));
-    put(w.blk_x, bytes_mul(B, D, sizeof(T)));
-    put(w.blk_r, bytes_mul(B, D, sizeof(T)));
-    put(w.blk_zx, bytes_mul(B, dc, sizeof(T)));
-    put(w.blk_zr, bytes_mul(B, dc, sizeof(T)));
+    put(w.blk_x, bytes_mul(2 * B, D, sizeof(T)));
+    put(w.blk_zx, bytes_mul(2 * B, dc, sizeof(T)));
     put(w.blk_enc, bytes_mul(detail::count_of(enc_scratch), sizeof(T)));
     // a pass's row lists (at most B int64) and then its visible counts (at most B int32): one upload
     put(w.blk_rows, detail::bytes_add(bytes_mul(B, sizeof(std::int64_t)), bytes_mul(B, sizeof(std::int32_t)) + 8));
@@ -718,17 +717,17 @@ class CompressedCache {
     // 2. the others, in position order: their latent rows are s.n_lat, s.n_lat + 1, ...
     if (u > 0) {
       const std::int64_t lat0 = s.n_lat;
+      // X (u rows) and the reference means below it, encoded in one call; Zx and Zr likewise
       T* X = ws<T>(ws_.blk_x);
-      T* Rm = ws<T>(ws_.blk_r);
+      T* Rm = X + u * D;
       T* Zx = ws<T>(ws_.blk_zx);
-      T* Zr = ws<T>(ws_.blk_zr);
+      T* Zr = Zx + u * dc;
       auto* ids = reinterpret_cast<std::int32_t*>(region_bytes(l, seq, Region::ids)) + lat0 * k;
       gather(nr, u_ring, u, X);
       dev_.ref_search(RefSearchParams<T>{X, D, u, refs_p, D, m, d_vis, D, k,
                                          cfg_.comp.metric, ids});
       dev_.gather_mean(GatherMeanParams<T>{ids, k, u, nullptr, refs_p, D, D, Rm, D});
-      enc_[l].encode(dev_, MatrixView<const T>{X, u, D, D}, MatrixView<T>{Zx, u, dc, dc}, ws<T>(ws_.blk_enc));
-      enc_[l].encode(dev_, MatrixView<const T>{Rm, u, D, D}, MatrixView<T>{Zr, u, dc, dc}, ws<T>(ws_.blk_enc));
+      enc_[l].encode(dev_, MatrixView<const T>{X, 2 * u, D, D}, MatrixView<T>{Zx, 2 * u, dc, dc}, ws<T>(ws_.blk_enc));
       dev_.axpy_rows(AxpyRowsParams<T>{Zr, dc, Zx, dc, u, dc, T(-1)});
       if (cfg_.comp.latent_bits == 0) {
         dev_.copy_rows(CopyRowsParams<T>{Zx, dc, nullptr, region(l, seq, Region::lat) + lat0 * dc, dc, nullptr, u, dc});

@@ -67,11 +67,14 @@ struct Config {
   int latent_dim() const { return comp.latent_dim > 0 ? comp.latent_dim : model.kv_dim() / 4; }
   int block() const { return comp.block > 0 ? comp.block : (comp.recent > 0 ? comp.recent : 1); }
   int rot_dim() const { return rope.rot_dim > 0 ? rope.rot_dim : model.head_dim; }
-  // Rows one compression pass holds at most (its workspace; encoders' scratch_elems of this).
-  std::int64_t compress_rows() const {
+  // Positions one compression pass takes at most: block * blocks_per_pass, at most max_tokens.
+  std::int64_t pass_tokens() const {
     const std::int64_t r = std::int64_t(block()) * (comp.blocks_per_pass > 0 ? comp.blocks_per_pass : 1);
     return cap.max_tokens > 0 && cap.max_tokens < r ? cap.max_tokens : r;
   }
+  // Rows one pass encodes at most, in one call: its latents and, below them, their reference means
+  // (the workspace holds them; an encoder's scratch is scratch_elems(compress_rows())).
+  std::int64_t compress_rows() const { return 2 * pass_tokens(); }
 };
 
 inline void validate(const Config& c) {
