@@ -750,6 +750,30 @@ TEST_CASE("cuda all_finite, to_host, to_device and fill_zero") {
   own.to_device(d.p + 500, h.data(), 500 * sizeof(float));
   own.to_host(back.data(), d.p, back.size() * sizeof(float));
   for (int i = 0; i < 1000; ++i) CHECK(back[std::size_t(i)] == (i < 500 ? 0.f : float(i - 500)));
+
+  // Uploads from one pageable buffer rewritten right after each call (to_device returns once the
+  // caller may reuse it), queued behind other work on the stream, small and large: each lands intact.
+  {
+    cuda::CudaDevice<float> up;
+    const std::size_t n = 20000, big = 100000;  // 80 KB, 400 KB
+    std::vector<float> src(big);
+    DBuf<float> many(n * 11), large(big);
+    DBuf<float> busy(std::size_t(1) << 22);
+    for (int r = 0; r < 11; ++r) {
+      if (r % 4 == 0) up.fill_zero(busy.p, busy.n * sizeof(float));  // queued work ahead of the copies
+      for (std::size_t i = 0; i < n; ++i) src[i] = float(r * 100000 + int(i));
+      up.to_device(many.p + std::size_t(r) * n, src.data(), n * sizeof(float));
+    }
+    for (std::size_t i = 0; i < big; ++i) src[i] = -float(i);
+    up.to_device(large.p, src.data(), big * sizeof(float));
+    std::fill(src.begin(), src.end(), 7.f);  // the caller reuses its buffer at once
+    const auto got = many.get(), got_large = large.get();
+    std::int64_t wrong = 0;
+    for (int r = 0; r < 11; ++r)
+      for (std::size_t i = 0; i < n; ++i) wrong += got[std::size_t(r) * n + i] != float(r * 100000 + int(i));
+    for (std::size_t i = 0; i < big; ++i) wrong += got_large[i] != -float(i);
+    CHECK(wrong == 0);
+  }
 }
 
 // bf16 storage with f32 arithmetic: against the CPU oracle on the same (bf16-rounded) inputs.
