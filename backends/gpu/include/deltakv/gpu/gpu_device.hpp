@@ -186,8 +186,8 @@ class GpuDevice {
 
   void swiglu(const SwiGLUParams<T>& p) {
     if (p.n <= 0 || p.hidden <= 0) return;
-    constexpr int V = 16 / int(sizeof(T));
-    if (p.hidden % V == 0 && p.ldh % V == 0 && reinterpret_cast<std::uintptr_t>(p.h) % 16 == 0)
+    constexpr int V = gpu::kPackOf<T>;
+    if (gpu::packs_fit<T>({p.hidden, p.ldh}, {p.h}))
       gpu::swiglu_kernel<T, V><<<grid_rows(p.n), threads_for(p.hidden / V), 0, stream_>>>(p);
     else
       gpu::swiglu_kernel<T, 1><<<grid_rows(p.n), threads_for(p.hidden), 0, stream_>>>(p);
@@ -247,9 +247,8 @@ class GpuDevice {
 
   void gather_mean(const GatherMeanParams<T>& p) {
     if (p.n <= 0 || p.dim <= 0) return;
-    constexpr int V = 16 / int(sizeof(T));
-    if (p.dim % V == 0 && p.ldr % V == 0 && p.ldo % V == 0 && reinterpret_cast<std::uintptr_t>(p.refs) % 16 == 0 &&
-        reinterpret_cast<std::uintptr_t>(p.out) % 16 == 0)
+    constexpr int V = gpu::kPackOf<T>;
+    if (gpu::packs_fit<T>({p.dim, p.ldr, p.ldo}, {p.refs, p.out}))
       gpu::gather_mean_kernel<T, V><<<grid_rows(p.n), threads_for(p.dim / V), 0, stream_>>>(p);
     else
       gpu::gather_mean_kernel<T, 1><<<grid_rows(p.n), threads_for(p.dim), 0, stream_>>>(p);
@@ -342,8 +341,7 @@ class GpuDevice {
     const std::size_t lds = std::size_t(p.lds) * sizeof(T), ldd = std::size_t(p.ldd) * sizeof(T);
     const auto* src = reinterpret_cast<const unsigned char*>(p.src);
     auto* dst = reinterpret_cast<unsigned char*>(p.dst);
-    const bool v16 = row % 16 == 0 && lds % 16 == 0 && ldd % 16 == 0 && reinterpret_cast<std::uintptr_t>(src) % 16 == 0 &&
-                     reinterpret_cast<std::uintptr_t>(dst) % 16 == 0;
+    const bool v16 = row % 16 == 0 && lds % 16 == 0 && ldd % 16 == 0 && gpu::aligned16(src) && gpu::aligned16(dst);
     if (v16) {
       const int units = static_cast<int>(row / 16);
       gpu::copy_rows_kernel<vendor::bytes16><<<grid_rows(p.n), threads_for(units), 0, stream_>>>(
@@ -358,8 +356,8 @@ class GpuDevice {
   bool all_finite(const FiniteCheckParams<T>& p) {
     if (p.n <= 0 || p.dim <= 0) return true;
     vendor::memset_async(flag_, 0, sizeof(int), stream_);
-    constexpr int V = 16 / int(sizeof(T));
-    if (p.dim % V == 0 && p.ldx % V == 0 && reinterpret_cast<std::uintptr_t>(p.x) % 16 == 0)
+    constexpr int V = gpu::kPackOf<T>;
+    if (gpu::packs_fit<T>({p.dim, p.ldx}, {p.x}))
       gpu::all_finite_kernel<T, V><<<blocks(p.n * p.dim / V, threads_for(p.dim / V)), threads_for(p.dim / V), 0, stream_>>>(p, flag_);
     else
       gpu::all_finite_kernel<T, 1><<<blocks(p.n * p.dim, threads_for(p.dim)), threads_for(p.dim), 0, stream_>>>(p, flag_);
@@ -392,11 +390,12 @@ class GpuDevice {
       std::int32_t* list_i = reinterpret_cast<std::int32_t*>(list_s + std::size_t(gpu::kRsChunkRows) * gpu::kRsMaxK);
       constexpr int NT = 256, RPB = NT / kWarp;  // top-k: a block per row; norms: a warp per reference
       // One chunk of references (a prefill pass's search): their norms once for every row chunk.
-      const bool one_ref_chunk = p.m <= gpu::kRsChunkRefs;
-      if (one_ref_chunk && p.m > 0 && p.metric == Metric::l2) {
-        gpu::ref_norms_kernel<T, kWarp><<<unsigned((p.m + RPB - 1) / RPB), NT, 0, stream_>>>(p.refs, p.ldr, int(p.m), p.dim, norms);
+      auto norms_of = [&](const T* r, int rows) {  // |r|^2 of `rows` references into norms (l2 only)
+        gpu::ref_norms_kernel<T, kWarp><<<unsigned((rows + RPB - 1) / RPB), NT, 0, stream_>>>(r, p.ldr, rows, p.dim, norms);
         launched("ref_search (norms)");
-      }
+      };
+      const bool one_ref_chunk = p.m <= gpu::kRsChunkRefs;
+      if (one_ref_chunk && p.m > 0 && p.metric == Metric::l2) norms_of(p.refs, int(p.m));
       for (std::int64_t r0 = 0; r0 < p.n; r0 += gpu::kRsChunkRows) {
         const std::int64_t nr = std::min<std::int64_t>(gpu::kRsChunkRows, p.n - r0);
         const T* x = p.x + r0 * p.ldx;
@@ -412,10 +411,9 @@ class GpuDevice {
             if (head > 0) vendor::gemm_x_wt<T, float>(blas_, nr, head, p.dim, x, p.ldx, r, p.ldr, scores, ld);
             if (mc > head) {
               const T* rt = r + std::int64_t(head) * p.ldr;
-              constexpr int V = 16 / int(sizeof(T));
+              constexpr int V = gpu::kPackOf<T>;
               const unsigned grid = unsigned((nr + RPB - 1) / RPB);
-              if (p.dim % V == 0 && p.ldx % V == 0 && p.ldr % V == 0 && reinterpret_cast<std::uintptr_t>(x) % 16 == 0 &&
-                  reinterpret_cast<std::uintptr_t>(rt) % 16 == 0)
+              if (gpu::packs_fit<T>({p.dim, p.ldx, p.ldr}, {x, rt}))
                 gpu::ref_tail_scores_kernel<T, kWarp, V><<<grid, NT, 0, stream_>>>(x, p.ldx, nr, rt, p.ldr, mc - head, p.dim, scores, ld,
                                                                                   head);
               else
@@ -423,10 +421,7 @@ class GpuDevice {
                                                                                   head);
               launched("ref_search (tail scores)");
             }
-            if (p.metric == Metric::l2 && !one_ref_chunk) {
-              gpu::ref_norms_kernel<T, kWarp><<<unsigned((mc + RPB - 1) / RPB), NT, 0, stream_>>>(r, p.ldr, mc, p.dim, norms);
-              launched("ref_search (norms)");
-            }
+            if (p.metric == Metric::l2 && !one_ref_chunk) norms_of(r, mc);
           }
           ref_topk_launch<NT>(p.k, unsigned(nr), nr, p.metric, scores, ld, norms, j0, std::max(mc, 0), p.visible + r0, j0 == 0,
                               list_s, list_i, last ? p.ids + r0 * p.k : nullptr);

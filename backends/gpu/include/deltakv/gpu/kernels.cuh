@@ -12,6 +12,7 @@
 // bit-identical in f32; reductions whose order differs (GEMM, dot products, softmax sums) agree to
 // rounding.
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 
 #include "deltakv/device.hpp"
@@ -24,6 +25,9 @@ using vendor::from_float;
 using vendor::to_float;
 
 inline constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Host-side launch checks: a base address that 16-byte loads may start at.
+inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
 // ---- reductions ------------------------------------------------------------------------------
 template <int W>
@@ -221,8 +225,7 @@ bool linear_mma_eligible(const LinearParams<T>& p) {
   if constexpr (!vendor::kTensorTiles || std::is_same_v<T, float> || std::is_same_v<T, double>) {
     return false;
   } else {
-    const auto aligned = [](const void* q) { return reinterpret_cast<std::uintptr_t>(q) % 16 == 0; };
-    return p.n >= 64 && p.in >= 8 && p.in % 8 == 0 && p.ldx % 8 == 0 && aligned(p.x) && aligned(p.w);
+    return p.n >= 64 && p.in >= 8 && p.in % 8 == 0 && p.ldx % 8 == 0 && aligned16(p.x) && aligned16(p.w);
   }
 }
 
@@ -318,6 +321,20 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(kMmaThreads, 2) linear_mma_kernel(Line
 // 16-byte aligned the host picks V = 16 / sizeof(T) elements per thread (one 16-byte load each),
 // else V = 1.
 // =============================================================================================
+// Elements of T in one 16-byte pack, and whether a row-wise kernel may take such packs: every
+// count and stride (in elements) a multiple of it, every base 16-byte aligned (the host's choice
+// between a kernel's <T, kPackOf<T>> and <T, 1> instances).
+template <class T>
+inline constexpr int kPackOf = 16 / int(sizeof(T));
+template <class T>
+bool packs_fit(std::initializer_list<std::int64_t> elems, std::initializer_list<const void*> bases) {
+  for (const std::int64_t e : elems)
+    if (e % kPackOf<T> != 0) return false;
+  for (const void* b : bases)
+    if (!aligned16(b)) return false;
+  return true;
+}
+
 template <class T, int V>
 struct Pack {  // V elements, loaded and stored as one unit when V > 1
   T v[V];
@@ -590,10 +607,9 @@ bool ref_search_mma_eligible(const RefSearchParams<T>& p) {
   if constexpr (!vendor::kTensorTiles || std::is_same_v<T, float> || std::is_same_v<T, double>) {
     return false;
   } else {
-    const auto aligned = [](const void* q) { return reinterpret_cast<std::uintptr_t>(q) % 16 == 0; };
     // >= 64 rows: below that the CUDA-core kernel is faster (measured on the H100)
     return p.n >= 64 && p.metric != Metric::cosine && p.k <= kRsMaxK && p.dim % 8 == 0 && p.ldx % 8 == 0 &&
-           p.ldr % 8 == 0 && aligned(p.x) && aligned(p.refs);
+           p.ldr % 8 == 0 && aligned16(p.x) && aligned16(p.refs);
   }
 }
 
