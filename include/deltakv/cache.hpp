@@ -71,7 +71,8 @@ inline std::size_t sat_add(std::size_t a, std::size_t b) {
 // Largest Capacity::max_tokens a CompressedCache accepts (layout() and the constructor refuse more
 // with a ConfigError; validate() alone allows up to 2^31 - 1). Positions are coded as
 // (row << 2) | class in int32 (CompressedCache::position_codes(), read by the GPU kernels), and the
-// cache keeps host tables of about 9 bytes per position.
+// cache keeps host tables of about 9 bytes per position (and, where a layer is compressed, device
+// tables of about 20 bytes per position at the front of the storage buffer).
 inline constexpr std::int64_t kMaxCacheTokens = (std::int64_t{1} << 29) - 1;
 
 // Host decisions of one append() call; valid until the cache changes (generation), and only for
@@ -167,10 +168,9 @@ class CompressedCache {
     h_pos_.resize(kTile);
     h_rows_.resize(kTile);
     h_rows2_.resize(kTile);
-    h_i32_.resize(std::size_t(cfg_.pass_tokens()));
-    h_stage_.resize(std::size_t(cfg_.pass_tokens()) * 3 / 2 + 1);  // row lists, then the visible counts (int32)
     h_list_.resize(cfg_.cap.max_tokens);
     h_topk_.resize(cfg_.cap.max_tokens);
+    upload_pass_tables();
   }
 
   const Config& config() const { return cfg_; }
@@ -444,6 +444,11 @@ class CompressedCache {
     std::vector<std::int32_t> row_of;       // [max_tokens] index within its class store
     std::vector<std::int32_t> refs_upto;    // [max_tokens] references at positions <= p
     std::vector<std::int64_t> ref_pos;      // [max_refs] position of each reference
+    std::vector<std::int64_t> lat_pos;      // [max_lat] position of each latent (freed once uploaded)
+    // Device copies at the front of the storage buffer, for the compression passes' gathers (no
+    // per-pass uploads): int64 ref_pos, ring slot of each reference, lat_pos, ring slot of each
+    // latent, then int32 references visible to each latent. Byte offsets; tables_bytes in all.
+    std::size_t tab_ref_pos = 0, tab_ref_slot = 0, tab_lat_pos = 0, tab_lat_slot = 0, tab_lat_vis = 0, tables_bytes = 0;
     std::int64_t max_refs = 0, max_lat = 0, ring = 0, page = 0, max_pages = 0, max_select = 0;
     std::int64_t lat_ld = 0;                // bytes per stored latent
     std::vector<std::size_t> layer_off;     // [L] byte offset of layer's first sequence
@@ -454,7 +459,7 @@ class CompressedCache {
 
   struct Workspace {
     std::size_t tile_a, tile_b, tile_z, tile_pos, tile_rows, tile_rows2;
-    std::size_t blk_x, blk_zx, blk_enc, blk_rows;
+    std::size_t blk_x, blk_zx, blk_enc;
     std::size_t att_rows, att_m, att_l, att_acc, att_qpos, scores, topk;
     std::size_t total;
   };
@@ -547,6 +552,7 @@ class CompressedCache {
       } else {
         if (next < p) throw ConfigError("reference selector skipped backwards");
         g.row_of[p] = static_cast<std::int32_t>(p - S - refs);
+        g.lat_pos.push_back(p);
       }
       g.refs_upto[p] = static_cast<std::int32_t>(refs);
     }
@@ -556,10 +562,24 @@ class CompressedCache {
 
     using detail::bytes_mul;
     const std::size_t row = bytes_mul(std::size_t(cfg.model.kv_dim()), sizeof(T));
+    std::size_t off = 0;
+    bool any_compressed = false;
+    for (const auto& pl : g.plans) any_compressed = any_compressed || !pl.exact;
+    if (any_compressed) {  // the passes' position tables
+      auto put = [&](std::size_t& at, std::size_t bytes) {
+        at = off;
+        off = detail::bytes_add(off, align(bytes));
+      };
+      put(g.tab_ref_pos, bytes_mul(std::size_t(g.max_refs), sizeof(std::int64_t)));
+      put(g.tab_ref_slot, bytes_mul(std::size_t(g.max_refs), sizeof(std::int64_t)));
+      put(g.tab_lat_pos, bytes_mul(std::size_t(g.max_lat), sizeof(std::int64_t)));
+      put(g.tab_lat_slot, bytes_mul(std::size_t(g.max_lat), sizeof(std::int64_t)));
+      put(g.tab_lat_vis, bytes_mul(std::size_t(g.max_lat), sizeof(std::int32_t)));
+      g.tables_bytes = off;
+    }
     g.layer_off.resize(L);
     g.seq_bytes.resize(L);
     g.reg.resize(L);
-    std::size_t off = 0;
     for (int l = 0; l < L; ++l) {
       auto& r = g.reg[l];
       r.fill(0);
@@ -612,8 +632,6 @@ class CompressedCache {
     put(w.blk_x, bytes_mul(2 * B, D, sizeof(T)));
     put(w.blk_zx, bytes_mul(2 * B, dc, sizeof(T)));
     put(w.blk_enc, bytes_mul(detail::count_of(enc_scratch), sizeof(T)));
-    // a pass's row lists (at most B int64) and then its visible counts (at most B int32): one upload
-    put(w.blk_rows, detail::bytes_add(bytes_mul(B, sizeof(std::int64_t)), bytes_mul(B, sizeof(std::int32_t)) + 8));
     put(w.att_rows, bytes_mul(tile, D, sizeof(T)));
     put(w.att_m, bytes_mul(mq, hq, sizeof(accum_t<T>)));
     put(w.att_l, bytes_mul(mq, hq, sizeof(accum_t<T>)));
@@ -670,49 +688,56 @@ class CompressedCache {
     if (n > 0) dev_.to_device(work_ + ws_off, host, n * sizeof(U));
   }
 
+  // The position tables the passes gather with, into the front of the storage buffer (once).
+  void upload_pass_tables() {
+    if (g_.tables_bytes == 0) return;  // no compressed layer
+    const std::int64_t S = cfg_.comp.sinks, ring = g_.ring;
+    auto put_slots = [&](std::size_t off, const std::vector<std::int64_t>& pos) {  // ring slot of each position
+      std::vector<std::int64_t> slot(pos.size());
+      for (std::size_t i = 0; i < pos.size(); ++i) slot[i] = (pos[i] - S) % ring;
+      dev_.to_device(store_ + off, slot.data(), slot.size() * sizeof(std::int64_t));
+    };
+    dev_.to_device(store_ + g_.tab_ref_pos, g_.ref_pos.data(), g_.ref_pos.size() * sizeof(std::int64_t));
+    put_slots(g_.tab_ref_slot, g_.ref_pos);
+    dev_.to_device(store_ + g_.tab_lat_pos, g_.lat_pos.data(), g_.lat_pos.size() * sizeof(std::int64_t));
+    put_slots(g_.tab_lat_slot, g_.lat_pos);
+    std::vector<std::int32_t> vis(g_.lat_pos.size());
+    for (std::size_t j = 0; j < vis.size(); ++j) vis[j] = g_.refs_upto[g_.lat_pos[j]];
+    dev_.to_device(store_ + g_.tab_lat_vis, vis.data(), vis.size() * sizeof(std::int32_t));
+    std::vector<std::int64_t>().swap(g_.lat_pos);  // the device copy is the one used
+  }
+  template <class U>
+  const U* table(std::size_t off) const { return reinterpret_cast<const U*>(store_ + off); }
+
   // The oldest `nblk` blocks of the window leave it (positions [c, c + nblk * block)): references
   // are copied to the reference store, every other token is encoded against the mean of its k
-  // nearest earlier references. A position p < n0 is read from the ring, a later one from `in`
-  // (row p - n0, rows ldi apart). References and latents are stored in position order, and the
-  // ring's positions come before the input's, so each store is written in two contiguous pieces.
+  // nearest earlier references. A position p < n0 is read from the ring (slot (p - S) % ring), a
+  // later one from `in` (row p - n0, rows ldi apart). References and latents are stored in position
+  // order, and the ring's positions come before the input's, so each store is written in two
+  // contiguous pieces. The row lists are slices of the storage's position tables: no host lists,
+  // no uploads.
   void compress_pass(int l, int seq, std::int64_t nblk, const T* in, std::int64_t ldi, std::int64_t n0) {
     LayerSeq& s = at(l, seq);
-    const std::int64_t a = s.c, e = a + nblk * cfg_.block(), ring = g_.ring;
-    const int S = cfg_.comp.sinks, D = kv(), dc = cfg_.latent_dim(), k = cfg_.comp.k_neighbors;
+    const std::int64_t a = s.c, e = a + nblk * cfg_.block();
+    const int D = kv(), dc = cfg_.latent_dim(), k = cfg_.comp.k_neighbors;
     const std::int64_t mid = std::clamp(n0, a, e);  // [a, mid) in the ring, [mid, e) in the input
     T* ring_p = region(l, seq, Region::ring);
     T* refs_p = region(l, seq, Region::refs);
-    // Host lists, one upload: the source rows of the references (ring part, input part), then of
-    // the latents (same), and the latents' visible reference counts.
-    std::int64_t* list = h_stage_.data();
-    std::int64_t nl = 0, nr_ring = 0, nr = 0, u_ring = 0, u = 0;
-    auto src_row = [&](std::int64_t p) { return p < n0 ? (p - S) % ring : p - n0; };
-    for (std::int64_t p = a; p < e; ++p)
-      if (g_.cls[p] == 1) {
-        list[nl++] = src_row(p);
-        nr_ring += p < mid;
-        ++nr;
-      }
-    for (std::int64_t p = a; p < e; ++p)
-      if (g_.cls[p] == 2) {
-        list[nl++] = src_row(p);
-        h_i32_[u] = g_.refs_upto[p];
-        u_ring += p < mid;
-        ++u;
-      }
-    // the counts (int32) right after the lists, in the same upload
-    std::memcpy(list + nl, h_i32_.data(), std::size_t(u) * sizeof(std::int32_t));
-    upload(ws_.blk_rows, list, std::size_t(nl + (u + 1) / 2));
-    const std::int64_t* d_list = ws<std::int64_t>(ws_.blk_rows);
-    const auto* d_vis = reinterpret_cast<const std::int32_t*>(d_list + nl);
-    // rows [0, n) listed at d_list + off: the first n_ring from the ring, the rest from the input
-    auto gather = [&](std::int64_t off, std::int64_t n_ring, std::int64_t n, T* dst) {
-      if (n_ring > 0) dev_.copy_rows(CopyRowsParams<T>{ring_p, D, d_list + off, dst, D, nullptr, n_ring, D});
+    // references at positions < p (a >= S: the sinks are never in a pass)
+    auto refs_before = [&](std::int64_t p) -> std::int64_t { return p > 0 ? g_.refs_upto[p - 1] : 0; };
+    const std::int64_t nr = refs_before(e) - refs_before(a), nr_ring = refs_before(mid) - refs_before(a);
+    const std::int64_t u = (e - a) - nr, u_ring = (mid - a) - nr_ring;
+    // rows [0, n) of the class store from `first` on: the first n_ring from the ring, the rest from the input
+    auto gather = [&](std::size_t pos_tab, std::size_t slot_tab, std::int64_t first, std::int64_t n_ring, std::int64_t n,
+                      T* dst) {
+      if (n_ring > 0)
+        dev_.copy_rows(CopyRowsParams<T>{ring_p, D, table<std::int64_t>(slot_tab) + first, dst, D, nullptr, n_ring, D});
       if (n > n_ring)
-        dev_.copy_rows(CopyRowsParams<T>{in, ldi, d_list + off + n_ring, dst + n_ring * D, D, nullptr, n - n_ring, D});
+        dev_.copy_rows(CopyRowsParams<T>{in, ldi, table<std::int64_t>(pos_tab) + first + n_ring, dst + n_ring * D, D, nullptr,
+                                         n - n_ring, D, n0});
     };
     // 1. references (rows s.n_refs, s.n_refs + 1, ...)
-    gather(0, nr_ring, nr, refs_p + s.n_refs * D);
+    gather(g_.tab_ref_pos, g_.tab_ref_slot, s.n_refs, nr_ring, nr, refs_p + s.n_refs * D);
     const std::int64_t m = s.n_refs + nr;
     // 2. the others, in position order: their latent rows are s.n_lat, s.n_lat + 1, ...
     if (u > 0) {
@@ -723,8 +748,8 @@ class CompressedCache {
       T* Zx = ws<T>(ws_.blk_zx);
       T* Zr = Zx + u * dc;
       auto* ids = reinterpret_cast<std::int32_t*>(region_bytes(l, seq, Region::ids)) + lat0 * k;
-      gather(nr, u_ring, u, X);
-      dev_.ref_search(RefSearchParams<T>{X, D, u, refs_p, D, m, d_vis, D, k,
+      gather(g_.tab_lat_pos, g_.tab_lat_slot, lat0, u_ring, u, X);
+      dev_.ref_search(RefSearchParams<T>{X, D, u, refs_p, D, m, table<std::int32_t>(g_.tab_lat_vis) + lat0, D, k,
                                          cfg_.comp.metric, ids});
       dev_.gather_mean(GatherMeanParams<T>{ids, k, u, nullptr, refs_p, D, D, Rm, D});
       enc_[l].encode(dev_, MatrixView<const T>{X, 2 * u, D, D}, MatrixView<T>{Zx, 2 * u, dc, dc}, ws<T>(ws_.blk_enc));
@@ -954,8 +979,8 @@ class CompressedCache {
   std::vector<std::int64_t> sel_count_;  // [max_seqs], -1: none yet
   std::vector<AppendPlan::Item> items_;
   // host staging, sized at construction
-  std::vector<std::int64_t> h_pos_, h_rows_, h_rows2_, h_list_, h_stage_;
-  std::vector<std::int32_t> h_i32_, h_topk_;
+  std::vector<std::int64_t> h_pos_, h_rows_, h_rows2_, h_list_;
+  std::vector<std::int32_t> h_topk_;
   std::uint64_t generation_ = 1;
 };
 

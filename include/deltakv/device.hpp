@@ -121,10 +121,11 @@ struct TopKParams {  // idx[0..k): indices of the k largest scores[0..n), descen
 };
 
 template <class T>
-struct CopyRowsParams {  // dst[dst_rows[i]] = src[src_rows[i]] (nullptr row lists: identity)
+struct CopyRowsParams {  // dst[dst_rows[i]] = src[src_rows[i] - src_row_base] (nullptr row lists: identity)
   const T* src; std::int64_t lds; const std::int64_t* src_rows;
   T* dst; std::int64_t ldd; const std::int64_t* dst_rows;
   std::int64_t n; int dim;
+  std::int64_t src_row_base = 0;  // subtracted from listed source rows (a table of positions read at an offset)
 };
 
 template <class T>

@@ -692,6 +692,21 @@ TEST_CASE("cuda copy_rows is exact with and without row lists") {
                              << exact);
       CHECK(exact);
     }
+    {  // listed source rows read at an offset (src_row_base): the same copy as the plain list
+      const std::int64_t base = 1000;
+      std::vector<std::int64_t> shifted(srows);
+      for (auto& v : shifted) v += base;
+      DBuf<float> ds(src), dd(std::size_t(dst_n * ldd));
+      DBuf<std::int64_t> dsr(shifted), ddr(drows);
+      dd.poison();
+      dev.copy_rows({ds.p, lds, dsr.p, dd.p, ldd, ddr.p, n, dim, base});
+      auto want = poisoned<float>(std::size_t(dst_n * ldd));
+      ref.copy_rows({src.data(), lds, srows.data(), want.data(), ldd, drows.data(), n, dim});
+      CHECK(same_bits(dd.get(), want));
+      auto cpu_base = poisoned<float>(std::size_t(dst_n * ldd));
+      ref.copy_rows({src.data(), lds, shifted.data(), cpu_base.data(), ldd, drows.data(), n, dim, base});
+      CHECK(same_bits(cpu_base, want));
+    }
   }
 }
 
@@ -729,6 +744,22 @@ TEST_CASE("cuda all_finite, to_host, to_device and fill_zero") {
       DBuf<float> dwf(w);
       CHECK_FALSE(dev16.all_finite({dw.p, ldp, rows, int(cols)}));
       CHECK_FALSE(dev.all_finite({dwf.p, ldp, rows, int(cols)}));
+    }
+    CHECK(dev16.all_finite({dv.p, ldp, rows, int(cols)}));  // a clean call right after failing ones
+    CHECK(dev.all_finite({dvf.p, ldp, rows, int(cols)}));
+  }
+  {  // more rows than the grid has blocks: each thread's later rows (bf16, 16-byte packs)
+    cuda::CudaDevice<cuda::bf16> dev16;
+    const std::int64_t rows = 9000, cols = 1024;
+    auto v = randn<float>(std::size_t(rows * cols), 6);
+    DBuf<cuda::bf16> dv(to_bf16(v));
+    CHECK(dev16.all_finite({dv.p, cols, rows, int(cols)}));
+    for (std::int64_t r : {std::int64_t(4300), std::int64_t(8447), rows - 1}) {
+      auto w = v;
+      w[std::size_t(r * cols + 517)] = INFINITY;
+      DBuf<cuda::bf16> dw(to_bf16(w));
+      CHECK_FALSE(dev16.all_finite({dw.p, cols, rows, int(cols)}));
+      CHECK(dev16.all_finite({dv.p, cols, rows, int(cols)}));
     }
   }
 

@@ -310,7 +310,7 @@ class CpuDevice {
 
   void copy_rows(const CopyRowsParams<T>& p) {
     for (std::int64_t i = 0; i < p.n; ++i) {
-      const std::int64_t s = p.src_rows ? p.src_rows[i] : i;
+      const std::int64_t s = p.src_rows ? p.src_rows[i] - p.src_row_base : i;
       const std::int64_t d = p.dst_rows ? p.dst_rows[i] : i;
       std::memmove(p.dst + d * p.ldd, p.src + s * p.lds, sizeof(T) * std::size_t(p.dim));
     }

@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <type_traits>
 
@@ -73,6 +74,8 @@ class GpuDevice {
     try {
       flag_ = static_cast<int*>(vendor::malloc_device(sizeof(int)));
       host_flag_ = static_cast<int*>(vendor::malloc_pinned(sizeof(int)));
+      vendor::memset_async(flag_, 0, sizeof(int), stream_);  // no call's tag (tags start at 1)
+      vendor::stream_sync(stream_);
       reserve_scratch(scratch_bytes);
     } catch (...) {
       release();
@@ -345,26 +348,29 @@ class GpuDevice {
     if (v16) {
       const int units = static_cast<int>(row / 16);
       gpu::copy_rows_kernel<vendor::bytes16><<<grid_rows(p.n), threads_for(units), 0, stream_>>>(
-          src, std::int64_t(lds), p.src_rows, dst, std::int64_t(ldd), p.dst_rows, p.n, units);
+          src, std::int64_t(lds), p.src_rows, p.src_row_base, dst, std::int64_t(ldd), p.dst_rows, p.n, units);
     } else {
-      gpu::copy_rows_kernel<T><<<grid_rows(p.n), threads_for(p.dim), 0, stream_>>>(src, std::int64_t(lds), p.src_rows, dst,
-                                                                                   std::int64_t(ldd), p.dst_rows, p.n, p.dim);
+      gpu::copy_rows_kernel<T><<<grid_rows(p.n), threads_for(p.dim), 0, stream_>>>(
+          src, std::int64_t(lds), p.src_rows, p.src_row_base, dst, std::int64_t(ldd), p.dst_rows, p.n, p.dim);
     }
     launched("copy_rows");
   }
 
   bool all_finite(const FiniteCheckParams<T>& p) {
     if (p.n <= 0 || p.dim <= 0) return true;
-    vendor::memset_async(flag_, 0, sizeof(int), stream_);
+    finite_tag_ = finite_tag_ == std::numeric_limits<int>::max() ? 1 : finite_tag_ + 1;  // never 0, the initial flag
     constexpr int V = gpu::kPackOf<T>;
+    const std::int64_t groups = (p.n + gpu::kFiniteRows - 1) / gpu::kFiniteRows;  // a thread's rows in flight
     if (gpu::packs_fit<T>({p.dim, p.ldx}, {p.x}))
-      gpu::all_finite_kernel<T, V><<<blocks(p.n * p.dim / V, threads_for(p.dim / V)), threads_for(p.dim / V), 0, stream_>>>(p, flag_);
+      gpu::all_finite_kernel<T, V><<<blocks(groups * (p.dim / V), threads_for(p.dim / V)), threads_for(p.dim / V), 0, stream_>>>(
+          p, flag_, finite_tag_);
     else
-      gpu::all_finite_kernel<T, 1><<<blocks(p.n * p.dim, threads_for(p.dim)), threads_for(p.dim), 0, stream_>>>(p, flag_);
+      gpu::all_finite_kernel<T, 1><<<blocks(groups * p.dim, threads_for(p.dim)), threads_for(p.dim), 0, stream_>>>(p, flag_,
+                                                                                                           finite_tag_);
     launched("all_finite");
     vendor::memcpy_async(host_flag_, flag_, sizeof(int), stream_);
     vendor::stream_sync(stream_);
-    return *host_flag_ == 0;
+    return *host_flag_ != finite_tag_;
   }
 
   void to_host(void* dst, const void* src, std::size_t bytes) {
@@ -406,10 +412,15 @@ class GpuDevice {
           const bool last = j0 + gpu::kRsChunkRefs >= p.m;
           if (mc > 0) {
             const T* r = p.refs + j0 * p.ldr;
-            // the first mc / 8 * 8 references on cuBLAS, the rest (< 8 = kRsTailMax + 1) by ref_tail_scores_kernel
+            // the first mc / 8 * 8 references on cuBLAS (a multiple of 8 outputs keeps it on its fast
+            // kernels); a rest of < 8 as a second GEMM over the last 8 references (it rewrites a few
+            // columns of the first with scores of the same precision), or, with fewer than 8 in all,
+            // by ref_tail_scores_kernel (a warp per row: ~25 us per 2048 rows, the GEMM ~5)
             const int head = mc / 8 * 8;
             if (head > 0) vendor::gemm_x_wt<T, float>(blas_, nr, head, p.dim, x, p.ldx, r, p.ldr, scores, ld);
-            if (mc > head) {
+            if (mc > head && head > 0) {
+              vendor::gemm_x_wt<T, float>(blas_, nr, 8, p.dim, x, p.ldx, r + std::int64_t(mc - 8) * p.ldr, p.ldr, scores + (mc - 8), ld);
+            } else if (mc > head) {
               const T* rt = r + std::int64_t(head) * p.ldr;
               constexpr int V = gpu::kPackOf<T>;
               const unsigned grid = unsigned((nr + RPB - 1) / RPB);
@@ -557,6 +568,7 @@ class GpuDevice {
   std::size_t scratch_bytes_ = 0;
   int* flag_ = nullptr;
   int* host_flag_ = nullptr;
+  int finite_tag_ = 0;  // all_finite's last call's tag
 };
 
 static_assert(Device<GpuDevice<float>, float>);

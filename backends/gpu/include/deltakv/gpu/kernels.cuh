@@ -1393,14 +1393,14 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT)
     p.idx[q] = static_cast<std::int32_t>(kKeyOnes - static_cast<unsigned>(buf[q] & kKeyOnes));
 }
 
-// copy_rows: a block per row, threads over its units (U: 16 bytes where every row start is 16-byte
+// copy_rows: a block per row (source row src_rows[i] - src_base), threads over its units (U: 16 bytes where every row start is 16-byte
 // aligned, else T; the host picks). Source and destination must not overlap.
 template <class U>
 __global__ void copy_rows_kernel(const unsigned char* src, std::int64_t lds_bytes, const std::int64_t* src_rows,
-                                 unsigned char* dst, std::int64_t ldd_bytes, const std::int64_t* dst_rows, std::int64_t n,
-                                 int units) {
+                                 std::int64_t src_base, unsigned char* dst, std::int64_t ldd_bytes, const std::int64_t* dst_rows,
+                                 std::int64_t n, int units) {
   for (std::int64_t i = blockIdx.x; i < n; i += gridDim.x) {
-    const std::int64_t s = src_rows ? src_rows[i] : i;
+    const std::int64_t s = src_rows ? src_rows[i] - src_base : i;
     const std::int64_t d = dst_rows ? dst_rows[i] : i;
     const U* from = reinterpret_cast<const U*>(src + s * lds_bytes);
     U* to = reinterpret_cast<U*>(dst + d * ldd_bytes);
@@ -1408,19 +1408,29 @@ __global__ void copy_rows_kernel(const unsigned char* src, std::int64_t lds_byte
   }
 }
 
-// all_finite: sets *flag = 1 when any element is NaN or Inf (the host clears it first); dim % V == 0
-// and ldx % V == 0.
+// all_finite: sets *flag = tag when any element is NaN or Inf (a tag per call, so the flag needs no
+// clearing); dim % V == 0 and ldx % V == 0. Each thread issues the loads of R rows before testing
+// any; the host sizes the grid for n / R rows.
+inline constexpr int kFiniteRows = 4;
 template <class T, int V>
-__global__ void all_finite_kernel(FiniteCheckParams<T> p, int* flag) {
+__global__ void all_finite_kernel(FiniteCheckParams<T> p, int* flag, int tag) {
+  constexpr int R = kFiniteRows;
   const int packs = p.dim / V;
+  const std::int64_t step = gridDim.x;
   bool bad = false;
-  for (std::int64_t i = blockIdx.x; i < p.n; i += gridDim.x)
+  for (std::int64_t i0 = blockIdx.x; i0 < p.n; i0 += step * R)
     for (int j = threadIdx.x; j < packs; j += blockDim.x) {
-      const Pack<T, V> a = load_pack<T, V>(p.x + i * p.ldx + std::int64_t(j) * V);
+      Pack<T, V> a[R];
 #pragma unroll
-      for (int e = 0; e < V; ++e) bad = bad || !isfinite(to_float(a.v[e]));
+      for (int r = 0; r < R; ++r)
+        if (i0 + r * step < p.n) a[r] = load_pack<T, V>(p.x + (i0 + r * step) * p.ldx + std::int64_t(j) * V);
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        if (i0 + r * step < p.n)
+#pragma unroll
+          for (int e = 0; e < V; ++e) bad |= !isfinite(to_float(a[r].v[e]));
     }
-  if (bad) *flag = 1;
+  if (bad) *flag = tag;
 }
 
 }  // namespace deltakv::gpu
