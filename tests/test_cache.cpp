@@ -120,6 +120,51 @@ TEST_CASE("the reconstruction of a latent is f_d(f_c(x) - f_c(ref)) + ref with r
 // however the appends are chunked: identical bits, whatever the block (block 1 included, where a
 // one-row product takes Eigen's GEMV, which rounds differently from its GEMM). Larger passes encode
 // the rows of all their blocks at once; there the bits may depend on the chunking (next test).
+// append() awaits its NaN/Inf check only once the compression passes are queued (they write rows
+// past the counts only): a batch that completes blocks with a NaN in its last row must still
+// change nothing, the ring included, and a plan made before it stays valid.
+TEST_CASE("a non-finite append that completes blocks changes nothing; an earlier plan stays valid") {
+  auto cfg = small_config();
+  cfg.comp.latent_dim = 8;
+  cfg.comp.latent_bits = 4;
+  auto codec = random_codec<float>(2, 32, 8, 4);
+  using H = Harness<float, FixedStride, LinearEncoder<float>, DensePolicy>;
+  H h(cfg, FixedStride(5), codec, DensePolicy{}), ref(cfg, FixedStride(5), codec, DensePolicy{});
+  auto x = structured_kv<float>(300, 32, 5);
+  for (H* c : {&h, &ref}) {
+    c->append(0, 0, x, 0, 40);
+    c->append(0, 1, x, 0, 10);
+  }
+  const auto before = h.reconstruct(0, 0, true);
+  const auto counts = h.cache->counts();
+  const std::int64_t frontier = h.cache->frontier(0, 0);
+  std::vector<std::int64_t> pos1(20), pos0(200);
+  std::iota(pos1.begin(), pos1.end(), 10);
+  std::iota(pos0.begin(), pos0.end(), 40);
+  const std::int32_t s1[1] = {1}, s0[1] = {0}, ip1[2] = {0, 20}, ip0[2] = {0, 200};
+  const RaggedBatch<const float> b1{MatrixView<const float>{x.data() + 10 * 32, 20, 32, 32}, s1, ip1, pos1};
+  const AppendPlan plan = h.cache->plan_append(0, b1);
+  std::vector<float> bad(x.begin() + 40 * 32, x.begin() + 240 * 32);
+  for (const float v : {std::nanf(""), INFINITY}) {
+    bad.back() = v;
+    CHECK_THROWS_AS(h.cache->append(0, RaggedBatch<const float>{MatrixView<const float>{bad.data(), 200, 32, 32}, s0, ip0, pos0}),
+                    NonFiniteError);
+    CHECK(h.cache->counts().tokens == counts.tokens);
+    CHECK(h.cache->counts().latents == counts.latents);
+    CHECK(h.cache->frontier(0, 0) == frontier);
+    const auto after = h.reconstruct(0, 0, true);
+    CHECK(std::memcmp(after.data(), before.data(), before.size() * sizeof(float)) == 0);
+  }
+  h.cache->run_append(plan, b1);  // not stale: the failed calls changed nothing
+  ref.append(0, 1, x, 10, 20);
+  for (H* c : {&h, &ref}) c->append(0, 0, x, 40, 200);
+  CHECK(h.cache->counts().latents > counts.latents);
+  for (int seq : {0, 1}) {
+    const auto a = h.reconstruct(0, seq, true), b = ref.reconstruct(0, seq, true);
+    CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
+  }
+}
+
 TEST_CASE("chunked prefill, decode steps and one-shot append store identical bits (blocks_per_pass 1)") {
   for (int block : {0, 1, 2}) {  // 0: the default, block = recent
     CAPTURE(block);

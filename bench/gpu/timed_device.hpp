@@ -54,6 +54,8 @@ class TimedDevice {
     timed("all_finite", [&] { r = d_.all_finite(p); });
     return r;
   }
+  void start_finite_check(const FiniteCheckParams<T>& p) { timed("all_finite", [&] { d_.start_finite_check(p); }); }
+  bool finite_check_result() { return d_.finite_check_result(); }
   void to_host(void* dst, const void* src, std::size_t bytes) { timed("to_host", [&] { d_.to_host(dst, src, bytes); }); }
   void to_device(void* dst, const void* src, std::size_t bytes) { timed("to_device", [&] { d_.to_device(dst, src, bytes); }); }
   void fill_zero(void* p, std::size_t bytes) { timed("fill_zero", [&] { d_.fill_zero(p, bytes); }); }

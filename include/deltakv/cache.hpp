@@ -165,6 +165,8 @@ class CompressedCache {
     selection_.assign(static_cast<std::size_t>(cfg_.cap.max_seqs) * g_.max_select, 0);
     sel_count_.assign(cfg_.cap.max_seqs, -1);
     items_.resize(cfg_.cap.max_seqs);
+    append_items_.resize(cfg_.cap.max_seqs);
+    pending_.resize(cfg_.cap.max_seqs);
     h_pos_.resize(kTile);
     h_rows_.resize(kTile);
     h_rows2_.resize(kTile);
@@ -246,27 +248,7 @@ class CompressedCache {
   // x: rows [n, kv_dim] of pre-RoPE K (all kv heads) then V (all kv heads); positions must continue
   // each sequence exactly. Everything is checked before anything changes.
   AppendPlan plan_append(int layer, const RaggedBatch<const T>& x) {
-    check_layer(layer);
-    check_batch(x, cfg_.model.kv_dim(), "append x");
-    if (!dev_.all_finite(FiniteCheckParams<T>{x.rows.data, x.rows.ld, x.rows.rows, static_cast<int>(x.rows.cols)}))
-      throw NonFiniteError("append x (layer " + std::to_string(layer) + ") contains NaN or Inf");
-    const int B = static_cast<int>(x.seq_ids.size());
-    for (int b = 0; b < B; ++b) {
-      const int seq = x.seq_ids[b];
-      const std::int64_t r0 = x.indptr[b], r1 = x.indptr[b + 1];
-      const LayerSeq& s = at(layer, seq);
-      for (std::int64_t r = r0; r < r1; ++r)
-        if (x.positions[r] != s.n + (r - r0))
-          throw OrderError("layer " + std::to_string(layer) + " seq " + std::to_string(seq) + ": row " +
-                           std::to_string(r) + " has position " + std::to_string(x.positions[r]) +
-                           ", expected " + std::to_string(s.n + (r - r0)) + " (positions must continue the sequence)");
-      if (s.n + (r1 - r0) > cfg_.cap.max_tokens)
-        throw CapacityError("seq " + std::to_string(seq) + " would hold " + std::to_string(s.n + (r1 - r0)) +
-                            " tokens, capacity is " + std::to_string(cfg_.cap.max_tokens));
-    }
-    // Only a batch that passed every check may overwrite the items (a failed call changes nothing).
-    for (int b = 0; b < B; ++b)
-      items_[b] = AppendPlan::Item{x.seq_ids[b], x.indptr[b], x.indptr[b + 1] - x.indptr[b], at(layer, x.seq_ids[b]).n};
+    const int B = check_append(layer, x, items_.data(), false);
     // The items live in one cache-owned array: a newer plan overwrites them, so it makes older
     // plans stale (a plan is run once, right after it is made).
     ++generation_;
@@ -278,49 +260,17 @@ class CompressedCache {
     // the items pointer says whose plan it is (the array moves with the cache; copies get their own).
     if (p.items != items_.data()) throw OrderError("append plan was made by another cache");
     if (p.generation != generation_) throw OrderError("stale append plan: the cache changed since plan_append");
-    const LayerPlan& lp = g_.plans[p.layer];
-    for (int i = 0; i < p.n_items; ++i) {
-      const auto& it = p.items[i];
-      LayerSeq& s = at(p.layer, it.seq);
-      const T* src = x.rows.row(it.row_begin);
-      if (lp.attend == Attend::pages) update_pages(p.layer, it.seq, src, x.rows.ld, it.count, it.start_pos);
-      if (lp.exact) {
-        copy_contiguous(src, x.rows.ld, region(p.layer, it.seq, Region::rows) + it.start_pos * kv(), it.count);
-        s.n += it.count;
-        continue;
-      }
-      std::int64_t done = 0;
-      const int S = cfg_.comp.sinks;
-      if (s.n < S) {  // sinks first
-        const std::int64_t take = std::min<std::int64_t>(S - s.n, it.count);
-        copy_contiguous(src, x.rows.ld, region(p.layer, it.seq, Region::sinks) + s.n * kv(), take);
-        s.n += take;
-        done += take;
-        s.c = s.n;
-      }
-      // The blocks this append completes leave the window now: compressed from the ring (positions
-      // before n0) and straight from the input (the rest), passes of up to blocks_per_pass blocks;
-      // then the positions that stay exact enter the ring. Positions the passes take never touch it.
-      const std::int64_t ring = g_.ring, n0 = s.n, n1 = s.n + (it.count - done);
-      const std::int64_t Bk = cfg_.block(), R = cfg_.comp.recent;
-      const std::int64_t blocks = n1 - s.c >= ring ? (n1 - s.c - R) / Bk : 0;
-      const T* in = src + done * x.rows.ld;  // the row of position n0
-      for (std::int64_t b = 0; b < blocks; b += cfg_.comp.blocks_per_pass)
-        compress_pass(p.layer, it.seq, std::min<std::int64_t>(cfg_.comp.blocks_per_pass, blocks - b), in, x.rows.ld, n0);
-      // The passes read the ring before these writes (stream order); n1 - c < ring, so the kept
-      // positions take distinct slots, in at most two contiguous pieces.
-      for (std::int64_t q = std::max(s.c, n0); q < n1;) {
-        const std::int64_t slot = (q - S) % ring, piece = std::min(n1 - q, ring - slot);
-        copy_contiguous(in + (q - n0) * x.rows.ld, x.rows.ld, region(p.layer, it.seq, Region::ring) + slot * kv(), piece);
-        q += piece;
-      }
-      s.n = n1;
-    }
-    ++generation_;
+    run_items(p.layer, p.items, p.n_items, x, false);
   }
 
-  void append(int layer, const RaggedBatch<const T>& x) { run_append(plan_append(layer, x), x); }
-
+  // plan_append + run_append in one call, with the same checks and errors, but the NaN/Inf check's
+  // answer is awaited only after the compression passes are queued (they write nothing a reader can
+  // see), so the GPU is not left idle while the host waits for it. An outstanding plan of
+  // plan_append stays valid when this call fails.
+  void append(int layer, const RaggedBatch<const T>& x) {
+    const int B = check_append(layer, x, append_items_.data(), true);
+    run_items(layer, append_items_.data(), B, x, true);
+  }
   // ---- reconstruct -------------------------------------------------------------------------
   // out[i] = x̂ at positions[i] (device memory, [n, kv_dim]); with rope, K is rotated to its position.
   void reconstruct(int layer, int seq, std::span<const std::int64_t> positions, MatrixView<T> out, bool rope) {
@@ -688,6 +638,102 @@ class CompressedCache {
     if (n > 0) dev_.to_device(work_ + ws_off, host, n * sizeof(U));
   }
 
+  // The checks of an append batch: shapes, then values (NonFiniteError), then positions and
+  // capacity, sequence by sequence; the items go to `out` only once all have passed. With
+  // finite_later the value check is only started here: run_items() awaits it (a failing host check
+  // awaits it first, so the errors keep their order).
+  int check_append(int layer, const RaggedBatch<const T>& x, AppendPlan::Item* out, bool finite_later) {
+    check_layer(layer);
+    check_batch(x, cfg_.model.kv_dim(), "append x");
+    const FiniteCheckParams<T> fin{x.rows.data, x.rows.ld, x.rows.rows, static_cast<int>(x.rows.cols)};
+    auto non_finite = [&] { return NonFiniteError("append x (layer " + std::to_string(layer) + ") contains NaN or Inf"); };
+    if (finite_later) dev_.start_finite_check(fin);
+    else if (!dev_.all_finite(fin)) throw non_finite();
+    const int B = static_cast<int>(x.seq_ids.size());
+    try {
+      for (int b = 0; b < B; ++b) {
+        const int seq = x.seq_ids[b];
+        const std::int64_t r0 = x.indptr[b], r1 = x.indptr[b + 1];
+        const LayerSeq& s = at(layer, seq);
+        for (std::int64_t r = r0; r < r1; ++r)
+          if (x.positions[r] != s.n + (r - r0))
+            throw OrderError("layer " + std::to_string(layer) + " seq " + std::to_string(seq) + ": row " +
+                             std::to_string(r) + " has position " + std::to_string(x.positions[r]) +
+                             ", expected " + std::to_string(s.n + (r - r0)) + " (positions must continue the sequence)");
+        if (s.n + (r1 - r0) > cfg_.cap.max_tokens)
+          throw CapacityError("seq " + std::to_string(seq) + " would hold " + std::to_string(s.n + (r1 - r0)) +
+                              " tokens, capacity is " + std::to_string(cfg_.cap.max_tokens));
+      }
+    } catch (...) {
+      if (finite_later && !dev_.finite_check_result()) throw non_finite();
+      throw;
+    }
+    // Only a batch that passed every check may overwrite the items (a failed call changes nothing).
+    for (int b = 0; b < B; ++b)
+      out[b] = AppendPlan::Item{x.seq_ids[b], x.indptr[b], x.indptr[b + 1] - x.indptr[b], at(layer, x.seq_ids[b]).n};
+    return B;
+  }
+
+  // Two phases. First what only writes rows past each sequence's counts (invisible until the counts
+  // move) or the workspace: exact rows, sinks, the compression passes (on copies of the counts).
+  // Then, once an awaited finite check has passed, what overwrites live data (page bounds, the
+  // ring's slots) and the counts. A failure before the second phase changes nothing.
+  void run_items(int layer, const AppendPlan::Item* items, int n_items, const RaggedBatch<const T>& x, bool finite_pending) {
+    const LayerPlan& lp = g_.plans[layer];
+    const int S = cfg_.comp.sinks;
+    const std::int64_t ring = g_.ring, Bk = cfg_.block(), R = cfg_.comp.recent;
+    for (int i = 0; i < n_items; ++i) {
+      const auto& it = items[i];
+      LayerSeq& s = pending_[i];
+      s = at(layer, it.seq);
+      const T* src = x.rows.row(it.row_begin);
+      if (lp.exact) {
+        copy_contiguous(src, x.rows.ld, region(layer, it.seq, Region::rows) + it.start_pos * kv(), it.count);
+        continue;
+      }
+      std::int64_t done = 0;
+      if (s.n < S) {  // sinks first
+        const std::int64_t take = std::min<std::int64_t>(S - s.n, it.count);
+        copy_contiguous(src, x.rows.ld, region(layer, it.seq, Region::sinks) + s.n * kv(), take);
+        s.n += take;
+        done += take;
+        s.c = s.n;
+      }
+      // The blocks this append completes leave the window now: compressed from the ring (positions
+      // before n0) and straight from the input (the rest), passes of up to blocks_per_pass blocks;
+      // then (second phase) the positions that stay exact enter the ring. Positions the passes take
+      // never touch it.
+      const std::int64_t n0 = s.n, n1 = s.n + (it.count - done);
+      const std::int64_t blocks = n1 - s.c >= ring ? (n1 - s.c - R) / Bk : 0;
+      const T* in = src + done * x.rows.ld;  // the row of position n0
+      for (std::int64_t b = 0; b < blocks; b += cfg_.comp.blocks_per_pass)
+        compress_pass(layer, it.seq, s, std::min<std::int64_t>(cfg_.comp.blocks_per_pass, blocks - b), in, x.rows.ld, n0);
+    }
+    if (finite_pending && !dev_.finite_check_result())
+      throw NonFiniteError("append x (layer " + std::to_string(layer) + ") contains NaN or Inf");
+    for (int i = 0; i < n_items; ++i) {
+      const auto& it = items[i];
+      LayerSeq& s = pending_[i];
+      const T* src = x.rows.row(it.row_begin);
+      if (lp.attend == Attend::pages) update_pages(layer, it.seq, src, x.rows.ld, it.count, it.start_pos);
+      const std::int64_t n1 = it.start_pos + it.count;
+      if (!lp.exact) {
+        // The passes read the ring before these writes (stream order); n1 - c < ring, so the kept
+        // positions take distinct slots, in at most two contiguous pieces.
+        const std::int64_t n0 = std::max<std::int64_t>(it.start_pos, std::min<std::int64_t>(S, n1));  // first non-sink row
+        const T* in = src + (n0 - it.start_pos) * x.rows.ld;
+        for (std::int64_t q = std::max(s.c, n0); q < n1;) {
+          const std::int64_t slot = (q - S) % ring, piece = std::min(n1 - q, ring - slot);
+          copy_contiguous(in + (q - n0) * x.rows.ld, x.rows.ld, region(layer, it.seq, Region::ring) + slot * kv(), piece);
+          q += piece;
+        }
+      }
+      s.n = n1;
+      at(layer, it.seq) = s;
+    }
+    ++generation_;
+  }
+
   // The position tables the passes gather with, into the front of the storage buffer (once).
   void upload_pass_tables() {
     if (g_.tables_bytes == 0) return;  // no compressed layer
@@ -716,8 +762,8 @@ class CompressedCache {
   // order, and the ring's positions come before the input's, so each store is written in two
   // contiguous pieces. The row lists are slices of the storage's position tables: no host lists,
   // no uploads.
-  void compress_pass(int l, int seq, std::int64_t nblk, const T* in, std::int64_t ldi, std::int64_t n0) {
-    LayerSeq& s = at(l, seq);
+  // s: the sequence's counts, advanced here (run_items() commits them).
+  void compress_pass(int l, int seq, LayerSeq& s, std::int64_t nblk, const T* in, std::int64_t ldi, std::int64_t n0) {
     const std::int64_t a = s.c, e = a + nblk * cfg_.block();
     const int D = kv(), dc = cfg_.latent_dim(), k = cfg_.comp.k_neighbors;
     const std::int64_t mid = std::clamp(n0, a, e);  // [a, mid) in the ring, [mid, e) in the input
@@ -977,7 +1023,8 @@ class CompressedCache {
   std::vector<LayerSeq> st_;
   std::vector<std::int64_t> selection_;  // [max_seqs, max_select]
   std::vector<std::int64_t> sel_count_;  // [max_seqs], -1: none yet
-  std::vector<AppendPlan::Item> items_;
+  std::vector<AppendPlan::Item> items_, append_items_;  // plan_append's, append()'s
+  std::vector<LayerSeq> pending_;                        // run_items' counts before they are committed
   // host staging, sized at construction
   std::vector<std::int64_t> h_pos_, h_rows_, h_rows2_, h_list_;
   std::vector<std::int32_t> h_topk_;

@@ -149,7 +149,11 @@ concept Device = requires(D& d, std::size_t bytes, void* p, const void* cp) {
   { d.page_score(PageScoreParams<T>{}) };
   { d.topk(TopKParams{}) };
   { d.copy_rows(CopyRowsParams<T>{}) };
-  { d.all_finite(FiniteCheckParams<T>{}) } -> std::convertible_to<bool>;
+  { d.all_finite(FiniteCheckParams<T>{}) } -> std::convertible_to<bool>;  // waits for its answer
+  // The same check started in the device's order and answered later (work queued in between runs
+  // meanwhile); one check at a time: a new start replaces an unanswered one.
+  { d.start_finite_check(FiniteCheckParams<T>{}) };
+  { d.finite_check_result() } -> std::convertible_to<bool>;
   { d.to_host(p, cp, bytes) };     // device -> host
   { d.to_device(p, cp, bytes) };   // host -> device
   { d.fill_zero(p, bytes) };
@@ -174,6 +178,8 @@ struct DeviceArchetype {
   void topk(const TopKParams&);
   void copy_rows(const CopyRowsParams<T>&);
   bool all_finite(const FiniteCheckParams<T>&);
+  void start_finite_check(const FiniteCheckParams<T>&);
+  bool finite_check_result();
   void to_host(void*, const void*, std::size_t);
   void to_device(void*, const void*, std::size_t);
   void fill_zero(void*, std::size_t);

@@ -140,6 +140,68 @@ TEST_CASE("cuda end to end: Quest cache equals the CPU cache (GQA 4 over 2, d 64
 // reference ids agree exactly; latents and outputs differ by bf16 rounding. Run twice: with the
 // CUDA-core GEMM, and with linear() on tensor cores (blocks of 128 tokens, so that the encoder's
 // and the decoder's GEMMs have >= 64 rows and take that path).
+// append() awaits its NaN/Inf check only once the compression passes are queued on the stream:
+// a batch that completes blocks with a NaN (or Inf) in its last row must leave the GPU cache as it
+// was (counts, ring, stores), and the same cache then takes the good rows like a cache that never
+// saw the bad ones (bit for bit); a plan made before the failing calls stays valid.
+TEST_CASE("cuda cache: a non-finite append that completes blocks changes nothing") {
+  DKT_REQUIRE_CUDA();
+  Config cfg;
+  cfg.model = {1, 4, 2, 64};
+  cfg.comp.sinks = 4;
+  cfg.comp.recent = 32;
+  cfg.comp.k_neighbors = 2;
+  cfg.comp.latent_dim = 64;
+  cfg.comp.latent_bits = 4;
+  cfg.cap = {2, 700, 8};
+  const int D = cfg.model.kv_dim();
+  auto codec = grid_codec(1, D, 64, 78);
+  GpuHarness<float, DensePolicy> h(cfg, FixedStride(6), codec, DensePolicy{}), ref(cfg, FixedStride(6), codec, DensePolicy{});
+  const std::int64_t n = 600;
+  auto x = grid_values(std::size_t(n * D), 9, -8, 8, 4.f);
+  DBuf<float> dx(x);
+  auto rows_of = [&](GpuHarness<float, DensePolicy>& g, int seq) {
+    const std::int64_t len = g.cache->length(0, seq);
+    std::vector<std::int64_t> pos(static_cast<std::size_t>(len));
+    std::iota(pos.begin(), pos.end(), 0);
+    DBuf<float> out(std::size_t(len * D));
+    out.poison();
+    g.cache->reconstruct(0, seq, pos, MatrixView<float>{out.p, len, D, D}, true);
+    g.dev.synchronize();
+    return out.get();
+  };
+  for (auto* g : {&h, &ref}) {
+    append_rows(*g->cache, 0, 0, dx.p, 50, D);
+    append_rows(*g->cache, 0, 1, dx.p, 10, D);
+  }
+  const auto before = rows_of(h, 0);
+  const auto counts = h.cache->counts();
+  const std::int64_t frontier = h.cache->frontier(0, 0);
+  std::vector<std::int64_t> pos1(20), pos0(400);
+  std::iota(pos1.begin(), pos1.end(), 10);
+  std::iota(pos0.begin(), pos0.end(), 50);
+  const std::int32_t s1[1] = {1}, s0[1] = {0}, ip1[2] = {0, 20}, ip0[2] = {0, 400};
+  const RaggedBatch<const float> b1{MatrixView<const float>{dx.p + 10 * D, 20, D, D}, s1, ip1, pos1};
+  const AppendPlan plan = h.cache->plan_append(0, b1);
+  std::vector<float> bad(x.begin() + 50 * D, x.begin() + 450 * D);
+  for (const float v : {std::nanf(""), INFINITY}) {
+    bad.back() = v;
+    DBuf<float> dbad(bad);
+    CHECK_THROWS_AS(h.cache->append(0, RaggedBatch<const float>{MatrixView<const float>{dbad.p, 400, D, D}, s0, ip0, pos0}),
+                    NonFiniteError);
+    CHECK(h.cache->counts().tokens == counts.tokens);
+    CHECK(h.cache->counts().latents == counts.latents);
+    CHECK(h.cache->frontier(0, 0) == frontier);
+    const auto after = rows_of(h, 0);
+    CHECK(same_bits(after, before));
+  }
+  h.cache->run_append(plan, b1);
+  append_rows(*ref.cache, 0, 1, dx.p + 10 * D, 20, D);
+  for (auto* g : {&h, &ref}) append_rows(*g->cache, 0, 0, dx.p + 50 * D, 400, D);
+  CHECK(h.cache->counts().latents > counts.latents + 300);
+  for (int seq : {0, 1}) CHECK(same_bits(rows_of(h, seq), rows_of(ref, seq)));
+}
+
 TEST_CASE("cuda end to end: a bf16 cache tracks the f32 CPU cache (int8 latents)") {
   DKT_REQUIRE_CUDA();
   // The CUDA-core run's outputs per layer: grid data make every GEMM sum exact in f32, so the

@@ -322,12 +322,16 @@ class CpuDevice {
         if (!std::isfinite(p.x[i * p.ldx + j])) return false;
     return true;
   }
+  // Synchronous here: the answer is ready at once.
+  void start_finite_check(const FiniteCheckParams<T>& p) { finite_ok_ = all_finite(p); }
+  bool finite_check_result() const { return finite_ok_; }
 
   void to_host(void* dst, const void* src, std::size_t bytes) { if (bytes) std::memcpy(dst, src, bytes); }
   void to_device(void* dst, const void* src, std::size_t bytes) { if (bytes) std::memcpy(dst, src, bytes); }
   void fill_zero(void* p, std::size_t bytes) { if (bytes) std::memset(p, 0, bytes); }
 
  private:
+  bool finite_ok_ = true;  // start_finite_check's answer
   template <class V>
   static void grow(V& v, std::size_t n) {
     if (v.size() < n) v.resize(n);

@@ -11,13 +11,14 @@
 //     It is allocated at construction with `scratch_bytes` (see scratch_bytes_for()) or grown on
 //     first use; growing synchronizes the stream and allocates device memory, so pre-size it
 //     where a call must not block (or be captured in a CUDA/HIP graph).
-//   - one device int and one pinned host int for all_finite.
+//   - one device int, one pinned host int and an event for the finite checks.
 //   - with tensor cores on (16-bit T, CUDA): a cuBLAS handle on the device's stream and its
 //     workspace (kBlasWorkspace bytes), made by set_tensor_cores(true), for linear() and the
 //     search's scores.
 // Host staging is never allocated on the op paths. to_host synchronizes the stream; to_device
 // returns once the host buffer may be reused (pageable memory is staged by the runtime; pinned
-// memory is waited for). all_finite synchronizes too (its answer is a host bool).
+// memory is waited for). all_finite synchronizes too (its answer is a host bool); start_finite_check
+// + finite_check_result wait only for the check itself.
 //
 // T: float (accumulation f32) and vendor::bf16 / vendor::f16 (storage; all arithmetic in f32).
 // The device is bound to the GPU that is current at construction. One device per thread (like
@@ -76,6 +77,7 @@ class GpuDevice {
       host_flag_ = static_cast<int*>(vendor::malloc_pinned(sizeof(int)));
       vendor::memset_async(flag_, 0, sizeof(int), stream_);  // no call's tag (tags start at 1)
       vendor::stream_sync(stream_);
+      finite_done_ = vendor::event_create();
       reserve_scratch(scratch_bytes);
     } catch (...) {
       release();
@@ -357,8 +359,15 @@ class GpuDevice {
   }
 
   bool all_finite(const FiniteCheckParams<T>& p) {
-    if (p.n <= 0 || p.dim <= 0) return true;
+    start_finite_check(p);
+    return finite_check_result();
+  }
+  // The kernel, the flag's copy to pinned memory and an event, queued; finite_check_result() waits
+  // for that event only (work queued after the start keeps the GPU busy meanwhile).
+  void start_finite_check(const FiniteCheckParams<T>& p) {
     finite_tag_ = finite_tag_ == std::numeric_limits<int>::max() ? 1 : finite_tag_ + 1;  // never 0, the initial flag
+    finite_empty_ = p.n <= 0 || p.dim <= 0;
+    if (finite_empty_) return;
     constexpr int V = gpu::kPackOf<T>;
     const std::int64_t groups = (p.n + gpu::kFiniteRows - 1) / gpu::kFiniteRows;  // a thread's rows in flight
     if (gpu::packs_fit<T>({p.dim, p.ldx}, {p.x}))
@@ -369,7 +378,11 @@ class GpuDevice {
                                                                                                            finite_tag_);
     launched("all_finite");
     vendor::memcpy_async(host_flag_, flag_, sizeof(int), stream_);
-    vendor::stream_sync(stream_);
+    vendor::event_record(finite_done_, stream_);
+  }
+  bool finite_check_result() {
+    if (finite_empty_) return true;
+    vendor::event_sync(finite_done_);
     return *host_flag_ != finite_tag_;
   }
 
@@ -546,6 +559,8 @@ class GpuDevice {
     vendor::free_device(scratch_);
     vendor::free_device(flag_);
     vendor::free_pinned(host_flag_);
+    if (finite_done_) vendor::event_destroy(finite_done_);
+    finite_done_ = nullptr;
     if (owns_stream_) vendor::stream_destroy(stream_);
     scratch_ = nullptr;
     flag_ = nullptr;
@@ -568,7 +583,9 @@ class GpuDevice {
   std::size_t scratch_bytes_ = 0;
   int* flag_ = nullptr;
   int* host_flag_ = nullptr;
-  int finite_tag_ = 0;  // all_finite's last call's tag
+  int finite_tag_ = 0;  // the last finite check's tag
+  bool finite_empty_ = true;  // the last finite check had nothing to check
+  vendor::event_t finite_done_ = nullptr;  // recorded after the last finite check's flag copy
 };
 
 static_assert(Device<GpuDevice<float>, float>);

@@ -500,6 +500,7 @@ inline event_t event_create() {
 }
 inline void event_destroy(event_t e) noexcept { (void)hipEventDestroy(e); }
 inline void event_record(event_t e, stream_t s) { check(hipEventRecord(e, s), "hipEventRecord"); }
+inline void event_sync(event_t e) { check(hipEventSynchronize(e), "hipEventSynchronize"); }
 inline float event_ms(event_t a, event_t b) {
   float ms = 0;
   check(hipEventSynchronize(b), "hipEventSynchronize");
@@ -536,6 +537,7 @@ inline event_t event_create() {
 }
 inline void event_destroy(event_t e) noexcept { (void)cudaEventDestroy(e); }
 inline void event_record(event_t e, stream_t s) { check(cudaEventRecord(e, s), "cudaEventRecord"); }
+inline void event_sync(event_t e) { check(cudaEventSynchronize(e), "cudaEventSynchronize"); }
 inline float event_ms(event_t a, event_t b) {
   float ms = 0;
   check(cudaEventSynchronize(b), "cudaEventSynchronize");
