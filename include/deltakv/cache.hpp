@@ -799,13 +799,13 @@ class CompressedCache {
                                          cfg_.comp.metric, ids});
       dev_.gather_mean(GatherMeanParams<T>{ids, k, u, nullptr, refs_p, D, D, Rm, D});
       enc_[l].encode(dev_, MatrixView<const T>{X, 2 * u, D, D}, MatrixView<T>{Zx, 2 * u, dc, dc}, ws<T>(ws_.blk_enc));
-      dev_.axpy_rows(AxpyRowsParams<T>{Zr, dc, Zx, dc, u, dc, T(-1)});
       if (cfg_.comp.latent_bits == 0) {
+        dev_.axpy_rows(AxpyRowsParams<T>{Zr, dc, Zx, dc, u, dc, T(-1)});
         dev_.copy_rows(CopyRowsParams<T>{Zx, dc, nullptr, region(l, seq, Region::lat) + lat0 * dc, dc, nullptr, u, dc});
-      } else {
+      } else {  // z = Zx - Zr, rounded as axpy_rows would, quantized in the same pass
         auto* q = reinterpret_cast<std::uint8_t*>(region_bytes(l, seq, Region::lat)) + lat0 * g_.lat_ld;
         auto* sm = reinterpret_cast<float*>(region_bytes(l, seq, Region::scale)) + lat0 * 2;
-        dev_.quantize(QuantizeParams<T>{Zx, dc, u, dc, cfg_.comp.latent_bits, q, g_.lat_ld, sm});
+        dev_.quantize(QuantizeParams<T>{Zx, dc, u, dc, cfg_.comp.latent_bits, q, g_.lat_ld, sm, Zr, dc});
       }
     }
     s.c = e;

@@ -60,6 +60,9 @@ struct QuantizeParams {  // token-wise asymmetric: q = round((z - min) / scale),
   const T* z; std::int64_t ldz; std::int64_t n; int dim; int bits;  // z [n, dim]; bits 8 or 4
   std::uint8_t* q; std::int64_t ldq;                                 // [n, ldq bytes]; int4 packs 2/byte, low nibble first
   float* scale_min;                                                  // [n, 2]: scale, min
+  // optional: quantize z - sub instead (sub [n, dim]), each difference rounded to T first, exactly
+  // as axpy_rows(alpha = -1) would store it (the latent residual f_c(x) - f_c(ref) in one pass)
+  const T* sub = nullptr; std::int64_t ld_sub = 0;
 };
 
 template <class T>

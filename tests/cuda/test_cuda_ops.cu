@@ -386,6 +386,30 @@ TEST_CASE("cuda gather_mean is bit-exact") {
   }
 }
 
+// bf16: quantize(z, sub) in one pass gives the bits of axpy_rows(z, sub, -1) then quantize (both on
+// the GPU: the difference is rounded to bf16 in between either way).
+TEST_CASE("cuda bf16 quantize of z - sub equals axpy_rows then quantize") {
+  DKT_REQUIRE_CUDA();
+  cuda::CudaDevice<cuda::bf16> dev;
+  for (int bits : {8, 4})
+    for (auto [n, dim] : {std::pair{5, 64}, {3686, 512}, {17, 129}}) {
+      CAPTURE(bits);
+      CAPTURE(n);
+      const std::int64_t bytes = bits == 8 ? dim : (dim + 1) / 2, ldq = bytes + 3;
+      DBuf<cuda::bf16> dz(to_bf16(randn<float>(std::size_t(n * dim), 71, 3.0))),
+          dsub(to_bf16(randn<float>(std::size_t(n * dim), 72, 3.0)));
+      DBuf<std::uint8_t> q1(std::size_t(n * ldq)), q2(std::size_t(n * ldq));
+      DBuf<float> s1(std::size_t(2 * n)), s2(std::size_t(2 * n));
+      q1.poison();
+      q2.poison();
+      dev.quantize({dz.p, dim, n, int(dim), bits, q1.p, ldq, s1.p, dsub.p, dim});
+      dev.axpy_rows({dsub.p, dim, dz.p, dim, n, int(dim), cuda::bf16(-1.f)});
+      dev.quantize({dz.p, dim, n, int(dim), bits, q2.p, ldq, s2.p});
+      CHECK(q1.get() == q2.get());
+      CHECK(s1.get() == s2.get());
+    }
+}
+
 TEST_CASE("cuda quantize and dequantize are bit-exact, int8 and int4") {
   DKT_REQUIRE_CUDA();
   cuda::CudaDevice<float> dev;
@@ -416,6 +440,27 @@ TEST_CASE("cuda quantize and dequantize are bit-exact, int8 and int4") {
       CHECK(codes);
       CHECK(scales);
       CHECK(padding_untouched(gq, n, bytes, ldq));
+      {  // z - sub quantized in one pass: the codes and scales of quantizing axpy_rows(z, sub, -1) (CPU)
+        const std::int64_t lds = dim + 1;
+        auto sub = randn<float>(std::size_t(n * lds), ++seed, 2.0);
+        for (int j = 0; j < dim; ++j) sub[std::size_t(j)] = 0.5f;  // row 0 stays constant
+        DBuf<float> dsub(sub);
+        dq.poison();
+        dsm.poison();
+        dev.quantize({dz.p, ldz, n, dim, bits, dq.p, ldq, dsm.p, dsub.p, lds});
+        auto d = z;
+        ref.axpy_rows({sub.data(), lds, d.data(), ldz, n, dim, -1.f});
+        auto q2 = poisoned<std::uint8_t>(std::size_t(n * ldq));
+        std::vector<float> sm2(std::size_t(2 * n), -1.f);
+        ref.quantize({d.data(), ldz, n, dim, bits, q2.data(), ldq, sm2.data()});
+        CHECK(pack(dq.get(), n, bytes, ldq) == pack(q2, n, bytes, ldq));
+        CHECK(dsm.get() == sm2);
+        auto q3 = poisoned<std::uint8_t>(std::size_t(n * ldq));  // the CPU's own fused pass agrees
+        std::vector<float> sm3(std::size_t(2 * n), -1.f);
+        ref.quantize({z.data(), ldz, n, dim, bits, q3.data(), ldq, sm3.data(), sub.data(), lds});
+        CHECK(pack(q3, n, bytes, ldq) == pack(q2, n, bytes, ldq));
+        CHECK(sm3 == sm2);
+      }
 
       // dequantize a permuted subset of the stored rows from the CPU's codes
       std::vector<std::int64_t> rows(static_cast<std::size_t>(n));

@@ -116,6 +116,15 @@ class CpuDevice {
     const int levels = (1 << p.bits) - 1;
     for (std::int64_t i = 0; i < p.n; ++i) {
       const T* z = p.z + i * p.ldz;
+      if (p.sub) {  // the row z - sub, as axpy_rows(alpha = -1) stores it
+        grow(diff_, std::size_t(p.dim));
+        for (int j = 0; j < p.dim; ++j) {
+          T d = z[j];
+          d += T(-1) * p.sub[i * p.ld_sub + j];
+          diff_[std::size_t(j)] = d;
+        }
+        z = diff_.data();
+      }
       float lo = float(z[0]), hi = float(z[0]);
       for (int j = 1; j < p.dim; ++j) {
         lo = std::min(lo, float(z[j]));
@@ -336,7 +345,7 @@ class CpuDevice {
   static void grow(V& v, std::size_t n) {
     if (v.size() < n) v.resize(n);
   }
-  std::vector<T> scratch_;
+  std::vector<T> scratch_, diff_;  // diff_: quantize's z - sub row
   std::vector<std::pair<A, std::int32_t>> best_;
   std::vector<std::int32_t> idx_;
   std::vector<double> rope_;

@@ -264,7 +264,7 @@ class GpuDevice {
     if (p.n <= 0 || p.dim <= 0) return;
     if (p.bits != 8 && p.bits != 4) throw ConfigError(where("quantize: bits must be 8 or 4"));
     constexpr int NT = 128;
-    gpu::quantize_kernel<T, kWarp, NT><<<grid_rows(p.n), NT, 0, stream_>>>(p);
+    gpu::quantize_kernel<T, kWarp, NT><<<blocks(p.n, NT / kWarp), NT, 0, stream_>>>(p);  // a warp per row
     launched("quantize");
   }
 
