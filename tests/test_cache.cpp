@@ -123,7 +123,7 @@ TEST_CASE("the reconstruction of a latent is f_d(f_c(x) - f_c(ref)) + ref with r
 // append() awaits its NaN/Inf check only once the compression passes are queued (they write rows
 // past the counts only): a batch that completes blocks with a NaN in its last row must still
 // change nothing, the ring included, and a plan made before it stays valid.
-TEST_CASE("a non-finite append that completes blocks changes nothing; an earlier plan stays valid") {
+TEST_CASE("a non-finite append that completes blocks changes nothing and an earlier plan stays valid") {
   auto cfg = small_config();
   cfg.comp.latent_dim = 8;
   cfg.comp.latent_bits = 4;
