@@ -392,7 +392,8 @@ TEST_CASE("cuda bf16 quantize of z - sub equals axpy_rows then quantize") {
   DKT_REQUIRE_CUDA();
   cuda::CudaDevice<cuda::bf16> dev;
   for (int bits : {8, 4})
-    for (auto [n, dim] : {std::pair{5, 64}, {3686, 512}, {17, 129}}) {
+    for (const auto& shape : {std::pair{5, 64}, {3686, 512}, {17, 129}}) {
+      const int n = shape.first, dim = shape.second;  // (doctest's CAPTURE may not name a structured binding under clang)
       CAPTURE(bits);
       CAPTURE(n);
       const std::int64_t bytes = bits == 8 ? dim : (dim + 1) / 2, ldq = bytes + 3;
