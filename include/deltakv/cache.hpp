@@ -266,7 +266,8 @@ class CompressedCache {
   // plan_append + run_append in one call, with the same checks and errors, but the NaN/Inf check's
   // answer is awaited only after the compression passes are queued (they write nothing a reader can
   // see), so the GPU is not left idle while the host waits for it. An outstanding plan of
-  // plan_append stays valid when this call fails.
+  // plan_append stays valid when this call fails. (One difference: a device error raised while the
+  // passes are queued is reported even if the batch also holds NaN/Inf.)
   void append(int layer, const RaggedBatch<const T>& x) {
     const int B = check_append(layer, x, append_items_.data(), true);
     run_items(layer, append_items_.data(), B, x, true);
@@ -736,7 +737,10 @@ class CompressedCache {
 
   // The position tables the passes gather with, into the front of the storage buffer (once).
   void upload_pass_tables() {
-    if (g_.tables_bytes == 0) return;  // no compressed layer
+    if (g_.tables_bytes == 0) {  // no compressed layer: no tables
+      std::vector<std::int64_t>().swap(g_.lat_pos);
+      return;
+    }
     const std::int64_t S = cfg_.comp.sinks, ring = g_.ring;
     auto put_slots = [&](std::size_t off, const std::vector<std::int64_t>& pos) {  // ring slot of each position
       std::vector<std::int64_t> slot(pos.size());

@@ -365,7 +365,11 @@ class GpuDevice {
   // The kernel, the flag's copy to pinned memory and an event, queued; finite_check_result() waits
   // for that event only (work queued after the start keeps the GPU busy meanwhile).
   void start_finite_check(const FiniteCheckParams<T>& p) {
-    finite_tag_ = finite_tag_ == std::numeric_limits<int>::max() ? 1 : finite_tag_ + 1;  // never 0, the initial flag
+    if (finite_tag_ == std::numeric_limits<int>::max()) {  // tags wrap: clear a failed check's old tag first
+      vendor::memset_async(flag_, 0, sizeof(int), stream_);
+      finite_tag_ = 0;
+    }
+    ++finite_tag_;  // never 0, the cleared flag
     finite_empty_ = p.n <= 0 || p.dim <= 0;
     if (finite_empty_) return;
     constexpr int V = gpu::kPackOf<T>;
