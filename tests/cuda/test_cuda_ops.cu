@@ -283,8 +283,8 @@ TEST_CASE("cuda bf16 ref_search on tensor cores picks the same references as the
   // Grid values are exact in bf16, and every product and partial sum of them is exact in f32, so
   // the tensor-core scores equal the CPU's bit for bit: ids must agree, ties to the earlier
   // reference included. k <= 8, metric l2 / dot and >= 64 rows take the tensor-core paths (checked
-  // below): the scores as cuBLAS GEMMs (the default; chunks of 2048 rows x 4096 references, so the
-  // 2100-row and 4097- / 5000-reference shapes cross chunk boundaries) or ref_search_mma_kernel
+  // below): the scores as cuBLAS GEMMs (the default; chunks of 4096 rows x 4096 references, so the
+  // 4200-row and 4097- / 5000-reference shapes cross chunk boundaries) or ref_search_mma_kernel
   // (set_vendor_gemm false); the other shapes fall back to the CUDA-core kernel and are checked too.
   DKT_REQUIRE_CUDA();
   if (!tensor_tiles_built()) return;
@@ -296,7 +296,7 @@ TEST_CASE("cuda bf16 ref_search on tensor cores picks the same references as the
     dev.set_vendor_gemm(vendor);
     for (RefShape s : {RefShape{1, 0, 64, 4}, {5, 3, 32, 4}, {37, 50, 64, 4}, {128, 300, 256, 4}, {200, 1000, 256, 1},
                        {130, 700, 2048, 8}, {300, 3000, 128, 4}, {64, 2000, 200, 2}, {64, 500, 128, 16}, {64, 0, 64, 4},
-                       {70, 4097, 32, 8}, {130, 5000, 128, 4}, {2100, 300, 64, 4}}) {
+                       {70, 4097, 32, 8}, {130, 5000, 128, 4}, {2100, 300, 64, 4}, {4200, 300, 64, 4}}) {
       const RefProblem q = grid_ref_problem(s.n, s.m, s.dim, s.k, 8, 16, seed);  // strides: multiples of 8
       bool tc = false;
       const std::int64_t diff = ids_differing(ref_search_both(dev, q, metric, &tc));
@@ -313,7 +313,7 @@ TEST_CASE("cuda bf16 ref_search on tensor cores picks the same references as the
   dev.set_vendor_gemm(true);
   REQUIRE(dev.vendor_gemm());
   for (Metric metric : {Metric::l2, Metric::dot})
-    for (RefShape s : {RefShape{96, 500, 61, 4}, {2100, 4100, 16, 3}, {100, 901, 64, 5}, {150, 4103, 40, 6}, {80, 1299, 96, 7}}) {
+    for (RefShape s : {RefShape{96, 500, 61, 4}, {2100, 4100, 16, 3}, {4200, 4100, 16, 3}, {100, 901, 64, 5}, {150, 4103, 40, 6}, {80, 1299, 96, 7}}) {
       const RefProblem q = grid_ref_problem(s.n, s.m, s.dim, s.k, 3, 5, seed);  // strides dim + 3, dim + 5
       bool tc = false;
       const std::int64_t diff = ids_differing(ref_search_both(dev, q, metric, &tc));
