@@ -639,6 +639,9 @@ class CompressedCache {
     if (n > 0) dev_.to_device(work_ + ws_off, host, n * sizeof(U));
   }
 
+  static NonFiniteError non_finite_append(int layer) {
+    return NonFiniteError("append x (layer " + std::to_string(layer) + ") contains NaN or Inf");
+  }
   // The checks of an append batch: shapes, then values (NonFiniteError), then positions and
   // capacity, sequence by sequence; the items go to `out` only once all have passed. With
   // finite_later the value check is only started here: run_items() awaits it (a failing host check
@@ -647,9 +650,8 @@ class CompressedCache {
     check_layer(layer);
     check_batch(x, cfg_.model.kv_dim(), "append x");
     const FiniteCheckParams<T> fin{x.rows.data, x.rows.ld, x.rows.rows, static_cast<int>(x.rows.cols)};
-    auto non_finite = [&] { return NonFiniteError("append x (layer " + std::to_string(layer) + ") contains NaN or Inf"); };
     if (finite_later) dev_.start_finite_check(fin);
-    else if (!dev_.all_finite(fin)) throw non_finite();
+    else if (!dev_.all_finite(fin)) throw non_finite_append(layer);
     const int B = static_cast<int>(x.seq_ids.size());
     try {
       for (int b = 0; b < B; ++b) {
@@ -666,7 +668,7 @@ class CompressedCache {
                               " tokens, capacity is " + std::to_string(cfg_.cap.max_tokens));
       }
     } catch (...) {
-      if (finite_later && !dev_.finite_check_result()) throw non_finite();
+      if (finite_later && !dev_.finite_check_result()) throw non_finite_append(layer);
       throw;
     }
     // Only a batch that passed every check may overwrite the items (a failed call changes nothing).
@@ -710,8 +712,7 @@ class CompressedCache {
       for (std::int64_t b = 0; b < blocks; b += cfg_.comp.blocks_per_pass)
         compress_pass(layer, it.seq, s, std::min<std::int64_t>(cfg_.comp.blocks_per_pass, blocks - b), in, x.rows.ld, n0);
     }
-    if (finite_pending && !dev_.finite_check_result())
-      throw NonFiniteError("append x (layer " + std::to_string(layer) + ") contains NaN or Inf");
+    if (finite_pending && !dev_.finite_check_result()) throw non_finite_append(layer);
     for (int i = 0; i < n_items; ++i) {
       const auto& it = items[i];
       LayerSeq& s = pending_[i];

@@ -22,8 +22,8 @@ struct Shape {
   int hq, hkv, hd, dc;
 };
 
-template <class Pol>
-void run_end_to_end(const Shape& sh, Pol pol, int n_layers, bool check_selection) {
+// Two sequences of up to 700 tokens, 4 sinks, a 32-token window, int4 latents.
+Config grid_cache_config(const Shape& sh, int n_layers) {
   Config cfg;
   cfg.model = {n_layers, sh.hq, sh.hkv, sh.hd};
   cfg.comp.sinks = 4;
@@ -32,6 +32,12 @@ void run_end_to_end(const Shape& sh, Pol pol, int n_layers, bool check_selection
   cfg.comp.latent_dim = sh.dc;
   cfg.comp.latent_bits = 4;
   cfg.cap = {2, 700, 8};
+  return cfg;
+}
+
+template <class Pol>
+void run_end_to_end(const Shape& sh, Pol pol, int n_layers, bool check_selection) {
+  const Config cfg = grid_cache_config(sh, n_layers);
   const int D = cfg.model.kv_dim(), qd = sh.hq * sh.hd;
   auto codec = grid_codec(n_layers, D, sh.dc, 77);
   Harness<float, FixedStride, LinearEncoder<float>, Pol> cpu(cfg, FixedStride(6), codec, pol);
@@ -136,24 +142,13 @@ TEST_CASE("cuda end to end: Quest cache equals the CPU cache (GQA 4 over 2, d 64
   run_end_to_end(Shape{4, 2, 64, 64}, QuestPolicy{16, 128, 1, 4, 32}, 2, false);
 }
 
-// bf16 storage (f32 arithmetic) against the f32 CPU cache on bf16-exact data and weights: the
-// reference ids agree exactly; latents and outputs differ by bf16 rounding. Run twice: with the
-// CUDA-core GEMM, and with linear() on tensor cores (blocks of 128 tokens, so that the encoder's
-// and the decoder's GEMMs have >= 64 rows and take that path).
 // append() awaits its NaN/Inf check only once the compression passes are queued on the stream:
 // a batch that completes blocks with a NaN (or Inf) in its last row must leave the GPU cache as it
 // was (counts, ring, stores), and the same cache then takes the good rows like a cache that never
 // saw the bad ones (bit for bit); a plan made before the failing calls stays valid.
 TEST_CASE("cuda cache: a non-finite append that completes blocks changes nothing") {
   DKT_REQUIRE_CUDA();
-  Config cfg;
-  cfg.model = {1, 4, 2, 64};
-  cfg.comp.sinks = 4;
-  cfg.comp.recent = 32;
-  cfg.comp.k_neighbors = 2;
-  cfg.comp.latent_dim = 64;
-  cfg.comp.latent_bits = 4;
-  cfg.cap = {2, 700, 8};
+  const Config cfg = grid_cache_config(Shape{4, 2, 64, 64}, 1);
   const int D = cfg.model.kv_dim();
   auto codec = grid_codec(1, D, 64, 78);
   GpuHarness<float, DensePolicy> h(cfg, FixedStride(6), codec, DensePolicy{}), ref(cfg, FixedStride(6), codec, DensePolicy{});
@@ -202,6 +197,10 @@ TEST_CASE("cuda cache: a non-finite append that completes blocks changes nothing
   for (int seq : {0, 1}) CHECK(same_bits(rows_of(h, seq), rows_of(ref, seq)));
 }
 
+// bf16 storage (f32 arithmetic) against the f32 CPU cache on bf16-exact data and weights: the
+// reference ids agree exactly; latents and outputs differ by bf16 rounding. Run twice: with the
+// CUDA-core GEMM, and with linear() on tensor cores (blocks of 128 tokens, so that the encoder's
+// and the decoder's GEMMs have >= 64 rows and take that path).
 TEST_CASE("cuda end to end: a bf16 cache tracks the f32 CPU cache (int8 latents)") {
   DKT_REQUIRE_CUDA();
   // The CUDA-core run's outputs per layer: grid data make every GEMM sum exact in f32, so the

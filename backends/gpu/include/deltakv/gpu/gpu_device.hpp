@@ -346,8 +346,7 @@ class GpuDevice {
     const std::size_t lds = std::size_t(p.lds) * sizeof(T), ldd = std::size_t(p.ldd) * sizeof(T);
     const auto* src = reinterpret_cast<const unsigned char*>(p.src);
     auto* dst = reinterpret_cast<unsigned char*>(p.dst);
-    const bool v16 = row % 16 == 0 && lds % 16 == 0 && ldd % 16 == 0 && gpu::aligned16(src) && gpu::aligned16(dst);
-    if (v16) {
+    if (gpu::packs_fit<T>({p.dim, p.lds, p.ldd}, {p.src, p.dst})) {
       const int units = static_cast<int>(row / 16);
       gpu::copy_rows_kernel<vendor::bytes16><<<grid_rows(p.n), threads_for(units), 0, stream_>>>(
           src, std::int64_t(lds), p.src_rows, p.src_row_base, dst, std::int64_t(ldd), p.dst_rows, p.n, units);

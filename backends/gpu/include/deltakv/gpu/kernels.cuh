@@ -1400,8 +1400,9 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT)
     p.idx[q] = static_cast<std::int32_t>(kKeyOnes - static_cast<unsigned>(buf[q] & kKeyOnes));
 }
 
-// copy_rows: a block per row (source row src_rows[i] - src_base), threads over its units (U: 16 bytes where every row start is 16-byte
-// aligned, else T; the host picks). Source and destination must not overlap.
+// copy_rows: a block per row (source row src_rows[i] - src_base), threads over its units (U: 16
+// bytes where every row start is 16-byte aligned, else T; the host picks). Source and destination
+// must not overlap.
 template <class U>
 __global__ void copy_rows_kernel(const unsigned char* src, std::int64_t lds_bytes, const std::int64_t* src_rows,
                                  std::int64_t src_base, unsigned char* dst, std::int64_t ldd_bytes, const std::int64_t* dst_rows,
