@@ -380,7 +380,7 @@ TEST_CASE("fused OmniKV selection: the k most attended middle positions, in orde
   }
 }
 
-TEST_CASE("OmniKV selection plan: made once, launched for new logits, the same as planning each call; misuse refused") {
+TEST_CASE("OmniKV selection plan: made once, launched for new logits, the same as planning each call, misuse refused") {
   DKT_REQUIRE_CUDA();
   const int Hq = 4, B = 2, K = 64;
   const std::int64_t ld = 3000;
