@@ -569,9 +569,11 @@ inline void memcpy_d2d_async(void* dst, const void* src, std::size_t bytes, stre
 // ---- the vendor's GEMM (GpuDevice::linear and ref_search on 16-bit storage) ------------------
 // y[n, out] = x[n, in] W^T with W [out, in] row-major (rows ldw apart), 16-bit inputs, f32
 // accumulation, output T or f32, on a handle bound to one stream and to a workspace the caller
-// owns (so that no call allocates and the calls can be captured in a graph). cuBLAS's default math
-// mode is kept: it may reduce split-K partial sums in T (CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_
-// REDUCTION would forbid that; not measured yet). CUDA: cuBLAS, part of the toolkit: prefill's
+// owns (so that no call allocates and the calls can be captured in a graph). Math mode: the
+// default with CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION, so that split-K partial sums are
+// reduced in f32, not in T, whatever kernel cuBLAS picks for a shape (the f32 accumulation this
+// header promises; prefill timing unchanged on the H100, docs/BENCHMARKS.md eighteenth section).
+// CUDA: cuBLAS, part of the toolkit: prefill's
 // encode is big GEMMs (4096 x 6144 x 2048 at Llama's shape), where cuBLAS runs near the device's
 // tensor-core rate and our own tile kernel (linear_mma_kernel) at about a fifth of it. HIP: none
 // (kHasBlas false; the caller keeps its own kernels).
@@ -591,7 +593,8 @@ inline blas_t blas_create(stream_t s, void* workspace, std::size_t bytes) {
   try {
     blas_check(cublasSetStream(h, s), "cublasSetStream");
     blas_check(cublasSetWorkspace(h, workspace, bytes), "cublasSetWorkspace");
-    blas_check(cublasSetMathMode(h, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
+    blas_check(cublasSetMathMode(h, static_cast<cublasMath_t>(CUBLAS_DEFAULT_MATH | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)),
+               "cublasSetMathMode");
   } catch (...) {
     (void)cublasDestroy(h);
     throw;
