@@ -231,7 +231,12 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
   Dev hi(rt.hi.size() * 4), lo(rt.lo.size() * 4);
   vendor::memcpy_async(hi.p, rt.hi.data(), rt.hi.size() * 4, s);
   vendor::memcpy_async(lo.p, rt.lo.data(), rt.lo.size() * 4, s);
-  const dec::RopeTableView rope{hi.as<float>(), lo.as<float>(), rt.half, rt.max_pos};
+  Dev freq(rt.freq.size() * 4);
+  vendor::memcpy_async(freq.p, rt.freq.data(), rt.freq.size() * 4, s);
+  // the sparse kernel's keys' cos/sin computed from freq (default) or read from the tables
+  // (DELTAKV_ROPE_TABLES=1, A/B)
+  const bool rope_tables = std::getenv("DELTAKV_ROPE_TABLES") != nullptr;
+  const dec::RopeTableView rope{hi.as<float>(), lo.as<float>(), rt.half, rt.max_pos, rope_tables ? nullptr : freq.as<float>()};
   Dev q(std::size_t(B) * qd * 2), out(std::size_t(B) * qd * 2);
   fill_bf16<<<64, 256, 0, s>>>(q.as<bf>(), std::size_t(B) * qd, 9, 1.f);
   std::vector<std::int32_t> nh(B, std::int32_t(N)), ch(B, std::int32_t(cfront));

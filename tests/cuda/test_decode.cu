@@ -116,12 +116,12 @@ std::vector<double> naive_attend(const Shape& s, const double* q, const std::vec
 }
 
 struct RopeDev {
-  DBuf<float> hi, lo;
+  DBuf<float> hi, lo, freq;
   dec::RopeTableView view;
   RopeDev(double theta, int D, std::int64_t max_pos)
       : RopeDev(dec::rope_table(theta, D, max_pos)) {}
-  explicit RopeDev(const dec::RopeTableHost& t) : hi(t.hi), lo(t.lo) {
-    view = dec::RopeTableView{hi.p, lo.p, t.half, t.max_pos};
+  explicit RopeDev(const dec::RopeTableHost& t) : hi(t.hi), lo(t.lo), freq(t.freq) {
+    view = dec::RopeTableView{hi.p, lo.p, t.half, t.max_pos, freq.p};
   }
 };
 
@@ -241,6 +241,57 @@ TEST_CASE("dense_splits: splits cover the sequence in 64-multiples within max_le
               // for 32768 tokens, never 4 x 10048 with a nearly empty last split)
               if (sp.split_len > 256) CHECK(std::int64_t(sp.split_len - 64) * sp.n_splits < n);
             }
+}
+
+__global__ void rope_both_kernel(dec::RopeTableView t, const std::int64_t* pos, int n, float* cs_tab, float* cs_fun) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n * (t.half / 4)) return;
+  const int k = i / (t.half / 4), f0 = (i % (t.half / 4)) * 4;
+  float c[4], s[4];
+  dec::rope_cs<4>(t, pos[k], f0, c, s);
+  for (int j = 0; j < 4; ++j) {
+    cs_tab[(std::int64_t(k) * t.half + f0 + j) * 2] = c[j];
+    cs_tab[(std::int64_t(k) * t.half + f0 + j) * 2 + 1] = s[j];
+  }
+  dec::rope_sincos<4>(t.freq, pos[k], f0, c, s);
+  for (int j = 0; j < 4; ++j) {
+    cs_fun[(std::int64_t(k) * t.half + f0 + j) * 2] = c[j];
+    cs_fun[(std::int64_t(k) * t.half + f0 + j) * 2 + 1] = s[j];
+  }
+}
+
+TEST_CASE("RoPE cos/sin from the frequencies (rope_sincos) and from the tables (rope_cs) against float64") {
+  DKT_REQUIRE_CUDA();
+  // every frequency of head_dim 128 (theta 500000, Llama 3.1's) and 64 (theta 10000), positions up to 2^20
+  struct Case { double theta; int D; };
+  for (const Case cs : {Case{500000.0, 128}, Case{10000.0, 64}}) {
+    const double theta = cs.theta;
+    const int D = cs.D;
+    const std::int64_t max_pos = std::int64_t(1) << 20;
+    RopeDev rope(theta, D, max_pos);
+    std::vector<std::int64_t> pos = {0, 1, 63, 64, 65, 1000, 4095, 4096, 65535, 131071, 131072, 500000, max_pos - 1};
+    std::mt19937 rng(3);
+    for (int i = 0; i < 200; ++i) pos.push_back(std::int64_t(rng() % std::uint32_t(max_pos)));
+    const int n = int(pos.size()), half = D / 2;
+    DBuf<std::int64_t> dpos(pos);
+    DBuf<float> tab(std::size_t(n) * half * 2), fun(std::size_t(n) * half * 2);
+    tab.poison();
+    fun.poison();
+    rope_both_kernel<<<(n * half / 4 + 127) / 128, 128>>>(rope.view, dpos.p, n, tab.p, fun.p);
+    vendor::check_launch("rope_both_kernel");
+    const auto t = tab.get(), u = fun.get();
+    double worst_tab = 0, worst_fun = 0;
+    for (int k = 0; k < n; ++k)
+      for (int f = 0; f < half; ++f) {
+        const double a = double(pos[std::size_t(k)]) * std::pow(theta, -2.0 * f / D);
+        const std::size_t i = (std::size_t(k) * half + f) * 2;
+        worst_tab = std::max({worst_tab, std::abs(t[i] - std::cos(a)), std::abs(t[i + 1] - std::sin(a))});
+        worst_fun = std::max({worst_fun, std::abs(u[i] - std::cos(a)), std::abs(u[i + 1] - std::sin(a))});
+      }
+    MESSAGE("D " << D << ": worst |cos/sin error| tables " << worst_tab << ", computed " << worst_fun);
+    CHECK(worst_tab < 1e-6);
+    CHECK(worst_fun < 2e-6);  // NaN (poison) fails too
+  }
 }
 
 TEST_CASE("fused dense decode: attention, logits and lse against float64 RoPE attention") {
@@ -549,8 +600,10 @@ struct CompressedFixture {
 using TwoPassShapes = dec::ShapeSet<dec::KernelShape<128, 4>, dec::KernelShape<64, 3>, dec::KernelShape<128, 7>>;
 enum class SparsePath { fused, fused_256, fused_w_l2, two_pass };  // fused: the default block (512 threads at head_dim 128)
 
+// rope_tables: the keys' cos/sin read from the RoPE tables (RopeTableView::freq null) instead of
+// computed from the frequencies.
 void run_sparse_case(const Shape& s, int bits, const std::vector<std::int32_t>& n, int n_select, int n_splits,
-                     SparsePath path = SparsePath::fused, int latent_dim = 0) {
+                     SparsePath path = SparsePath::fused, int latent_dim = 0, bool rope_tables = false) {
   CompressedFixture fx(s, n, bits, 77 + bits, latent_dim);
   const int B = fx.B, qd = s.Hq * s.D, kvd = 2 * s.Hkv * s.D;
   const int sinks = 3, window = 24;  // the policy's (attends fewer sinks than the cache keeps)
@@ -588,6 +641,7 @@ void run_sparse_case(const Shape& s, int bits, const std::vector<std::int32_t>& 
                                 float(scale), rope.view, s.style, sinks, window, n_splits, part.p};
   p.weights_from_l2 = path == SparsePath::fused_w_l2;
   if (path == SparsePath::fused_256) p.block_threads = 256;
+  if (rope_tables) p.rope.freq = nullptr;
   const std::int64_t ld_scores = sinks + ld_sel + window + 5;  // the two-pass path's logits scratch
   DBuf<float> scores(std::size_t(B) * s.Hq * ld_scores);
   scores.poison();
@@ -659,6 +713,15 @@ TEST_CASE("fused sparse decode over a compressed layer: sinks + selection + wind
     }
     run_sparse_case(Shape{7, 1, 128, RopeStyle::half}, 4, {900, 64}, 0, 8, SparsePath::fused_256);
     run_sparse_case(Shape{32, 8, 128, RopeStyle::half}, 4, {1500, 1200}, 400, 5, SparsePath::fused_256, 512);
+  }
+  SUBCASE("keys' cos/sin read from the RoPE tables (no freq)") {
+    for (int bits : {4, 0}) {
+      CAPTURE(bits);
+      run_sparse_case(Shape{8, 2, 128, RopeStyle::half}, bits, {700, 1, 130, 1500}, 200, 3, SparsePath::fused, 0, true);
+    }
+    run_sparse_case(Shape{9, 3, 64, RopeStyle::interleaved}, 4, {600, 333}, 100, 1, SparsePath::fused, 0, true);
+    run_sparse_case(Shape{8, 2, 128, RopeStyle::half}, 4, {700, 1, 130, 1500}, 200, 3, SparsePath::fused_256, 0, true);
+    run_sparse_case(Shape{8, 2, 128, RopeStyle::half}, 4, {700, 1, 130, 1500}, 200, 3, SparsePath::two_pass, 0, true);
   }
   SUBCASE("W_k,h read from global memory (weights_from_l2: two blocks per SM)") {
     if (!deltakv::gpu::vendor::kTensorTiles) {

@@ -24,6 +24,10 @@ struct RopeTableView {
   const float* lo = nullptr;
   int half = 0;                // rot_dim / 2 (the fused kernels need rot_dim == head_dim)
   std::int64_t max_pos = 0;    // positions < max_pos are covered
+  // Optional: freq[2 f], freq[2 f + 1] = inv_f / (2 pi) as a float pair (hi + lo, rope_table's freq).
+  // With it the sparse kernel computes its keys' cos/sin (reduced in turns, __sincosf) instead of
+  // reading the tables, whose rows of scattered positions miss its small L1 (see decode_kernels.cuh).
+  const float* freq = nullptr;
 };
 
 // Scratch of one split-KV pass, read by the combine kernel: [B, Hq, n_splits, D + 2] floats,

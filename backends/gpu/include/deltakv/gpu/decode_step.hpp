@@ -33,9 +33,10 @@ namespace deltakv::gpu::decode {
 inline constexpr int kDenseThreads = 128;
 inline constexpr int kSelectThreads = 1024;
 
-// The two RoPE tables (host, f32 pairs), covering positions < max_pos; see RopeTableView.
+// The two RoPE tables (host, f32 pairs), covering positions < max_pos, and the frequencies in
+// turns as float pairs (freq); see RopeTableView.
 struct RopeTableHost {
-  std::vector<float> hi, lo;
+  std::vector<float> hi, lo, freq;
   int half = 0;
   std::int64_t max_pos = 0;
 };
@@ -47,8 +48,12 @@ inline RopeTableHost rope_table(double theta, int rot_dim, std::int64_t max_pos)
   const std::int64_t rows = t.max_pos / 64;
   t.hi.resize(std::size_t(rows) * t.half * 2);
   t.lo.resize(std::size_t(64) * t.half * 2);
+  t.freq.resize(std::size_t(t.half) * 2);
   for (int f = 0; f < t.half; ++f) {
     const double inv = std::pow(theta, -2.0 * f / rot_dim);
+    const double turns = inv / (2.0 * 3.14159265358979323846);
+    t.freq[2 * f] = float(turns);
+    t.freq[2 * f + 1] = float(turns - double(t.freq[2 * f]));
     for (std::int64_t r = 0; r < rows; ++r) {
       const double a = double(r * 64) * inv;
       t.hi[(r * t.half + f) * 2] = float(std::cos(a));
@@ -139,6 +144,8 @@ inline void check_rope(const RopeTableView& r, RopeStyle style, int head_dim, st
   if (!r.hi || !r.lo || r.half * 2 != head_dim)
     throw ConfigError(std::string(what) + ": the RoPE table must cover the whole head (rot_dim == head_dim)");
   if (max_n > r.max_pos) throw CapacityError(std::string(what) + ": positions exceed the RoPE table");
+  // (freq: positions are converted to float exactly below 2^24)
+  if (r.freq && r.max_pos > (std::int64_t(1) << 24)) throw ConfigError(std::string(what) + ": RoPE freq takes positions below 2^24");
 }
 
 // Runtime (head_dim, group) -> template arguments, in one place; shapes outside Shapes are refused.
