@@ -180,9 +180,11 @@ DELTAKV_GPU_D void rope_cs(const RopeTableView& t, std::int64_t p, int f0, float
 }
 
 // cos, sin of position p for frequencies f0 .. f0 + H - 1 (H even, f0 = lane * H) computed from the
-// frequencies in turns (RopeTableView::freq, a float pair each): p * a in turns with its rounding
-// error kept (fma), reduced mod 1 exactly, then __sincosf on [-pi, pi]: ~5e-7 absolute against the
-// tables' ~1e-7, no table row read (p < 2^24).
+// frequencies in turns (RopeTableView::freq, a float pair a = hi + lo each): p * a - rint(p * hi) by
+// two explicit fmas (the first exact up to its rounding; written as fmas so that no compiler's
+// contraction can count the product's rounding twice, which clang's default contraction did to a
+// separate error term on HIP), reduced once more into [-1/2, 1/2] turns, then __sincosf: ~5e-7
+// absolute against the tables' ~1e-7, no table row read (p < 2^24).
 template <int H>
 DELTAKV_GPU_D void rope_sincos(const float* freq, std::int64_t p, int f0, float* c, float* s) {
   static_assert(H % 2 == 0, "rope_sincos: pairs of frequencies per load");
@@ -194,9 +196,9 @@ DELTAKV_GPU_D void rope_sincos(const float* freq, std::int64_t p, int f0, float*
     const float hi[2] = {a.x, a.z}, lo[2] = {a.y, a.w};
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      const float t = pf * hi[j];
-      const float e = fmaf(pf, hi[j], -t) + pf * lo[j];
-      const float turns = (t - rintf(t)) + e;
+      const float n = rintf(pf * hi[j]);
+      float turns = fmaf(pf, lo[j], fmaf(pf, hi[j], -n));
+      turns -= rintf(turns);  // exact; |turns| could reach ~0.63 at p near 2^24 before it
       __sincosf(turns * 6.28318530717958647692f, &s[2 * i + j], &c[2 * i + j]);
     }
   }

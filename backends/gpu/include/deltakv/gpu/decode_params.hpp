@@ -18,15 +18,17 @@ namespace deltakv::gpu::decode {
 // 64 * hi_rows costs (hi_rows + 64) * half entries (L2-resident) and no transcendental on chip:
 //   hi[((p >> 6) * half + f) * 2 + {0,1}] = cos, sin of (p & ~63) * inv_f
 //   lo[((p & 63) * half + f) * 2 + {0,1}] = cos, sin of (p & 63) * inv_f
-// inv_f = theta^(-2f / rot_dim); the tables are computed in double on the host (rope_table.hpp).
+// inv_f = theta^(-2f / rot_dim); the tables are computed in double on the host (rope_table() in
+// decode_step.hpp). The sparse kernels compute their keys' cos/sin instead where freq is given.
 struct RopeTableView {
   const float* hi = nullptr;
   const float* lo = nullptr;
   int half = 0;                // rot_dim / 2 (the fused kernels need rot_dim == head_dim)
   std::int64_t max_pos = 0;    // positions < max_pos are covered
-  // Optional: freq[2 f], freq[2 f + 1] = inv_f / (2 pi) as a float pair (hi + lo, rope_table's freq).
-  // With it the sparse kernel computes its keys' cos/sin (reduced in turns, __sincosf) instead of
-  // reading the tables, whose rows of scattered positions miss its small L1 (see decode_kernels.cuh).
+  // Optional: freq[2 f], freq[2 f + 1] = inv_f / (2 pi) as a float pair (hi + lo, rope_table's freq):
+  // 2 * half floats, 16-byte aligned. With it the sparse kernels compute their keys' cos/sin (reduced
+  // in turns, __sincosf; positions below 2^24) instead of reading the tables, whose rows of scattered
+  // positions miss the sparse kernel's small L1 (rope_sincos in decode_kernels.cuh).
   const float* freq = nullptr;
 };
 

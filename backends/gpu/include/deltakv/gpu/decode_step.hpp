@@ -144,8 +144,6 @@ inline void check_rope(const RopeTableView& r, RopeStyle style, int head_dim, st
   if (!r.hi || !r.lo || r.half * 2 != head_dim)
     throw ConfigError(std::string(what) + ": the RoPE table must cover the whole head (rot_dim == head_dim)");
   if (max_n > r.max_pos) throw CapacityError(std::string(what) + ": positions exceed the RoPE table");
-  // (freq: positions are converted to float exactly below 2^24)
-  if (r.freq && r.max_pos > (std::int64_t(1) << 24)) throw ConfigError(std::string(what) + ": RoPE freq takes positions below 2^24");
 }
 
 // Runtime (head_dim, group) -> template arguments, in one place; shapes outside Shapes are refused.
@@ -401,6 +399,10 @@ void check_sparse(const SparseDecodeParams<T>& p, const char* what) {
       L.lat_ld / 16 * kSparseTile > kSparseMaxTilePieces)
     throw ConfigError(w + ": latent rows must be packed, a multiple of 16 bytes and at most 8 KiB per 32 tokens");
   if (!L.w_dec || !L.pos_code) throw ConfigError(w + ": decoder weight and position table are required");
+  // rope_sincos converts positions to float, exactly below 2^24 (the table's max_pos bounds them, as
+  // for the tables themselves: the caller's positions are not checked against it here)
+  if (p.style != RopeStyle::none && p.rope.freq && p.rope.max_pos > (std::int64_t(1) << 24))
+    throw ConfigError(w + ": RoPE freq takes positions below 2^24 (max_pos above it)");
   if (p.n_splits <= 0) throw ConfigError(w + ": n_splits must be positive");
   if (p.block_threads != 0 && !sparse_block_threads_valid(p.head_dim, p.block_threads))
     throw ConfigError(w + ": block_threads must be 0 (default), 256, or 512 with head_dim 128 (CUDA)");
