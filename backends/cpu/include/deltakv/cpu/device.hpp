@@ -116,13 +116,10 @@ class CpuDevice {
     const int levels = (1 << p.bits) - 1;
     for (std::int64_t i = 0; i < p.n; ++i) {
       const T* z = p.z + i * p.ldz;
-      if (p.sub) {  // the row z - sub, as axpy_rows(alpha = -1) stores it
+      if (p.sub) {  // the row z - sub, through axpy_rows(alpha = -1) itself
         grow(diff_, std::size_t(p.dim));
-        for (int j = 0; j < p.dim; ++j) {
-          T d = z[j];
-          d += T(-1) * p.sub[i * p.ld_sub + j];
-          diff_[std::size_t(j)] = d;
-        }
+        std::copy(z, z + p.dim, diff_.begin());
+        axpy_rows(AxpyRowsParams<T>{p.sub + i * p.ld_sub, p.ld_sub, diff_.data(), p.dim, 1, p.dim, T(-1)});
         z = diff_.data();
       }
       float lo = float(z[0]), hi = float(z[0]);

@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <numbers>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -51,7 +52,7 @@ inline RopeTableHost rope_table(double theta, int rot_dim, std::int64_t max_pos)
   t.freq.resize(std::size_t(t.half) * 2);
   for (int f = 0; f < t.half; ++f) {
     const double inv = std::pow(theta, -2.0 * f / rot_dim);
-    const double turns = inv / (2.0 * 3.14159265358979323846);
+    const double turns = inv / (2.0 * std::numbers::pi);
     t.freq[2 * f] = float(turns);
     t.freq[2 * f + 1] = float(turns - double(t.freq[2 * f]));
     for (std::int64_t r = 0; r < rows; ++r) {
