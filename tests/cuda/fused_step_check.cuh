@@ -32,8 +32,9 @@ void check_fused_step(GpuHarness<cuda::bf16, OmniKVPolicy>& gpu, const Config& c
   const int qd = Hq * HD, TOPK = pol.top_k, sparse_splits = 4;
   DBuf<std::int32_t> codes(gpu.cache->position_codes());
   auto rt = dec::rope_table(cfg.rope.theta, cfg.rot_dim(), cfg.cap.max_tokens);
-  DBuf<float> hi(rt.hi), lo(rt.lo);
-  const dec::RopeTableView rope{hi.p, lo.p, rt.half, rt.max_pos};
+  DBuf<float> hi(rt.hi), lo(rt.lo), freq(rt.freq);
+  // with freq: the sparse layers compute their keys' cos/sin, as the bench's step does
+  const dec::RopeTableView rope{hi.p, lo.p, rt.half, rt.max_pos, freq.p};
   const float scale = float(1.0 / std::sqrt(double(HD)));
   const std::int64_t max_n = cfg.cap.max_tokens;
   const auto sp = dec::dense_splits(max_n, 2, Hkv, 132);
