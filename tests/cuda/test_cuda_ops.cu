@@ -284,8 +284,10 @@ TEST_CASE("cuda bf16 ref_search on tensor cores picks the same references as the
   // the tensor-core scores equal the CPU's bit for bit: ids must agree, ties to the earlier
   // reference included. k <= 8, metric l2 / dot and >= 64 rows take the tensor-core paths (checked
   // below): the scores as cuBLAS GEMMs (the default; chunks of 4096 rows x 4096 references, so the
-  // 4200-row and 4097- / 5000-reference shapes cross chunk boundaries) or ref_search_mma_kernel
-  // (set_vendor_gemm false); the other shapes fall back to the CUDA-core kernel and are checked too.
+  // 4200-row and 4097- / 5000-reference shapes cross chunk boundaries; chunks of >= 2048 rows, as the
+  // 2100 / 4200-row shapes make, fold their top-k with a warp per row, smaller ones with a block per
+  // row) or ref_search_mma_kernel (set_vendor_gemm false); the other shapes fall back to the
+  // CUDA-core kernel and are checked too.
   DKT_REQUIRE_CUDA();
   if (!tensor_tiles_built()) return;
   cuda::CudaDevice<cuda::bf16> dev;

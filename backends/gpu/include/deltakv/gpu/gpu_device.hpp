@@ -450,19 +450,25 @@ class GpuDevice {
             }
             if (p.metric == Metric::l2 && !one_ref_chunk) norms_of(r, mc);
           }
-          ref_topk_launch<NT>(p.k, unsigned(nr), nr, p.metric, scores, ld, norms, j0, std::max(mc, 0), p.visible + r0, j0 == 0,
+          ref_topk_launch<NT>(p.k, nr, nr, p.metric, scores, ld, norms, j0, std::max(mc, 0), p.visible + r0, j0 == 0,
                               list_s, list_i, last ? p.ids + r0 * p.k : nullptr);
           launched("ref_search (top-k)");
         }
       }
     }
   }
-  // ref_topk_rows_kernel with K = k (1..kRsMaxK; ref_search_gemm_eligible bounds k).
+  // The top-k fold of `rows` rows with K = k (1..kRsMaxK; ref_search_gemm_eligible bounds k): a warp
+  // per row from kRsWarpRowsMin rows on (ref_topk_warp_rows_kernel), else a block per row.
   template <int NT, int K = 1, class... Args>
-  void ref_topk_launch(int k, unsigned grid, Args... args) {
+  void ref_topk_launch(int k, std::int64_t rows, Args... args) {
     if constexpr (K <= gpu::kRsMaxK) {
-      if (k != K) return ref_topk_launch<NT, K + 1>(k, grid, args...);
-      gpu::ref_topk_rows_kernel<kWarp, K, NT><<<grid, NT, 0, stream_>>>(args...);
+      if (k != K) return ref_topk_launch<NT, K + 1>(k, rows, args...);
+      if (rows >= gpu::kRsWarpRowsMin) {
+        constexpr int WPB = NT / kWarp;
+        gpu::ref_topk_warp_rows_kernel<kWarp, K, WPB><<<unsigned((rows + WPB - 1) / WPB), NT, 0, stream_>>>(args...);
+      } else {
+        gpu::ref_topk_rows_kernel<kWarp, K, NT><<<unsigned(rows), NT, 0, stream_>>>(args...);
+      }
     }
   }
   static std::size_t ref_gemm_scratch() {

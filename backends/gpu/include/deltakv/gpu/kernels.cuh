@@ -754,6 +754,9 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(kRsThreads, 2)
 // (H100, Llama prefill: 3.82-3.85 ms against 3.96-4.00 with 2048-row chunks).
 // =============================================================================================
 inline constexpr int kRsChunkRows = 4096, kRsChunkRefs = 4096;
+// From this many rows of a chunk on, the top-k fold takes a warp per row (16 warps per SM on a
+// 128-SM device); fewer rows keep a block per row, so that small passes still fill the SMs.
+inline constexpr std::int64_t kRsWarpRowsMin = 2048;
 
 // Whether the vendor-GEMM search takes p (with tensor cores on): 16-bit T, a vendor GEMM in the
 // build, >= 64 rows (as for ref_search_mma_kernel), l2 or dot, k <= kRsMaxK, strides cuBLAS takes.
@@ -933,6 +936,79 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) ref_topk_rows_kernel(std::int64_t n, M
       });
     }
     __syncthreads();  // w_s / w_i are rewritten for the next row
+  }
+}
+
+// The same fold with a warp per row (WPB rows per block, grid-stride): each lane keeps the K best of
+// the columns it scans (lane 0 starts from the row's list so far), one warp_pick_k merges the lanes'
+// lists, no block barrier. For passes of many rows (a 4-block prefill pass has ~3.7K, i.e. ~28 warps
+// per H100 SM): the block-per-row kernel spends most of a row's time in its two picks and two
+// barriers, over ~13 columns per thread. Same order argument as above, so the same ids.
+template <int W, int K, int WPB>
+__global__ void DELTAKV_LAUNCH_BOUNDS(W * WPB) ref_topk_warp_rows_kernel(std::int64_t n, Metric metric, const float* scores,
+                                                                         int ld_scores, const float* norms, std::int64_t j0,
+                                                                         int cols, const std::int32_t* visible, bool first,
+                                                                         float* list_s, std::int32_t* list_i, std::int32_t* ids) {
+  const int lane = threadIdx.x % W;
+  const bool l2 = metric == Metric::l2;
+  for (std::int64_t row = std::int64_t(blockIdx.x) * WPB + threadIdx.x / W; row < n; row += std::int64_t(gridDim.x) * WPB) {
+    float bs[K];
+    int bi[K];
+#pragma unroll
+    for (int q = 0; q < K; ++q) {
+      bs[q] = kNegInf;
+      bi[q] = -1;
+      if (!first && lane == 0) {
+        bs[q] = list_s[row * K + q];
+        bi[q] = list_i[row * K + q];
+      }
+    }
+    const std::int64_t vis_left = std::int64_t(visible[row]) - j0, lim = vis_left < cols ? vis_left : cols;
+    const float* srow = scores + row * ld_scores;
+    auto consider = [&](float sc, std::int64_t c) {
+      if (!(sc > bs[K - 1])) return;
+      const int jj = static_cast<int>(j0 + c);
+#pragma unroll
+      for (int q = K - 1; q >= 0; --q) {
+        const bool up = q > 0 && sc > bs[q > 0 ? q - 1 : 0];
+        if (up) {
+          bs[q] = bs[q - 1];
+          bi[q] = bi[q - 1];
+        } else if (sc > bs[q]) {
+          bs[q] = sc;
+          bi[q] = jj;
+        }
+      }
+    };
+    // Four columns per lane step (16-byte loads of scores and norms), two steps' loads in flight.
+    for (std::int64_t c = 4 * lane; c < lim; c += 8 * W) {
+      const std::int64_t c2 = c + 4 * W;
+      const float4 v = *reinterpret_cast<const float4*>(srow + c);
+      const float4 v2 = c2 < lim ? *reinterpret_cast<const float4*>(srow + c2) : make_float4(0.f, 0.f, 0.f, 0.f);
+      float4 nr = make_float4(0.f, 0.f, 0.f, 0.f), nr2 = nr;
+      if (l2) {
+        nr = *reinterpret_cast<const float4*>(norms + c);
+        if (c2 < lim) nr2 = *reinterpret_cast<const float4*>(norms + c2);
+      }
+      consider(l2 ? 2.f * v.x - nr.x : v.x, c);
+      if (c + 1 < lim) consider(l2 ? 2.f * v.y - nr.y : v.y, c + 1);
+      if (c + 2 < lim) consider(l2 ? 2.f * v.z - nr.z : v.z, c + 2);
+      if (c + 3 < lim) consider(l2 ? 2.f * v.w - nr.w : v.w, c + 3);
+      if (c2 < lim) consider(l2 ? 2.f * v2.x - nr2.x : v2.x, c2);
+      if (c2 + 1 < lim) consider(l2 ? 2.f * v2.y - nr2.y : v2.y, c2 + 1);
+      if (c2 + 2 < lim) consider(l2 ? 2.f * v2.z - nr2.z : v2.z, c2 + 2);
+      if (c2 + 3 < lim) consider(l2 ? 2.f * v2.w - nr2.w : v2.w, c2 + 3);
+    }
+    warp_pick_k<W, K>(bs, bi, K, lane, [&](int q, float sc, int id) {
+      if (lane == 0) {
+        if (ids) {
+          ids[row * K + q] = id;
+        } else {
+          list_s[row * K + q] = sc;
+          list_i[row * K + q] = id;
+        }
+      }
+    });
   }
 }
 
