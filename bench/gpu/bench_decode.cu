@@ -251,9 +251,14 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
   }
   const auto sp_lane = dec::dense_splits(N, B, Hkv, sms, dec::kDenseLaneBlocksPerSm, dec::kDenseLaneMaxSplitLen);  // the lane kernel's own
   const int attended_max = SINKS + TOPK + RECENT;
-  const int ssplits = dec::sparse_splits(attended_max, B, Hkv, sms);
+  const int ssplits = dec::sparse_splits(attended_max, B, Hkv, sms);  // without exact blocks (and W from L2)
+  // the fused step's sparse pass: the sinks and window on exact blocks, the splits over the selection
+  // (DELTAKV_SPARSE=noexact: splits over the whole list, as before, for A/B in one binary)
+  const dec::SparsePlan splan = dec::sparse_plan(TOPK, B, Hkv, sms, dec::sparse_block_threads(D)),
+                        splan256 = dec::sparse_plan(TOPK, B, Hkv, sms, 256);
   const int tsplits = dec::two_pass_splits(attended_max, B, Hkv, sms);  // the two-pass path's values splits
-  Dev part(dec::partials_floats(B, Hq, std::max({sp.n_splits, sp_lane.n_splits, ssplits, tsplits}), D) * 4);
+  Dev part(dec::partials_floats(B, Hq, std::max({sp.n_splits, sp_lane.n_splits, ssplits, tsplits, splan.n_splits + splan.exact_parts, splan256.n_splits + splan256.exact_parts}),
+                                D) * 4);
   Dev scores(std::size_t(B) * Hq * attended_max * 4);                  // the two-pass path's logits
   Dev logits(std::size_t(B) * Hq * N * 2), lse(std::size_t(B) * Hq * 4), keys(std::size_t(B) * N * 4);
   Dev select_work(dec::select_work_words(B, N) * 4);  // the multi-block selection's scratch
@@ -295,6 +300,8 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
                               : senv == "two_pass" ? SparseRun::two_pass
                               : senv == "t256"     ? SparseRun::fused_256
                                                    : SparseRun::fused;
+  const bool exact_blocks = senv != "noexact";
+  int sparse_slots = 0;  // partial slots of the last sparse pass (the combine's n_splits)
   auto sparse_layer = [&](int ci, int filter_layer, unsigned long long* profile = nullptr, SparseRun path = SparseRun::fused) {
     dec::CompressedLayerView<bf> v{reinterpret_cast<const std::byte*>(comp_buf[ci]->p), seq_bytes, off_sinks, off_ring, off_refs,
                                    off_lat, off_scale, off_ids, SINKS, RING, DC, bits, K_REF, lat_ld, code_d.as<std::int32_t>(),
@@ -305,6 +312,12 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
                                   deltakv::RopeStyle::half, SINKS, RECENT, ssplits, part.as<float>(), profile};
     p.weights_from_l2 = path == SparseRun::weights_l2;
     if (path == SparseRun::fused_256) p.block_threads = 256;
+    if (exact_blocks && (path == SparseRun::fused || path == SparseRun::fused_256)) {
+      const dec::SparsePlan& pl = path == SparseRun::fused ? splan : splan256;
+      p.n_splits = pl.n_splits;
+      p.exact_blocks = pl.exact_blocks;
+      p.exact_parts = pl.exact_parts;
+    }
     if (path == SparseRun::two_pass) {
       p.n_splits = tsplits;
       p.scores = scores.as<float>();
@@ -313,7 +326,8 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
     } else {
       dec::sparse_partials<Shapes>(p, s);
     }
-    dec::combine(dec::CombineParams<bf>{part.as<float>(), p.n_splits, B, Hq, D, out.as<bf>(), qd, nullptr}, s);
+    sparse_slots = dec::sparse_partial_slots(p);
+    dec::combine(dec::CombineParams<bf>{part.as<float>(), sparse_slots, B, Hq, D, out.as<bf>(), qd, nullptr}, s);
   };
   // filter layer of each sparse layer: the last full layer before it
   std::vector<int> filter_of(m.layers, -1);
@@ -366,8 +380,9 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
   while (is_full[first_sparse]) ++first_sparse;
   r.sparse_layer_ms = time_graph([&] { sparse_layer(0, filter_of[first_sparse]); }, s, reps * 4);
   // the sparse layer's split merge alone (a separate launch after every layer's partials)
+  const int default_slots = sparse_slots;
   r.combine_ms = time_graph([&] {
-    dec::combine(dec::CombineParams<bf>{part.as<float>(), ssplits, B, Hq, D, out.as<bf>(), qd, nullptr}, s);
+    dec::combine(dec::CombineParams<bf>{part.as<float>(), default_slots, B, Hq, D, out.as<bf>(), qd, nullptr}, s);
   }, s, reps * 4);
   r.sparse_l2_ms = time_graph([&] { sparse_layer(0, filter_of[first_sparse], nullptr, SparseRun::weights_l2); }, s, reps * 4);
   r.sparse_2p_ms = time_graph([&] { sparse_layer(0, filter_of[first_sparse], nullptr, SparseRun::two_pass); }, s, reps * 4);
@@ -382,8 +397,9 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
     vendor::stream_sync(s);
     double tot = 0;
     for (auto v : h) tot += double(v);
+    const int split_blocks = B * Hkv * (exact_blocks ? splan.n_splits : ssplits);  // (exact blocks do not count)
     std::printf("{\"phases\": \"%s %lldK x %d\", \"blocks\": %d, \"cycles_per_block\": %.0f, \"share\": [", m.name,
-                (long long)(N / 1024), B, B * Hkv * ssplits, tot / (B * Hkv * ssplits));
+                (long long)(N / 1024), B, split_blocks, tot / split_blocks);
     const char* names[9] = {"start", "resolve", "dequant", "mma", "gather", "logits", "softmax", "accumulate", "final"};
     for (int i = 0; i < 9; ++i) std::printf("%s\"%s %.1f%%\"", i ? ", " : "", names[i], 100.0 * double(h[i]) / tot);
     std::printf("]}\n");

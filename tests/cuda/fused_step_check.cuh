@@ -38,7 +38,7 @@ void check_fused_step(GpuHarness<cuda::bf16, OmniKVPolicy>& gpu, const Config& c
   const float scale = float(1.0 / std::sqrt(double(HD)));
   const std::int64_t max_n = cfg.cap.max_tokens;
   const auto sp = dec::dense_splits(max_n, 2, Hkv, 132);
-  DBuf<float> part(dec::partials_floats(2, Hq, std::max(sp.n_splits, sparse_splits), HD)), lse(std::size_t(2) * Hq);
+  DBuf<float> part(dec::partials_floats(2, Hq, std::max(sp.n_splits, sparse_splits + 2), HD)), lse(std::size_t(2) * Hq);
   DBuf<std::uint16_t> logits(std::size_t(2) * Hq * max_n);  // f16 bits
   DBuf<std::uint32_t> keys(std::size_t(2) * max_n), select_work(dec::select_work_words(2, max_n));
   DBuf<std::int32_t> sel(std::size_t(2) * TOPK), sel_count(2), dn(std::vector<std::int32_t>{int(len[0]), int(len[1])});
@@ -95,11 +95,12 @@ void check_fused_step(GpuHarness<cuda::bf16, OmniKVPolicy>& gpu, const Config& c
       const auto& dw = gpu.dec[std::size_t(l)].f;
       const auto view = dec::compressed_view<bf>(st, codes.p, dw.w, dw.b);
       part.poison();
-      dec::sparse_partials<Shapes>(dec::SparseDecodeParams<bf>{dq.p, qd, view, dn.p, dc.p, csel.p, TOPK, ccnt.p, 2, Hq, Hkv, HD,
-                                                               scale, rope, cfg.rope.style, pol.sinks, pol.window, sparse_splits,
-                                                               part.p},
-                                   nullptr);
-      dec::combine(dec::CombineParams<bf>{part.p, sparse_splits, 2, Hq, HD, got.p, qd, nullptr}, nullptr);
+      dec::SparseDecodeParams<bf> sparse{dq.p, qd, view, dn.p, dc.p, csel.p, TOPK, ccnt.p, 2, Hq, Hkv, HD,
+                                     scale, rope, cfg.rope.style, pol.sinks, pol.window, sparse_splits, part.p};
+      sparse.exact_blocks = l % 2;  // odd layers: the sinks and the ring's window on an exact block (the bench's step),
+      sparse.exact_parts = 2;       // each pair's cut in two
+      dec::sparse_partials<Shapes>(sparse, nullptr);
+      dec::combine(dec::CombineParams<bf>{part.p, dec::sparse_partial_slots(sparse), 2, Hq, HD, got.p, qd, nullptr}, nullptr);
     }
     const double e = dkt::rel_l2(to_f32(got.get()), to_f32(want.get()));  // NaN (poison) fails the check
     MESSAGE("layer " << l << std::string(st.exact ? " (exact, dense)" : " (compressed, sparse)") << ": rel L2 " << e);

@@ -243,6 +243,45 @@ TEST_CASE("dense_splits: splits cover the sequence in 64-multiples within max_le
             }
 }
 
+// Host only: sparse_plan gives a warp per (sequence, kv head) pair to the exact blocks and keeps
+// splits + exact blocks in one wave wherever a split per pair leaves room for them.
+TEST_CASE("sparse_plan: exact blocks hold a warp per pair, and the splits leave them room in one wave") {
+  for (const int sms : {16, 108, 132})
+    for (const int batch : {1, 2, 8, 32})
+      for (const int hkv : {1, 4, 8})
+        for (const int threads : {256, 512})
+          for (const std::int64_t sel : {std::int64_t(1), std::int64_t(100), std::int64_t(2048)}) {
+            CAPTURE(sms);
+            CAPTURE(batch);
+            CAPTURE(hkv);
+            CAPTURE(threads);
+            CAPTURE(sel);
+            const auto pl = dec::sparse_plan(sel, batch, hkv, sms, threads);
+            const int pairs = batch * hkv, warps = threads / vendor::kWarpSize;
+            CHECK(pl.exact_blocks * warps >= pairs);
+            CHECK(pl.exact_parts >= 1);
+            CHECK(pl.exact_parts <= dec::kSparseMaxExactParts);
+            CHECK((pl.exact_parts == 1 || pl.exact_parts * pairs <= pl.exact_blocks * warps));  // a warp per part
+            CHECK(pl.exact_blocks <= std::max((pairs + warps - 1) / warps, (pairs * dec::kSparseMaxExactParts + warps - 1) / warps));
+            CHECK(pl.n_splits >= 1);
+            CHECK(pl.n_splits <= std::max<std::int64_t>(1, (sel + dec::kSparseTile - 1) / dec::kSparseTile));
+            if (pairs + (pairs + warps - 1) / warps <= sms) CHECK(pl.n_splits * pairs + pl.exact_blocks <= sms);  // one wave
+            else CHECK(pl.exact_blocks * warps < pairs + warps);  // no more exact blocks than a warp per pair needs
+          }
+  // the H100 (132 SMs, 512 threads of 32-lane warps): Llama 128K x 8 (64 pairs) 2 splits + 4 exact
+  // blocks, a part per pair; batch 1 (8 pairs) 16 splits + 4 exact blocks, 8 parts per pair
+  if (vendor::kWarpSize == 32) {
+    const auto llama = dec::sparse_plan(2048, 8, 8, 132, 512);
+    CHECK(llama.n_splits == 2);
+    CHECK(llama.exact_blocks == 4);
+    CHECK(llama.exact_parts == 1);
+    const auto one = dec::sparse_plan(2048, 1, 8, 132, 512);
+    CHECK(one.n_splits == 16);
+    CHECK(one.exact_blocks == 4);
+    CHECK(one.exact_parts == 8);
+  }
+}
+
 __global__ void rope_both_kernel(dec::RopeTableView t, const std::int64_t* pos, int n, float* cs_tab, float* cs_fun) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n * (t.half / 4)) return;
@@ -607,12 +646,15 @@ using TwoPassShapes = dec::ShapeSet<dec::KernelShape<128, 4>, dec::KernelShape<6
 enum class SparsePath { fused, fused_256, fused_w_l2, two_pass };  // fused: the default block (512 threads at head_dim 128)
 
 // rope_tables: the keys' cos/sin read from the RoPE tables (RopeTableView::freq null) instead of
-// computed from the frequencies.
+// computed from the frequencies. exact_blocks, exact_parts: SparseDecodeParams' (the sinks and the
+// ring's window positions on blocks of their own, each pair's cut into parts). sinks, window: the policy's; by default it
+// attends fewer sinks than the cache keeps (4), and its window of 24 reaches compressed positions
+// where the ring holds fewer (16 to 47 tokens).
 void run_sparse_case(const Shape& s, int bits, const std::vector<std::int32_t>& n, int n_select, int n_splits,
-                     SparsePath path = SparsePath::fused, int latent_dim = 0, bool rope_tables = false) {
+                     SparsePath path = SparsePath::fused, int latent_dim = 0, bool rope_tables = false, int exact_blocks = 0,
+                     int sinks = 3, int window = 24, int exact_parts = 1) {
   CompressedFixture fx(s, n, bits, 77 + bits, latent_dim);
   const int B = fx.B, qd = s.Hq * s.D, kvd = 2 * s.Hkv * s.D;
-  const int sinks = 3, window = 24;  // the policy's (attends fewer sinks than the cache keeps)
   const double theta = 500000.0, scale = 1.0 / std::sqrt(double(s.D));
   auto q = random_bf16(std::size_t(B) * qd, 31, -1.f, 1.f);
   // selection: random middle positions, sorted, n_select or fewer per sequence
@@ -637,7 +679,8 @@ void run_sparse_case(const Shape& s, int bits, const std::vector<std::int32_t>& 
   DBuf<unsigned char> store(fx.store);
   DBuf<bf> dw(fx.w), dbias(fx.bias), dq(q.b), dout(std::size_t(B) * qd);
   DBuf<std::int32_t> dcode(fx.code), dn(n), dc(fx.c), dsel(sel), dcnt(cnt);
-  DBuf<float> part(dec::partials_floats(B, s.Hq, n_splits, s.D));
+  const int slots = n_splits + (exact_blocks > 0 ? exact_parts : 0);
+  DBuf<float> part(dec::partials_floats(B, s.Hq, slots, s.D));
   dout.poison();
   part.poison();
   dec::CompressedLayerView<bf> view{reinterpret_cast<const std::byte*>(store.p), fx.seq_bytes, fx.off_sinks, fx.off_ring,
@@ -648,6 +691,9 @@ void run_sparse_case(const Shape& s, int bits, const std::vector<std::int32_t>& 
   p.weights_from_l2 = path == SparsePath::fused_w_l2;
   if (path == SparsePath::fused_256) p.block_threads = 256;
   if (rope_tables) p.rope.freq = nullptr;
+  p.exact_blocks = exact_blocks;
+  p.exact_parts = exact_parts;
+  REQUIRE(dec::sparse_partial_slots(p) == slots);
   const std::int64_t ld_scores = sinks + ld_sel + window + 5;  // the two-pass path's logits scratch
   DBuf<float> scores(std::size_t(B) * s.Hq * ld_scores);
   scores.poison();
@@ -659,7 +705,7 @@ void run_sparse_case(const Shape& s, int bits, const std::vector<std::int32_t>& 
   } else {
     dec::sparse_partials(p, nullptr);
   }
-  dec::combine(dec::CombineParams<bf>{part.p, n_splits, B, s.Hq, s.D, dout.p, qd, nullptr}, nullptr);
+  dec::combine(dec::CombineParams<bf>{part.p, slots, B, s.Hq, s.D, dout.p, qd, nullptr}, nullptr);
   const auto got = f64(dout.get());
   for (int b = 0; b < B; ++b) {
     CAPTURE(b);
@@ -729,6 +775,35 @@ TEST_CASE("fused sparse decode over a compressed layer: sinks + selection + wind
     run_sparse_case(Shape{8, 2, 128, RopeStyle::half}, 4, {700, 1, 130, 1500}, 200, 3, SparsePath::fused_256, 0, true);
     run_sparse_case(Shape{8, 2, 128, RopeStyle::half}, 4, {700, 1, 130, 1500}, 200, 3, SparsePath::two_pass, 0, true);
   }
+  SUBCASE("exact blocks: the sinks and the ring's window on blocks of their own (exact_blocks)") {
+    // 8 (sequence, kv head) pairs: one 16-warp block holds them all; three leave two idle
+    for (int bits : {4, 8, 0}) {
+      CAPTURE(bits);
+      for (int eb : {1, 3}) {
+        CAPTURE(eb);
+        run_sparse_case(Shape{8, 2, 128, RopeStyle::half}, bits, {700, 1, 130, 1500}, 200, 3, SparsePath::fused, 0, false, eb);
+      }
+    }
+    run_sparse_case(Shape{8, 2, 128, RopeStyle::half}, 4, {700, 1, 130, 1500}, 200, 3, SparsePath::fused_256, 0, false, 1);
+    run_sparse_case(Shape{9, 3, 64, RopeStyle::interleaved}, 4, {600, 333}, 100, 1, SparsePath::fused, 0, false, 1);
+    // each pair's exact items cut into parts (a warp each; more parts than items leave some empty)
+    for (int parts : {2, 3, 8}) {
+      CAPTURE(parts);
+      run_sparse_case(Shape{8, 2, 128, RopeStyle::half}, 4, {700, 1, 130, 1500}, 200, 3, SparsePath::fused, 0, false, 2, 3, 24, parts);
+      run_sparse_case(Shape{7, 1, 128, RopeStyle::half}, 8, {900, 64, 5}, 100, 2, SparsePath::fused, 0, false, 1, 6, 40, parts);
+    }
+    run_sparse_case(Shape{9, 3, 64, RopeStyle::interleaved}, 0, {600, 333}, 100, 1, SparsePath::fused_256, 0, false, 4, 3, 24, 5);
+    run_sparse_case(Shape{7, 1, 128, RopeStyle::half}, 4, {900, 64}, 0, 8, SparsePath::fused, 0, false, 2);
+    run_sparse_case(Shape{8, 2, 128, RopeStyle::half}, 4, {700, 1, 130, 1500}, 200, 3, SparsePath::fused, 0, true, 1);
+    // the policy's sinks beyond the 4 stored ones and a window of 40 past the ring's 16 to 47 tokens:
+    // those positions are compressed rows and stay with the splits
+    run_sparse_case(Shape{8, 2, 128, RopeStyle::half}, 4, {700, 3, 5, 130, 1500}, 200, 3, SparsePath::fused, 0, false, 1, 6, 40);
+    run_sparse_case(Shape{8, 2, 128, RopeStyle::half}, 4, {700, 3, 5, 130, 1500}, 200, 3, SparsePath::fused, 0, false, 0, 6, 40);
+    // Llama-3.1-8B's layer shape, long selections (several 256-item chunks per split)
+    run_sparse_case(Shape{32, 8, 128, RopeStyle::half}, 4, {3000, 2500}, 2048, 2, SparsePath::fused, 512, false, 1);
+    if (deltakv::gpu::vendor::kTensorTiles)
+      run_sparse_case(Shape{8, 2, 128, RopeStyle::half}, 4, {3000, 2200, 40, 700}, 1800, 2, SparsePath::fused_w_l2, 0, false, 1);
+  }
   SUBCASE("W_k,h read from global memory (weights_from_l2: two blocks per SM)") {
     if (!deltakv::gpu::vendor::kTensorTiles) {
       MESSAGE("skipped: weights_from_l2 is built for CUDA only");
@@ -753,6 +828,7 @@ TEST_CASE("fused decode: every supported shape (head_dim 64 and 128, 1 to 8 q he
       for (const bool lane : {false, true})
         for (const bool with_logits : {true, false}) run_dense_case(s, {300, 41}, lane, with_logits);
       run_sparse_case(s, 4, {400, 90}, 60, 2);
+      run_sparse_case(s, 4, {400, 90}, 60, 2, SparsePath::fused, 0, false, 1);
       if (D == 128) run_sparse_case(s, 4, {400, 90}, 60, 2, SparsePath::fused_256);
     }
 }
@@ -814,6 +890,16 @@ TEST_CASE("fused decode: unsupported shapes are refused with ConfigError") {
   CHECK_THROWS_AS(dec::sparse_partials(sp, nullptr), ConfigError);
   sp.head_dim = 128;
   sp.block_threads = 0;
+  // exact blocks: none or a positive count, and the fused kernel's only
+  sp.exact_blocks = -1;
+  CHECK_THROWS_AS(dec::sparse_partials(sp, nullptr), ConfigError);
+  sp.exact_blocks = 1;
+  CHECK_NOTHROW(dec::sparse_partials(sp, nullptr));
+  CHECK_THROWS_AS(dec::sparse_partials_two_pass(sp, nullptr), ConfigError);
+  sp.exact_parts = 0;
+  CHECK_THROWS_AS(dec::sparse_partials(sp, nullptr), ConfigError);
+  sp.exact_parts = 1;
+  sp.exact_blocks = 0;
   // a valid shape whose W_k,h and tiles do not fit in one block's shared memory (d_c 768: ~250 KB)
   sp.batch = 1;  // n_splits 1, no RoPE: as above
   sp.layer = int4_layer(768);

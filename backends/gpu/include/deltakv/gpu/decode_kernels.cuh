@@ -1075,11 +1075,23 @@ struct ItemLoc {
   float sc = 0.f, mn = 0.f;
 };
 
+// Partial slots per (sequence, q head) a sparse pass writes: its splits, plus the exact blocks' parts
+// (host and device: the kernels index the partials with it).
+template <class T>
+DELTAKV_GPU_HD int sparse_partial_slots(const SparseDecodeParams<T>& p) {
+  return p.n_splits + (p.exact_blocks > 0 ? p.exact_parts : 0);
+}
+
+// The list the split blocks walk: sink positions [s_first, s_end), the selection, window positions
+// [w_begin, w_end): total items. Without exact blocks s_first = 0 and w_end = n. With them
+// (SparseDecodeParams::exact_blocks) the exact blocks take the sinks held in the sinks store
+// ([0, s_first)) and the window positions still in the ring ([w_end, n)); a policy's sinks or window
+// beyond those (compressed rows) stay in the list.
 template <class T>
 struct SeqView {  // one sequence of the layer, and its attended list's bounds
   const T* sinks; const T* ring; const T* refs;
   const std::uint8_t* lat; const float* scl; const std::int32_t* ids;
-  int n, cfront, s_end, n_sel, w_begin, total;
+  int n, cfront, s_first, s_end, n_sel, w_begin, w_end, total;
 };
 
 template <class T>
@@ -1098,7 +1110,10 @@ DELTAKV_GPU_D SeqView<T> seq_view(const SparseDecodeParams<T>& p, int b) {
   v.s_end = min(p.sinks, v.n);
   v.w_begin = max(v.s_end, v.n - p.window);
   v.n_sel = p.sel_count ? p.sel_count[b] : 0;
-  v.total = v.s_end + v.n_sel + (v.n - v.w_begin);
+  const bool exact = p.exact_blocks > 0;
+  v.s_first = exact ? min(v.s_end, p.layer.sinks) : 0;
+  v.w_end = exact ? max(v.w_begin, min(v.n, v.cfront)) : v.n;
+  v.total = (v.s_end - v.s_first) + v.n_sel + (v.w_end - v.w_begin);
   return v;
 }
 
@@ -1108,13 +1123,14 @@ DELTAKV_GPU_D ItemLoc resolve_item(const SparseDecodeParams<T>& p, const SeqView
   ItemLoc r;
   if (i < 0 || i >= v.total) return r;
   int pos;
-  if (i < v.s_end) {
-    pos = i;
-  } else if (i < v.s_end + v.n_sel) {
-    pos = p.sel[b * p.ld_sel + (i - v.s_end)];
+  const int ns = v.s_end - v.s_first;
+  if (i < ns) {
+    pos = v.s_first + i;
+  } else if (i < ns + v.n_sel) {
+    pos = p.sel[b * p.ld_sel + (i - ns)];
     if (pos < v.s_end || pos >= v.w_begin) return r;  // not a middle position: ignored
   } else {
-    pos = v.w_begin + (i - v.s_end - v.n_sel);
+    pos = v.w_begin + (i - ns - v.n_sel);
   }
   r.pos = pos;
   if (pos < L.sinks) {
@@ -1249,8 +1265,9 @@ DELTAKV_GPU_D void write_sparse_partial(const SparseDecodeParams<T>& p, int b, i
   static_assert(RW >= 1 && D % (RW * NW) == 0, "whole row groups per warp step");
   const auto& L = p.layer;
   const int DC = L.latent_dim, P8 = DC / 8, Hkv = p.n_kv_heads, warp = threadIdx.x / W, lane_w = threadIdx.x % W;
-  float* part = p.part + ((std::int64_t(b) * p.n_q_heads + h * G) * p.n_splits + split) * (D + 2);
-  const std::int64_t head_stride = std::int64_t(p.n_splits) * (D + 2);
+  const int slots = sparse_partial_slots(p);
+  float* part = p.part + ((std::int64_t(b) * p.n_q_heads + h * G) * slots + split) * (D + 2);
+  const std::int64_t head_stride = std::int64_t(slots) * (D + 2);
   for (int d0 = warp * RW; d0 < D; d0 += NW * RW) {
     const T* wrow = L.w_dec + std::int64_t(Hkv * D + h * D + d0) * DC;  // W_v,h row d0 (rows DC apart)
     float dot[RW][G];
@@ -1294,6 +1311,127 @@ DELTAKV_GPU_D void write_sparse_partial(const SparseDecodeParams<T>& p, int b, i
   }
 }
 
+// The exact blocks' work (SparseDecodeParams::exact_blocks; block e of them): the items of every
+// (sequence, kv head) pair that live in exact rows outside the split blocks' list (SeqView: the
+// stored sinks [0, s_first) and the ring's window positions [w_end, n)), cut into exact_parts
+// ranges; a warp per (pair, part) attends its range and writes the pair's partial slot
+// n_splits + part. Each 16-lane group of the warp takes every (W / 16)-th item (the lane layout of
+// load_head: RoPE partners in one lane) with its own online softmax per q head; the groups merge at
+// the end. s_q: [NT / W][G][D + 4] floats of shared memory (sparse_exact_smem_bytes).
+template <class T, int D, int G, int W, int NT>
+DELTAKV_GPU_D void sparse_exact_role(const SparseDecodeParams<T>& p, float* s_q, int e) {
+  constexpr int E = D / 16, H = E / 2, NW = NT / W, GR = W / 16;  // 16-lane groups per warp
+  // q heads per walk over the items: G x E accumulators per lane for G 7 or 8 spilled the split
+  // blocks' registers too (the role is inlined: a call would copy the parameters to the stack)
+  constexpr int GC = G < 4 ? G : 4;
+  constexpr int PF = 2;  // items in flight per 16-lane group
+  static_assert(W % 16 == 0, "whole 16-lane groups");
+  const int warp = threadIdx.x / W, lane_w = threadIdx.x % W, grp = lane_w / 16, lane = lane_w % 16;
+  const bool half = p.style != RopeStyle::interleaved, rope = p.style != RopeStyle::none;
+  const auto& L = p.layer;
+  const int Hkv = p.n_kv_heads, kvd = 2 * Hkv * D, parts = p.exact_parts, slots = sparse_partial_slots(p);
+  const int work = p.batch * Hkv * parts;
+  float* qs = s_q + warp * G * (D + 4);
+  for (int wi = e * NW + warp; wi < work; wi += p.exact_blocks * NW) {  // uniform over the warp
+    const int pr = wi / parts, part = wi % parts, b = pr / Hkv, h = pr % Hkv;
+    const SeqView<T> v = seq_view(p, b);
+    const int n1 = v.s_first, cnt = n1 + (v.n - v.w_end);  // items [0, n1) are sinks, the rest the window's tail
+    const int per = (cnt + parts - 1) / parts, ta = min(cnt, part * per), tb = min(cnt, ta + per);  // this part's items
+    vendor::warp_sync();  // the previous pair's reads of qs are done
+    for (int i = lane_w; i < G * D; i += W) qs[(i / D) * (D + 4) + i % D] = to_float(p.q[b * p.ldq + (h * G) * D + i]) * p.scale;
+    vendor::warp_sync();
+    auto pos_of = [&](int t) { return t < n1 ? t : v.w_end + (t - n1); };
+    // item t's exact row: the sinks store below L.sinks, else the ring; past the part's end ring row
+    // 0 (a load that is never used, as the split blocks' dummy loads)
+    auto load = [&](int t, RawHead<T, D>& kr, RawHead<T, D>& vr) {
+      const int pos = pos_of(t);
+      const T* row = t >= tb ? v.ring
+                     : pos < L.sinks ? v.sinks + std::int64_t(pos) * kvd
+                                     : v.ring + std::int64_t((pos - L.sinks) % L.ring) * kvd;
+      kr = load_head_raw<T, D>(row + h * D, lane, half);
+      vr = load_head_raw<T, D>(row + (Hkv + h) * D, lane, half);
+    };
+    for (int g0 = 0; g0 < G; g0 += GC) {
+      float m[GC], l[GC], acc[GC][E];
+#pragma unroll
+      for (int g = 0; g < GC; ++g) {
+        m[g] = kNegInf;
+        l[g] = 0.f;
+#pragma unroll
+        for (int i = 0; i < E; ++i) acc[g][i] = 0.f;
+      }
+      // PF items per group in flight (slot j holds the group's item t0 + j GR): one at a time, each
+      // item waited for its row (L2 / DRAM latency), which made a warp's ~70 items longer than a
+      // batch-1 split block
+      RawHead<T, D> kb[PF], vb[PF];
+#pragma unroll
+      for (int j = 0; j < PF; ++j) load(ta + grp + j * GR, kb[j], vb[j]);
+      for (int t0 = ta; t0 < tb; t0 += PF * GR) {  // uniform over the warp: its shuffles need every lane
+#pragma unroll
+        for (int j = 0; j < PF; ++j) {
+          const int t = t0 + j * GR + grp;
+          const bool valid = t < tb;
+          float x[E], vv[E];
+          unpack_head<T, D>(kb[j], half, x);
+          unpack_head<T, D>(vb[j], half, vv);
+          load(t + PF * GR, kb[j], vb[j]);  // the slot's next item
+          if (rope) {
+            const int pos = valid ? pos_of(t) : 0;
+            float c[H], sn[H];
+            if (p.rope.freq)
+              rope_sincos<H>(p.rope.freq, pos, lane * H, c, sn);
+            else
+              rope_cs<H>(p.rope, pos, lane * H, c, sn);
+            rotate<E>(x, c, sn);
+          }
+#pragma unroll
+          for (int g = 0; g < GC; ++g) {
+            if (g0 + g >= G) break;  // (uniform)
+            float qv[E];
+            load_head_f32<D>(qs + (g0 + g) * (D + 4), lane, half, qv);
+            float d = 0.f;
+#pragma unroll
+            for (int i = 0; i < E; ++i) d += qv[i] * x[i];
+            d = group16_sum<W>(d);
+            if (valid) {
+              const float mn = fmaxf(m[g], d), alpha = expf(m[g] - mn), pe = expf(d - mn);  // m = -inf: alpha 0
+              l[g] = l[g] * alpha + pe;
+#pragma unroll
+              for (int i = 0; i < E; ++i) acc[g][i] = acc[g][i] * alpha + pe * vv[i];
+              m[g] = mn;
+            }
+          }
+        }
+      }
+      // merge the groups' softmax states (every group ends with the warp's)
+#pragma unroll
+      for (int o = 16; o < W; o *= 2)
+#pragma unroll
+        for (int g = 0; g < GC; ++g) {
+          const float mo = vendor::shfl_xor<W>(m[g], o), lo = vendor::shfl_xor<W>(l[g], o), mn = fmaxf(m[g], mo);
+          const float a = mn == kNegInf ? 0.f : expf(m[g] - mn), ao = mn == kNegInf ? 0.f : expf(mo - mn);
+          l[g] = l[g] * a + lo * ao;
+#pragma unroll
+          for (int i = 0; i < E; ++i) acc[g][i] = acc[g][i] * a + vendor::shfl_xor<W>(acc[g][i], o) * ao;
+          m[g] = mn;
+        }
+      if (grp == 0) {
+#pragma unroll
+        for (int g = 0; g < GC; ++g) {
+          if (g0 + g >= G) break;
+          float* out = p.part + ((std::int64_t(b) * p.n_q_heads + h * G + g0 + g) * slots + p.n_splits + part) * (D + 2);
+#pragma unroll
+          for (int i = 0; i < E; ++i) out[head_dim_of<D>(lane, half, i)] = acc[g][i];
+          if (lane == 0) {
+            out[D] = m[g];
+            out[D + 1] = l[g];
+          }
+        }
+      }
+    }
+  }
+}
+
 template <class T, int D, int G, int W, int NT, bool WL2 = false>
 __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(SparseDecodeParams<T> p) {
   constexpr int TT = kSparseTile, NW = NT / W, E = D / 16, CH = kSparseChunk;
@@ -1318,12 +1456,19 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
   static_assert((NT == 256 || NT == 512) && KT >= 1 && VT >= 1 && NT % W == 0 && NT >= CH, "sparse_decode_kernel: shape");
   const auto& L = p.layer;
   const int DC = L.latent_dim, K = L.k, ldz = DC + 8, ldk = D + 4;
-  const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int Hkv = p.n_kv_heads, kvd = 2 * Hkv * D;
+  DELTAKV_DYNAMIC_SMEM(unsigned char, smem_raw);
+  // blocks [0, n_splits * Hkv * B): split fastest, then kv head, then sequence; the exact blocks
+  // after them (dispatched last, onto the multiprocessors the splits leave free)
+  const int per_seq = p.n_splits * Hkv;
+  if (int(blockIdx.x) >= per_seq * p.batch) {
+    sparse_exact_role<T, D, G, W, NT>(p, reinterpret_cast<float*>(smem_raw), int(blockIdx.x) - per_seq * p.batch);
+    return;
+  }
+  const int split = int(blockIdx.x) % p.n_splits, h = (int(blockIdx.x) / p.n_splits) % Hkv, b = int(blockIdx.x) / per_seq;
   const bool half = p.style != RopeStyle::interleaved, rope = p.style != RopeStyle::none;
   const int warp = threadIdx.x / W, lane_w = threadIdx.x % W;
 
-  DELTAKV_DYNAMIC_SMEM(unsigned char, smem_raw);
   T* s_w = reinterpret_cast<T*>(smem_raw);                             // [D][ldz] (none if WL2)
   T* s_z = s_w + (WL2 ? 0 : std::size_t(D) * ldz);                      // [TT][ldz]
   float* s_k = reinterpret_cast<float*>(s_z + std::size_t(TT) * ldz);  // [TT][ldk]

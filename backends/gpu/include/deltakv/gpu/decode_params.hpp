@@ -143,6 +143,15 @@ struct SparseDecodeParams {
   // Two-pass path only (sparse_partials_two_pass): scratch [B, Hq, ld_scores] f32 for the logits of
   // the attended items, ld_scores >= sinks + ld_sel + window.
   float* scores = nullptr; std::int64_t ld_scores = 0;
+  // Fused path only: 0, or blocks launched after the splits that attend every (sequence, kv head)
+  // pair's sinks and recent window held in exact rows, so that the splits walk the selection alone.
+  // At Llama 128K x 8 the 128 split blocks leave 4 of the H100's 132 multiprocessors idle; the sinks
+  // + window (136 of 2184 items, 4.25 tiles) cost the longest split 3 of its 35 tiles. Each pair's
+  // exact items are cut into exact_parts ranges, a warp each (batch 1 has few pairs and short
+  // splits: one warp per pair outlasted them). The partials then hold n_splits + exact_parts slots
+  // per head (sparse_partial_slots; combine over that many); sparse_plan picks the counts.
+  int exact_blocks = 0;
+  int exact_parts = 1;
 };
 
 }  // namespace deltakv::gpu::decode

@@ -119,6 +119,27 @@ inline int sparse_splits(std::int64_t max_attended, int batch, int n_kv_heads, i
   const std::int64_t by_work = std::max<std::int64_t>(1, (max_attended + kSparseTile - 1) / kSparseTile);
   return int(std::min(by_sms, by_work));
 }
+// The fused sparse pass with exact blocks (SparseDecodeParams::exact_blocks / exact_parts): at
+// least a warp per (sequence, kv head) pair at `block_threads` (sparse_block_threads' choice), the
+// splits of the selection (max_selected items) on the multiprocessors left, the exact blocks on
+// all that the splits leave free, and each pair's exact items cut into as many parts (at most
+// kSparseMaxExactParts) as those blocks have warps per pair: all in one wave. H100 (132): Llama
+// 128K x 8 2 splits x 64 pairs + 4 exact blocks, one part; batch 1 16 x 8 + 4, 8 parts.
+inline constexpr int kSparseMaxExactParts = 8;
+struct SparsePlan {
+  int n_splits = 1, exact_blocks = 0, exact_parts = 1;
+};
+inline SparsePlan sparse_plan(std::int64_t max_selected, int batch, int n_kv_heads, int sms, int block_threads) {
+  const std::int64_t pairs = std::max<std::int64_t>(1, std::int64_t(batch) * n_kv_heads);
+  const int warps = std::max(1, block_threads / vendor::kWarpSize);
+  const std::int64_t needed = (pairs + warps - 1) / warps;
+  SparsePlan s;
+  s.n_splits = sparse_splits(max_selected, batch, n_kv_heads, int(std::max<std::int64_t>(1, sms - needed)));
+  const std::int64_t useful = (pairs * kSparseMaxExactParts + warps - 1) / warps;  // a warp for every part
+  s.exact_blocks = int(std::max(needed, std::min(useful, std::int64_t(sms) - s.n_splits * pairs)));
+  s.exact_parts = int(std::clamp<std::int64_t>(std::int64_t(s.exact_blocks) * warps / pairs, 1, kSparseMaxExactParts));
+  return s;
+}
 
 // The (head_dim, group) pairs a build instantiates (see the header comment).
 template <int HeadDim, int Group>
@@ -385,6 +406,10 @@ inline void select_topk(const SelectParams& p, std::int64_t max_n, vendor::strea
 inline std::size_t sparse_smem(int head_dim, int n_q_heads, int n_kv_heads, int latent_dim, int k, bool weights_from_l2 = false) {
   return sparse_smem_bytes(head_dim, n_q_heads / n_kv_heads, latent_dim, k, !weights_from_l2);
 }
+// The exact blocks' shared memory (sparse_exact_role): each warp's q heads as f32.
+inline std::size_t sparse_exact_smem_bytes(int head_dim, int group, int block_threads) {
+  return std::size_t(block_threads / vendor::kWarpSize) * group * (head_dim + 4) * 4;
+}
 
 namespace detail {
 // The checks both sparse paths share.
@@ -405,31 +430,40 @@ void check_sparse(const SparseDecodeParams<T>& p, const char* what) {
   if (p.style != RopeStyle::none && p.rope.freq && p.rope.max_pos > (std::int64_t(1) << 24))
     throw ConfigError(w + ": RoPE freq takes positions below 2^24 (max_pos above it)");
   if (p.n_splits <= 0) throw ConfigError(w + ": n_splits must be positive");
+  if (p.exact_blocks < 0) throw ConfigError(w + ": exact_blocks must be 0 (none) or positive");
+  if (p.exact_parts < 1) throw ConfigError(w + ": exact_parts must be positive");
+  if (std::int64_t(p.n_splits) * p.n_kv_heads * p.batch + p.exact_blocks > std::int64_t(0x7fffffff))
+    throw ConfigError(w + ": n_splits * n_kv_heads * batch + exact_blocks exceeds a grid");
   if (p.block_threads != 0 && !sparse_block_threads_valid(p.head_dim, p.block_threads))
     throw ConfigError(w + ": block_threads must be 0 (default), 256, or 512 with head_dim 128 (CUDA)");
   check_rope(p.rope, p.style, p.head_dim, 0, what);
 }
 }  // namespace detail
 
+// The fused sparse pass over one compressed layer: partials_floats(B, Hq, sparse_partial_slots(p), D)
+// floats at p.part, merged by combine() with n_splits = sparse_partial_slots(p).
 template <class Shapes = AllShapes, class T>
 void sparse_partials(const SparseDecodeParams<T>& p, vendor::stream_t stream) {
   static_assert(!std::is_same_v<T, float>, "the fused sparse path stores 16-bit values (bf16 / f16)");
   detail::check_sparse(p, "sparse_decode");
   const auto& L = p.layer;
   if (p.batch == 0) return;
-  const std::size_t smem = sparse_smem(p.head_dim, p.n_q_heads, p.n_kv_heads, L.latent_dim, L.k, p.weights_from_l2);
+  const int threads = p.weights_from_l2 ? 256 : sparse_block_threads(p.head_dim, p.block_threads);
+  std::size_t smem = sparse_smem(p.head_dim, p.n_q_heads, p.n_kv_heads, L.latent_dim, L.k, p.weights_from_l2);
+  if (p.exact_blocks > 0) smem = std::max(smem, sparse_exact_smem_bytes(p.head_dim, p.n_q_heads / p.n_kv_heads, threads));
   const int smem_max = vendor::max_smem_per_block(vendor::current_device());
   if (smem > std::size_t(smem_max))
     throw CapacityError("sparse_decode: this shape needs " + std::to_string(smem) + " bytes of shared memory per block (W_k,h of " +
                         "head_dim x latent_dim and the tiles); the device allows " + std::to_string(smem_max) +
                         " (weights_from_l2 or a smaller latent_dim fits; the cache's tiled attend() serves any shape)");
   constexpr int W = vendor::kWarpSize;
-  const int threads = p.weights_from_l2 ? 256 : sparse_block_threads(p.head_dim, p.block_threads);
+  // one dimension: the splits' blocks (split fastest, then kv head, then sequence), then the exact ones
+  const unsigned grid = unsigned(std::int64_t(p.n_splits) * p.n_kv_heads * p.batch + p.exact_blocks);
   detail::dispatch<Shapes>(p.head_dim, p.n_q_heads / p.n_kv_heads, [&](auto d, auto g) {
     constexpr int Dv = decltype(d)::value, Gv = decltype(g)::value;
     auto launch = [&](auto kernel, int nt) {
       vendor::allow_dynamic_smem(kernel, int(smem));
-      kernel<<<dim3(p.n_splits, p.n_kv_heads, p.batch), nt, smem, stream>>>(p);
+      kernel<<<grid, nt, smem, stream>>>(p);
     };
     // The weights-from-L2 variant exists for the tensor-core build only: on HIP the tile product is
     // the per-lane fallback and AMD's 64 KB of LDS per block fits neither variant.
@@ -474,6 +508,7 @@ template <class Shapes = AllShapes, class T>
 void sparse_partials_two_pass(const SparseDecodeParams<T>& p, vendor::stream_t stream) {
   static_assert(!std::is_same_v<T, float>, "the sparse path stores 16-bit values (bf16 / f16)");
   detail::check_sparse(p, "sparse_decode (two pass)");
+  if (p.exact_blocks != 0) throw ConfigError("sparse_decode (two pass): exact_blocks is the fused kernel's (set it to 0)");
   const auto& L = p.layer;
   if (L.latent_dim > kTwoPassMaxLatent)
     throw ConfigError("sparse_decode (two pass): latent_dim above " + std::to_string(kTwoPassMaxLatent));
