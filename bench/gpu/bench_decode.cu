@@ -253,7 +253,7 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
   const int attended_max = SINKS + TOPK + RECENT;
   const int ssplits = dec::sparse_splits(attended_max, B, Hkv, sms);  // without exact blocks (and W from L2)
   // the fused step's sparse pass: the sinks and window on exact blocks, the splits over the selection
-  // (DELTAKV_SPARSE=noexact: splits over the whole list, as before, for A/B in one binary)
+  // (DELTAKV_EXACT_BLOCKS=0: splits over the whole list, as before, for A/B in one binary)
   const dec::SparsePlan splan = dec::sparse_plan(TOPK, B, Hkv, sms, dec::sparse_block_threads(D)),
                         splan256 = dec::sparse_plan(TOPK, B, Hkv, sms, 256);
   const int tsplits = dec::two_pass_splits(attended_max, B, Hkv, sms);  // the two-pass path's values splits
@@ -300,7 +300,9 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
                               : senv == "two_pass" ? SparseRun::two_pass
                               : senv == "t256"     ? SparseRun::fused_256
                                                    : SparseRun::fused;
-  const bool exact_blocks = senv != "noexact";
+  // DELTAKV_EXACT_BLOCKS=0: the fused passes split the whole list, as before exact blocks (A/B)
+  const char* exact_env = std::getenv("DELTAKV_EXACT_BLOCKS");
+  const bool exact_blocks = !(exact_env && std::string(exact_env) == "0");
   int sparse_slots = 0;  // partial slots of the last sparse pass (the combine's n_splits)
   auto sparse_layer = [&](int ci, int filter_layer, unsigned long long* profile = nullptr, SparseRun path = SparseRun::fused) {
     dec::CompressedLayerView<bf> v{reinterpret_cast<const std::byte*>(comp_buf[ci]->p), seq_bytes, off_sinks, off_ring, off_refs,

@@ -59,7 +59,7 @@ void check_fused_step(GpuHarness<cuda::bf16, OmniKVPolicy>& gpu, const Config& c
     if (st.exact) {
       std::int64_t stride = 0;
       const bf* rows = dec::exact_rows<bf>(st, &stride);
-      part.poison();
+      part.poison(0x7F);  // finite and huge: a slot left unwritten dominates the merge (NaN would be skipped)
       logits.poison();
       dec::dense_partials<Shapes>(dec::DenseDecodeParams<bf>{dq.p, qd, rows, stride, dn.p, 2, Hq, Hkv, HD, scale, rope,
                                                              cfg.rope.style, sp.split_len, sp.n_splits, part.p, logits.p, max_n},
@@ -94,7 +94,7 @@ void check_fused_step(GpuHarness<cuda::bf16, OmniKVPolicy>& gpu, const Config& c
       DBuf<std::int32_t> csel(hs), ccnt(hc);
       const auto& dw = gpu.dec[std::size_t(l)].f;
       const auto view = dec::compressed_view<bf>(st, codes.p, dw.w, dw.b);
-      part.poison();
+      part.poison(0x7F);  // finite and huge: a slot left unwritten dominates the merge (NaN would be skipped)
       dec::SparseDecodeParams<bf> sparse{dq.p, qd, view, dn.p, dc.p, csel.p, TOPK, ccnt.p, 2, Hq, Hkv, HD,
                                      scale, rope, cfg.rope.style, pol.sinks, pol.window, sparse_splits, part.p};
       sparse.exact_blocks = l % 2;  // odd layers: the sinks and the ring's window on an exact block (the bench's step),

@@ -165,7 +165,7 @@ void run_dense_case(const Shape& s, const std::vector<std::int32_t>& n, bool lan
   DBuf<float> part(dec::partials_floats(B, s.Hq, sp.n_splits, s.D)),
       lse(std::size_t(B) * s.Hq);
   dout.poison();
-  part.poison();
+  part.poison(0x7F);  // finite and huge: a split left unwritten dominates the merge (NaN would be skipped)
   logits.poison();
   lse.poison();
   dec::DenseDecodeParams<T> p{dq.p, qd, dkv.p, stride, dn.p, B, s.Hq, s.Hkv, s.D, float(scale), rope.view, s.style,
@@ -647,9 +647,10 @@ enum class SparsePath { fused, fused_256, fused_w_l2, two_pass };  // fused: the
 
 // rope_tables: the keys' cos/sin read from the RoPE tables (RopeTableView::freq null) instead of
 // computed from the frequencies. exact_blocks, exact_parts: SparseDecodeParams' (the sinks and the
-// ring's window positions on blocks of their own, each pair's cut into parts). sinks, window: the policy's; by default it
-// attends fewer sinks than the cache keeps (4), and its window of 24 reaches compressed positions
-// where the ring holds fewer (16 to 47 tokens).
+// ring's window positions on blocks of their own, each pair's cut into parts). sinks, window: the
+// policy's; by default it attends fewer sinks than the cache keeps (4), and its window of 24 reaches
+// compressed positions where the ring holds fewer tokens (the fixture leaves 16 to 47: e.g. n 600, 90,
+// 3000 and 2200 leave 20-22; the cases with window 40 reach them at every n).
 void run_sparse_case(const Shape& s, int bits, const std::vector<std::int32_t>& n, int n_select, int n_splits,
                      SparsePath path = SparsePath::fused, int latent_dim = 0, bool rope_tables = false, int exact_blocks = 0,
                      int sinks = 3, int window = 24, int exact_parts = 1) {
@@ -682,7 +683,10 @@ void run_sparse_case(const Shape& s, int bits, const std::vector<std::int32_t>& 
   const int slots = n_splits + (exact_blocks > 0 ? exact_parts : 0);
   DBuf<float> part(dec::partials_floats(B, s.Hq, slots, s.D));
   dout.poison();
-  part.poison();
+  // partials poisoned finite and huge (0x7F bytes: m = l = acc = 3.4e38), not NaN: combine skips a NaN
+  // slot (fmaxf ignores it, l > 0 is false), but a huge m and l > 0 would dominate any slot a pass failed
+  // to write, as stale partials of an earlier layer would
+  part.poison(0x7F);
   dec::CompressedLayerView<bf> view{reinterpret_cast<const std::byte*>(store.p), fx.seq_bytes, fx.off_sinks, fx.off_ring,
                                     fx.off_refs, fx.off_lat, fx.off_scale, fx.off_ids, fx.S, fx.ring, fx.DC, bits, fx.k,
                                     fx.lat_ld, dcode.p, dw.p, dbias.p};
@@ -895,7 +899,21 @@ TEST_CASE("fused decode: unsupported shapes are refused with ConfigError") {
   CHECK_THROWS_AS(dec::sparse_partials(sp, nullptr), ConfigError);
   sp.exact_blocks = 1;
   CHECK_NOTHROW(dec::sparse_partials(sp, nullptr));
-  CHECK_THROWS_AS(dec::sparse_partials_two_pass(sp, nullptr), ConfigError);
+  {  // the two-pass path refuses exact blocks (with its scores scratch given, nothing else would throw)
+    DBuf<float> scr(64);
+    sp.scores = scr.p;
+    sp.ld_scores = 64;
+    sp.exact_blocks = 0;
+    CHECK_NOTHROW(dec::sparse_partials_two_pass<TwoPassShapes>(sp, nullptr));
+    sp.exact_blocks = 1;
+    CHECK_THROWS_AS(dec::sparse_partials_two_pass<TwoPassShapes>(sp, nullptr), ConfigError);
+    sp.scores = nullptr;
+    sp.ld_scores = 0;
+  }
+  sp.exact_parts = 1 << 30;  // n_splits + exact_parts overflows the kernels' int slot count
+  sp.n_splits = 1 << 30;
+  CHECK_THROWS_AS(dec::sparse_partials(sp, nullptr), ConfigError);
+  sp.n_splits = 1;
   sp.exact_parts = 0;
   CHECK_THROWS_AS(dec::sparse_partials(sp, nullptr), ConfigError);
   sp.exact_parts = 1;

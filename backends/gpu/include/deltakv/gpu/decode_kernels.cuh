@@ -1085,8 +1085,9 @@ DELTAKV_GPU_HD int sparse_partial_slots(const SparseDecodeParams<T>& p) {
 // The list the split blocks walk: sink positions [s_first, s_end), the selection, window positions
 // [w_begin, w_end): total items. Without exact blocks s_first = 0 and w_end = n. With them
 // (SparseDecodeParams::exact_blocks) the exact blocks take the sinks held in the sinks store
-// ([0, s_first)) and the window positions still in the ring ([w_end, n)); a policy's sinks or window
-// beyond those (compressed rows) stay in the list.
+// ([0, s_first)) and the window from the compressed frontier on ([w_end, n): ring rows, or sinks-store
+// rows in a sequence shorter than the stored sinks); the policy's other sinks and window positions
+// (compressed rows, or exact rows of short sequences) stay in the list, which resolve_item serves.
 template <class T>
 struct SeqView {  // one sequence of the layer, and its attended list's bounds
   const T* sinks; const T* ring; const T* refs;
@@ -1330,13 +1331,13 @@ DELTAKV_GPU_D void sparse_exact_role(const SparseDecodeParams<T>& p, float* s_q,
   const bool half = p.style != RopeStyle::interleaved, rope = p.style != RopeStyle::none;
   const auto& L = p.layer;
   const int Hkv = p.n_kv_heads, kvd = 2 * Hkv * D, parts = p.exact_parts, slots = sparse_partial_slots(p);
-  const int work = p.batch * Hkv * parts;
+  const std::int64_t work = std::int64_t(p.batch) * Hkv * parts;
   float* qs = s_q + warp * G * (D + 4);
-  for (int wi = e * NW + warp; wi < work; wi += p.exact_blocks * NW) {  // uniform over the warp
-    const int pr = wi / parts, part = wi % parts, b = pr / Hkv, h = pr % Hkv;
+  for (std::int64_t wi = std::int64_t(e) * NW + warp; wi < work; wi += std::int64_t(p.exact_blocks) * NW) {  // uniform over the warp
+    const int pr = int(wi / parts), part = int(wi % parts), b = pr / Hkv, h = pr % Hkv;
     const SeqView<T> v = seq_view(p, b);
     const int n1 = v.s_first, cnt = n1 + (v.n - v.w_end);  // items [0, n1) are sinks, the rest the window's tail
-    const int per = (cnt + parts - 1) / parts, ta = min(cnt, part * per), tb = min(cnt, ta + per);  // this part's items
+    const int ta = int(std::int64_t(part) * cnt / parts), tb = int(std::int64_t(part + 1) * cnt / parts);  // this part's items
     vendor::warp_sync();  // the previous pair's reads of qs are done
     for (int i = lane_w; i < G * D; i += W) qs[(i / D) * (D + 4) + i % D] = to_float(p.q[b * p.ldq + (h * G) * D + i]) * p.scale;
     vendor::warp_sync();
@@ -1360,7 +1361,7 @@ DELTAKV_GPU_D void sparse_exact_role(const SparseDecodeParams<T>& p, float* s_q,
 #pragma unroll
         for (int i = 0; i < E; ++i) acc[g][i] = 0.f;
       }
-      // PF items per group in flight (slot j holds the group's item t0 + j GR): one at a time, each
+      // PF items per group in flight (slot j holds the group's item t0 + j GR + grp): one at a time, each
       // item waited for its row (L2 / DRAM latency), which made a warp's ~70 items longer than a
       // batch-1 split block
       RawHead<T, D> kb[PF], vb[PF];
@@ -1393,8 +1394,8 @@ DELTAKV_GPU_D void sparse_exact_role(const SparseDecodeParams<T>& p, float* s_q,
 #pragma unroll
             for (int i = 0; i < E; ++i) d += qv[i] * x[i];
             d = group16_sum<W>(d);
-            if (valid) {
-              const float mn = fmaxf(m[g], d), alpha = expf(m[g] - mn), pe = expf(d - mn);  // m = -inf: alpha 0
+            if (valid) {  // (m = -inf: alpha 0; both -inf, only from non-finite rows: nothing added)
+              const float mn = fmaxf(m[g], d), alpha = mn == kNegInf ? 1.f : expf(m[g] - mn), pe = mn == kNegInf ? 0.f : expf(d - mn);
               l[g] = l[g] * alpha + pe;
 #pragma unroll
               for (int i = 0; i < E; ++i) acc[g][i] = acc[g][i] * alpha + pe * vv[i];
@@ -1459,7 +1460,8 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(NT, WL2 ? 2 : 1) sparse_decode_kernel(
   const int Hkv = p.n_kv_heads, kvd = 2 * Hkv * D;
   DELTAKV_DYNAMIC_SMEM(unsigned char, smem_raw);
   // blocks [0, n_splits * Hkv * B): split fastest, then kv head, then sequence; the exact blocks
-  // after them (dispatched last, onto the multiprocessors the splits leave free)
+  // after them (the hardware dispatches blocks in index order in practice, so they land on the
+  // multiprocessors the splits leave free; correctness does not depend on it)
   const int per_seq = p.n_splits * Hkv;
   if (int(blockIdx.x) >= per_seq * p.batch) {
     sparse_exact_role<T, D, G, W, NT>(p, reinterpret_cast<float*>(smem_raw), int(blockIdx.x) - per_seq * p.batch);

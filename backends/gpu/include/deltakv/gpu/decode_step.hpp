@@ -432,8 +432,11 @@ void check_sparse(const SparseDecodeParams<T>& p, const char* what) {
   if (p.n_splits <= 0) throw ConfigError(w + ": n_splits must be positive");
   if (p.exact_blocks < 0) throw ConfigError(w + ": exact_blocks must be 0 (none) or positive");
   if (p.exact_parts < 1) throw ConfigError(w + ": exact_parts must be positive");
-  if (std::int64_t(p.n_splits) * p.n_kv_heads * p.batch + p.exact_blocks > std::int64_t(0x7fffffff))
-    throw ConfigError(w + ": n_splits * n_kv_heads * batch + exact_blocks exceeds a grid");
+  // the kernels' int indices: grid blocks, the exact warps' stride and work items, partial slots
+  constexpr std::int64_t kIntMax = 0x7fffffff;
+  if (std::int64_t(p.n_splits) * p.n_kv_heads * p.batch + p.exact_blocks > kIntMax || std::int64_t(p.exact_blocks) * 1024 > kIntMax ||
+      std::int64_t(p.batch) * p.n_kv_heads * p.exact_parts > kIntMax || std::int64_t(p.n_splits) + p.exact_parts > kIntMax)
+    throw ConfigError(w + ": n_splits, exact_blocks or exact_parts too large for the kernels' 32-bit indices");
   if (p.block_threads != 0 && !sparse_block_threads_valid(p.head_dim, p.block_threads))
     throw ConfigError(w + ": block_threads must be 0 (default), 256, or 512 with head_dim 128 (CUDA)");
   check_rope(p.rope, p.style, p.head_dim, 0, what);
