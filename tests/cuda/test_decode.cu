@@ -797,6 +797,11 @@ TEST_CASE("fused sparse decode over a compressed layer: sinks + selection + wind
       run_sparse_case(Shape{7, 1, 128, RopeStyle::half}, 8, {900, 64, 5}, 100, 2, SparsePath::fused, 0, false, 1, 6, 40, parts);
     }
     run_sparse_case(Shape{9, 3, 64, RopeStyle::interleaved}, 0, {600, 333}, 100, 1, SparsePath::fused_256, 0, false, 4, 3, 24, 5);
+    // no RoPE (a layer without rotary positions), with and without exact blocks
+    for (int eb : {0, 1}) {
+      CAPTURE(eb);
+      run_sparse_case(Shape{8, 2, 64, RopeStyle::none}, 4, {700, 130}, 200, 2, SparsePath::fused, 0, false, eb, 3, 24, 2);
+    }
     run_sparse_case(Shape{7, 1, 128, RopeStyle::half}, 4, {900, 64}, 0, 8, SparsePath::fused, 0, false, 2);
     run_sparse_case(Shape{8, 2, 128, RopeStyle::half}, 4, {700, 1, 130, 1500}, 200, 3, SparsePath::fused, 0, true, 1);
     // the policy's sinks beyond the 4 stored ones and a window of 40 past the ring's 16 to 47 tokens:
