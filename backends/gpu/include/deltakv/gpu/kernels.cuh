@@ -848,14 +848,74 @@ DELTAKV_GPU_D void warp_pick_k(float (&bs)[MK], int (&bi)[MK], int k, int lane, 
   }
 }
 
+// The top-k folds' per-thread list (ref_topk_rows_kernel, ref_topk_warp_rows_kernel), K best of the
+// columns a thread meets, sorted best first. K is the k of the search, a template parameter so that
+// the list stays in registers with constant indices (the host dispatches k). A thread meets its columns
+// in increasing id order, after every id already in its list (those of earlier chunks included), so a
+// column enters the list exactly when its score is strictly above the list's last: one compare per
+// column. (NaN scores never enter, as with ranks_before.)
+template <int K>
+DELTAKV_GPU_D void topk_start(float (&bs)[K], int (&bi)[K], bool carry, const float* list_s, const std::int32_t* list_i,
+                              std::int64_t row) {  // carry: from the row's list so far, else empty
+#pragma unroll
+  for (int q = 0; q < K; ++q) {
+    bs[q] = carry ? list_s[row * K + q] : kNegInf;
+    bi[q] = carry ? list_i[row * K + q] : -1;
+  }
+}
+template <int K>
+DELTAKV_GPU_D void topk_consider(float (&bs)[K], int (&bi)[K], float sc, int id) {
+  if (!(sc > bs[K - 1])) return;
+  // insertion from the bottom, each place from the old list above it (constant indices, no exits:
+  // an early return kept the list out of registers)
+#pragma unroll
+  for (int q = K - 1; q >= 0; --q) {
+    const bool up = q > 0 && sc > bs[q > 0 ? q - 1 : 0];
+    if (up) {
+      bs[q] = bs[q - 1];
+      bi[q] = bi[q - 1];
+    } else if (sc > bs[q]) {
+      bs[q] = sc;
+      bi[q] = id;
+    }
+  }
+}
+// Columns c .. c + 3 of a row: one 16-byte load each of scores and norms (norms for l2 only).
+struct TopkCols4 {
+  float4 v, nr;
+};
+DELTAKV_GPU_D TopkCols4 topk_load4(const float* srow, const float* norms, bool l2, std::int64_t c) {
+  TopkCols4 r{*reinterpret_cast<const float4*>(srow + c), make_float4(0.f, 0.f, 0.f, 0.f)};
+  if (l2) r.nr = *reinterpret_cast<const float4*>(norms + c);
+  return r;
+}
+// Those four (the ones below lim) into the list: l2 scores 2 s - |r|^2, dot scores s, ids j0 + c on.
+template <int K>
+DELTAKV_GPU_D void topk_consider4(float (&bs)[K], int (&bi)[K], const TopkCols4& a, bool l2, std::int64_t c,
+                                  std::int64_t lim, std::int64_t j0) {
+  const float4 v = a.v, nr = a.nr;
+  const int id = static_cast<int>(j0 + c);
+  topk_consider<K>(bs, bi, l2 ? 2.f * v.x - nr.x : v.x, id);
+  if (c + 1 < lim) topk_consider<K>(bs, bi, l2 ? 2.f * v.y - nr.y : v.y, id + 1);
+  if (c + 2 < lim) topk_consider<K>(bs, bi, l2 ? 2.f * v.z - nr.z : v.z, id + 2);
+  if (c + 3 < lim) topk_consider<K>(bs, bi, l2 ? 2.f * v.w - nr.w : v.w, id + 3);
+}
+// A row's q-th best: its id after the last chunk (ids), else into the carried list.
+template <int K>
+DELTAKV_GPU_D void topk_store(std::int64_t row, int q, float sc, int id, float* list_s, std::int32_t* list_i,
+                              std::int32_t* ids) {
+  if (ids) {
+    ids[row * K + q] = id;
+  } else {
+    list_s[row * K + q] = sc;
+    list_i[row * K + q] = id;
+  }
+}
+
 // A block of NT threads per row: each thread keeps the K best of the columns it scans (thread 0
 // starts from the row's list so far), each warp picks its K best (warp_pick_k) into shared
 // memory, and the first warp, one warp list per lane, picks the row's K best from those. (One
-// warp per row left an SM ~7 warps at a block's 920 rows.) K is the k of the search, a template
-// parameter so that the lists stay in registers with constant indices (the host dispatches k).
-// A thread meets its columns in increasing id order, after every id already in its list (those of
-// earlier chunks included), so a column enters the list exactly when its score is strictly above
-// the list's last: one compare per column. (NaN scores never enter, as with ranks_before.)
+// warp per row left an SM ~7 warps at a block's 920 rows.)
 // scores: rows ld_scores apart, a multiple of 4, 16-byte aligned; norms: 16-byte aligned, readable
 // up to cols rounded up to 4.
 template <int W, int K, int NT>
@@ -871,45 +931,12 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) ref_topk_rows_kernel(std::int64_t n, M
   for (std::int64_t row = blockIdx.x; row < n; row += gridDim.x) {
     float bs[K];
     int bi[K];
-#pragma unroll
-    for (int q = 0; q < K; ++q) {
-      bs[q] = kNegInf;
-      bi[q] = -1;
-      if (!first && threadIdx.x == 0) {
-        bs[q] = list_s[row * K + q];
-        bi[q] = list_i[row * K + q];
-      }
-    }
+    topk_start<K>(bs, bi, !first && threadIdx.x == 0, list_s, list_i, row);
     const std::int64_t vis_left = std::int64_t(visible[row]) - j0, lim = vis_left < cols ? vis_left : cols;
     const float* srow = scores + row * ld_scores;
-    auto consider = [&](float sc, std::int64_t c) {
-      if (!(sc > bs[K - 1])) return;
-      const int jj = static_cast<int>(j0 + c);
-      // insertion from the bottom, each place from the old list above it (constant indices, no exits:
-      // an early return kept the list out of registers)
-#pragma unroll
-      for (int q = K - 1; q >= 0; --q) {
-        const bool up = q > 0 && sc > bs[q > 0 ? q - 1 : 0];
-        if (up) {
-          bs[q] = bs[q - 1];
-          bi[q] = bi[q - 1];
-        } else if (sc > bs[q]) {
-          bs[q] = sc;
-          bi[q] = jj;
-        }
-      }
-    };
-    // Four columns per step, one 16-byte load each of scores and norms.
-    for (std::int64_t c = 4 * threadIdx.x; c < lim; c += 4 * NT) {
-      const float4 v = *reinterpret_cast<const float4*>(srow + c);
-      float4 nr = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (metric == Metric::l2) nr = *reinterpret_cast<const float4*>(norms + c);
-      const bool l2 = metric == Metric::l2;
-      consider(l2 ? 2.f * v.x - nr.x : v.x, c);
-      if (c + 1 < lim) consider(l2 ? 2.f * v.y - nr.y : v.y, c + 1);
-      if (c + 2 < lim) consider(l2 ? 2.f * v.z - nr.z : v.z, c + 2);
-      if (c + 3 < lim) consider(l2 ? 2.f * v.w - nr.w : v.w, c + 3);
-    }
+    const bool l2 = metric == Metric::l2;
+    for (std::int64_t c = 4 * threadIdx.x; c < lim; c += 4 * NT)
+      topk_consider4<K>(bs, bi, topk_load4(srow, norms, l2, c), l2, c, lim, j0);
     warp_pick_k<W, K>(bs, bi, K, lane, [&](int q, float sc, int id) {
       if (lane == 0) {
         w_s[warp][q] = sc;
@@ -925,14 +952,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) ref_topk_rows_kernel(std::int64_t n, M
         bi[q] = has ? w_i[has ? lane : 0][q] : -1;
       }
       warp_pick_k<W, K>(bs, bi, K, lane, [&](int q, float sc, int id) {
-        if (lane == 0) {
-          if (ids) {
-            ids[row * K + q] = id;
-          } else {
-            list_s[row * K + q] = sc;
-            list_i[row * K + q] = id;
-          }
-        }
+        if (lane == 0) topk_store<K>(row, q, sc, id, list_s, list_i, ids);
       });
     }
     __syncthreads();  // w_s / w_i are rewritten for the next row
@@ -954,60 +974,19 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(W * WPB) ref_topk_warp_rows_kernel(std::in
   for (std::int64_t row = std::int64_t(blockIdx.x) * WPB + threadIdx.x / W; row < n; row += std::int64_t(gridDim.x) * WPB) {
     float bs[K];
     int bi[K];
-#pragma unroll
-    for (int q = 0; q < K; ++q) {
-      bs[q] = kNegInf;
-      bi[q] = -1;
-      if (!first && lane == 0) {
-        bs[q] = list_s[row * K + q];
-        bi[q] = list_i[row * K + q];
-      }
-    }
+    topk_start<K>(bs, bi, !first && lane == 0, list_s, list_i, row);
     const std::int64_t vis_left = std::int64_t(visible[row]) - j0, lim = vis_left < cols ? vis_left : cols;
     const float* srow = scores + row * ld_scores;
-    auto consider = [&](float sc, std::int64_t c) {
-      if (!(sc > bs[K - 1])) return;
-      const int jj = static_cast<int>(j0 + c);
-#pragma unroll
-      for (int q = K - 1; q >= 0; --q) {
-        const bool up = q > 0 && sc > bs[q > 0 ? q - 1 : 0];
-        if (up) {
-          bs[q] = bs[q - 1];
-          bi[q] = bi[q - 1];
-        } else if (sc > bs[q]) {
-          bs[q] = sc;
-          bi[q] = jj;
-        }
-      }
-    };
-    // Four columns per lane step (16-byte loads of scores and norms), two steps' loads in flight.
+    // Two lane steps of four columns per iteration, both steps' loads issued before any compare.
     for (std::int64_t c = 4 * lane; c < lim; c += 8 * W) {
       const std::int64_t c2 = c + 4 * W;
-      const float4 v = *reinterpret_cast<const float4*>(srow + c);
-      const float4 v2 = c2 < lim ? *reinterpret_cast<const float4*>(srow + c2) : make_float4(0.f, 0.f, 0.f, 0.f);
-      float4 nr = make_float4(0.f, 0.f, 0.f, 0.f), nr2 = nr;
-      if (l2) {
-        nr = *reinterpret_cast<const float4*>(norms + c);
-        if (c2 < lim) nr2 = *reinterpret_cast<const float4*>(norms + c2);
-      }
-      consider(l2 ? 2.f * v.x - nr.x : v.x, c);
-      if (c + 1 < lim) consider(l2 ? 2.f * v.y - nr.y : v.y, c + 1);
-      if (c + 2 < lim) consider(l2 ? 2.f * v.z - nr.z : v.z, c + 2);
-      if (c + 3 < lim) consider(l2 ? 2.f * v.w - nr.w : v.w, c + 3);
-      if (c2 < lim) consider(l2 ? 2.f * v2.x - nr2.x : v2.x, c2);
-      if (c2 + 1 < lim) consider(l2 ? 2.f * v2.y - nr2.y : v2.y, c2 + 1);
-      if (c2 + 2 < lim) consider(l2 ? 2.f * v2.z - nr2.z : v2.z, c2 + 2);
-      if (c2 + 3 < lim) consider(l2 ? 2.f * v2.w - nr2.w : v2.w, c2 + 3);
+      const TopkCols4 a = topk_load4(srow, norms, l2, c);
+      const TopkCols4 a2 = c2 < lim ? topk_load4(srow, norms, l2, c2) : TopkCols4{};
+      topk_consider4<K>(bs, bi, a, l2, c, lim, j0);
+      if (c2 < lim) topk_consider4<K>(bs, bi, a2, l2, c2, lim, j0);
     }
     warp_pick_k<W, K>(bs, bi, K, lane, [&](int q, float sc, int id) {
-      if (lane == 0) {
-        if (ids) {
-          ids[row * K + q] = id;
-        } else {
-          list_s[row * K + q] = sc;
-          list_i[row * K + q] = id;
-        }
-      }
+      if (lane == 0) topk_store<K>(row, q, sc, id, list_s, list_i, ids);
     });
   }
 }
