@@ -257,8 +257,9 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
   const dec::SparsePlan splan = dec::sparse_plan(TOPK, B, Hkv, sms, dec::sparse_block_threads(D)),
                         splan256 = dec::sparse_plan(TOPK, B, Hkv, sms, 256);
   const int tsplits = dec::two_pass_splits(attended_max, B, Hkv, sms);  // the two-pass path's values splits
-  Dev part(dec::partials_floats(B, Hq, std::max({sp.n_splits, sp_lane.n_splits, ssplits, tsplits, splan.n_splits + splan.exact_parts, splan256.n_splits + splan256.exact_parts}),
-                                D) * 4);
+  const int max_slots = std::max({sp.n_splits, sp_lane.n_splits, ssplits, tsplits, splan.n_splits + splan.exact_parts,
+                                  splan256.n_splits + splan256.exact_parts});
+  Dev part(dec::partials_floats(B, Hq, max_slots, D) * 4);
   Dev scores(std::size_t(B) * Hq * attended_max * 4);                  // the two-pass path's logits
   Dev logits(std::size_t(B) * Hq * N * 2), lse(std::size_t(B) * Hq * 4), keys(std::size_t(B) * N * 4);
   Dev select_work(dec::select_work_words(B, N) * 4);  // the multi-block selection's scratch
