@@ -111,19 +111,26 @@ std::vector<double> widen(const std::vector<T>& v) {
   return std::vector<double>(v.begin(), v.end());
 }
 
-// Z = f_c(X) - f_c(REF) (two encoder calls, then subtract) and XHAT = f_d(Z) + REF, through the
-// CPU device and the library's encoder/decoder types.
+// Z = f_c(X) - f_c(REF) and XHAT = f_d(Z) + REF, through the CPU device and the library's
+// encoder/decoder types: Z by two encoder calls and a subtraction, or (residual) by one
+// encode_residual call over [X; REF], the path the cache takes.
 template <class T, class Enc>
 void run_codec(const Enc& e, const LinearDecoder<T>& d, const std::vector<T>& X, const std::vector<T>& R, int n,
-               std::vector<T>& Z, std::vector<T>& XHAT) {
+               std::vector<T>& Z, std::vector<T>& XHAT, bool residual) {
   cpu::CpuDevice<T> dev;
   const int D = e.input_dim(), dc = e.latent_dim();
-  std::vector<T> zr(std::size_t(n) * dc), scratch(std::max<std::int64_t>(1, e.scratch_elems(n)));
-  Z.assign(std::size_t(n) * dc, T(0));
+  std::vector<T> zr(std::size_t(n) * dc), scratch(std::max<std::int64_t>(1, e.scratch_elems(2 * n)));
+  Z.assign(std::size_t(n) * dc, std::numeric_limits<T>::quiet_NaN());  // poisoned: every value must be written
   XHAT.assign(std::size_t(n) * D, T(0));
-  e.encode(dev, matrix<const T>(X.data(), n, D), matrix(Z.data(), n, dc), scratch.data());
-  e.encode(dev, matrix<const T>(R.data(), n, D), matrix(zr.data(), n, dc), scratch.data());
-  dev.axpy_rows(AxpyRowsParams<T>{zr.data(), dc, Z.data(), dc, n, dc, T(-1)});
+  if (residual) {
+    std::vector<T> xr(X);
+    xr.insert(xr.end(), R.begin(), R.end());
+    e.encode_residual(dev, matrix(xr.data(), 2 * n, D), matrix(Z.data(), n, dc), scratch.data());
+  } else {
+    e.encode(dev, matrix<const T>(X.data(), n, D), matrix(Z.data(), n, dc), scratch.data());
+    e.encode(dev, matrix<const T>(R.data(), n, D), matrix(zr.data(), n, dc), scratch.data());
+    dev.axpy_rows(AxpyRowsParams<T>{zr.data(), dc, Z.data(), dc, n, dc, T(-1)});
+  }
   d.decode(dev, matrix<const T>(Z.data(), n, dc), matrix(XHAT.data(), n, D));
   dev.axpy_rows(AxpyRowsParams<T>{R.data(), D, XHAT.data(), D, n, D, T(1)});
 }
@@ -138,15 +145,17 @@ void check_against_numpy(const Compressor<T>& c, const std::string& expected_fil
   const SafetensorsFile ex = SafetensorsFile::open(data_path(expected_file));
   const std::vector<T> X = ex.read_as<T>("X"), R = ex.read_as<T>("REF");
   const int n = static_cast<int>(ex.info("X").shape[0]);
-  for (int l : layers) {
-    CAPTURE(l);
-    std::vector<T> Z, XHAT;
-    with_encoders(c, [&](const auto& encs) { run_codec<T>(encs[l], c.decoders()[l], X, R, n, Z, XHAT); });
-    const double ez = rel_l2(widen(Z), ex.read_as<double>("Z." + std::to_string(l)));
-    const double ex_hat = rel_l2(widen(XHAT), ex.read_as<double>("XHAT." + std::to_string(l)));
-    CHECK(ez < tol<T>());
-    CHECK(ex_hat < tol<T>());
-  }
+  for (int l : layers)
+    for (const bool residual : {false, true}) {
+      CAPTURE(l);
+      CAPTURE(residual);
+      std::vector<T> Z, XHAT;
+      with_encoders(c, [&](const auto& encs) { run_codec<T>(encs[l], c.decoders()[l], X, R, n, Z, XHAT, residual); });
+      const double ez = rel_l2(widen(Z), ex.read_as<double>("Z." + std::to_string(l)));
+      const double ex_hat = rel_l2(widen(XHAT), ex.read_as<double>("XHAT." + std::to_string(l)));
+      CHECK(ez < tol<T>());
+      CHECK(ex_hat < tol<T>());
+    }
 }
 
 template <class E, class F>
@@ -258,10 +267,28 @@ struct MiddleExactPolicy {
   int page_size() const { return 0; }
 };
 
+// An encoder offering encode() only, not encode_residual: a CompressedCache takes its generic path
+// with it (x and its reference mean encoded as rows, the latent their difference).
+template <class E>
+struct EncodeOnly {
+  E e;
+  int input_dim() const { return e.input_dim(); }
+  int latent_dim() const { return e.latent_dim(); }
+  std::int64_t scratch_elems(std::int64_t n) const { return e.scratch_elems(n); }
+  template <class D, class T>
+  void encode(D& dev, MatrixView<const T> x, MatrixView<T> z, T* scratch) const {
+    e.encode(dev, x, z, scratch);
+  }
+};
+
 }  // namespace
 
-TEST_CASE("paper SwiGLU checkpoint in a CompressedCache: latents decode to f_d(f_c(x) - f_c(ref)) + ref") {
+// Both of the cache's encode paths: encode_residual (SwiGLUEncoder's own) and encode + subtraction
+// (an encoder without encode_residual).
+TEST_CASE_TEMPLATE("paper SwiGLU checkpoint in a CompressedCache: latents decode to f_d(f_c(x) - f_c(ref)) + ref", Enc,
+                   SwiGLUEncoder<double>, EncodeOnly<SwiGLUEncoder<double>>) {
   using T = double;
+  static_assert(EncodesResiduals<Enc, T> == std::is_same_v<Enc, SwiGLUEncoder<T>>);
   const Compressor<T> comp = load_paper_checkpoint<T>(data_path("paper_swiglu.safetensors"), 3, 16);
   Config cfg;
   cfg.model = {3, 2, 2, 4};  // kv_dim = 2 * 2 * 4 = 16
@@ -272,13 +299,14 @@ TEST_CASE("paper SwiGLU checkpoint in a CompressedCache: latents decode to f_d(f
   cfg.comp.metric = Metric::l2;
   cfg.cap = {1, 64, 1};
   const int S = 2, stride = 3, k = 2, D = 16;
-  const auto encs = comp.swiglu_encoders();
+  std::vector<Enc> encs;
+  for (const auto& e : comp.swiglu_encoders()) encs.push_back(Enc{e});
   const auto decs = comp.decoders();
-  using C = CompressedCache<T, cpu::CpuDevice<T>, FixedStride, SwiGLUEncoder<T>, LinearDecoder<T>, MiddleExactPolicy>;
+  using C = CompressedCache<T, cpu::CpuDevice<T>, FixedStride, Enc, LinearDecoder<T>, MiddleExactPolicy>;
   const auto lay = C::layout(cfg, FixedStride(stride), MiddleExactPolicy{}, encs[0].scratch_elems(cfg.compress_rows()));
   std::vector<std::byte> storage(lay.storage_bytes), work(lay.workspace_bytes);
   cpu::CpuDevice<T> dev;
-  C cache(dev, cfg, FixedStride(stride), std::span<const SwiGLUEncoder<T>>(encs), std::span<const LinearDecoder<T>>(decs),
+  C cache(dev, cfg, FixedStride(stride), std::span<const Enc>(encs), std::span<const LinearDecoder<T>>(decs),
           MiddleExactPolicy{}, storage, work);
 
   const int N = 50;

@@ -448,14 +448,30 @@ Result run(const Model& m, std::int64_t N, int B, int sms, vendor::stream_t s) {
 // through the cache (FixedStride 10, k = 4, SwiGLU f_c with hidden 3072, d_c = kv_dim / 4, int4
 // latents, blocks of 1024 tokens compressed as they leave the 128-token window), timed end to end
 // (host planning and uploads included). Tensor-core work per latent token: f_c on x and on its
-// reference mean (two SwiGLU encodes) and the L2 search over every visible reference; the floor is
-// that count at the GEMM rate measured in the same run (run_bench.py: torch bf16 matmul). Also
-// the encode and the search alone, to say where the time goes.
+// reference mean (two w12 products, one w3 product on their SwiGLU difference: encode_residual)
+// and the L2 search over every visible reference; the floor is that count at the GEMM rate
+// measured in the same run (run_bench.py: torch bf16 matmul). Also the encode and the search
+// alone, to say where the time goes. Enc: the cache's encoder (EncodeTwice: the generic path, for
+// comparison: DELTAKV_ENCODE_TWICE=1).
 struct PrefillResult {
   double ms = 0, tokens = 0, latents = 0, flops = 0, encode_tflops = 0, search_tflops = 0, encode_share = 0;
   int blocks_per_pass = 0;
 };
 
+// SwiGLUEncoder without encode_residual: the cache encodes x and its reference mean as rows of one
+// call (both maps on both) and subtracts, the path before encode_residual
+struct EncodeTwice {
+  deltakv::SwiGLUEncoder<bf> e;
+  int input_dim() const { return e.input_dim(); }
+  int latent_dim() const { return e.latent_dim(); }
+  std::int64_t scratch_elems(std::int64_t n) const { return e.scratch_elems(n); }
+  template <class D>
+  void encode(D& dev, deltakv::MatrixView<const bf> x, deltakv::MatrixView<bf> z, bf* scratch) const {
+    e.encode(dev, x, z, scratch);
+  }
+};
+
+template <class Enc>
 PrefillResult run_prefill(const Model& m, std::int64_t N, std::int64_t chunk, bool tensor_cores, bool vendor_gemm,
                           vendor::stream_t s) {
   using namespace deltakv;
@@ -487,13 +503,14 @@ PrefillResult run_prefill(const Model& m, std::int64_t N, std::int64_t chunk, bo
   fill(wd.as<bf>(), std::size_t(kvd) * dc, 13, std::sqrt(3.f / dc));
   const SwiGLUEncoder<bf> enc{{w12.as<bf>(), nullptr, kvd, 2 * hidden}, {w3.as<bf>(), nullptr, hidden, dc}};
   const LinearDecoder<bf> decd{{wd.as<bf>(), nullptr, dc, kvd}};
-  using Cache = CompressedCache<bf, GDev, FixedStride, SwiGLUEncoder<bf>, LinearDecoder<bf>, DensePolicy>;
+  const Enc cenc{enc};
+  using Cache = CompressedCache<bf, GDev, FixedStride, Enc, LinearDecoder<bf>, DensePolicy>;
   const auto lay = Cache::layout(cfg, sel, pol, enc.scratch_elems(cfg.compress_rows()));
   Dev storage(lay.storage_bytes), workspace(lay.workspace_bytes), x(std::size_t(N) * kvd * 2);
   fill(x.as<bf>(), std::size_t(N) * kvd, 21, 1.f);
   dev.reserve_scratch(dev.scratch_bytes_for(0, cfg.pass_tokens(), 4));
   // the cache's inputs (also those of the op-timing rerun's cache below)
-  const std::span<const SwiGLUEncoder<bf>> encs(&enc, 1);
+  const std::span<const Enc> encs(&cenc, 1);
   const std::span<const LinearDecoder<bf>> decs(&decd, 1);
   const std::span<std::byte> store(static_cast<std::byte*>(storage.p), lay.storage_bytes),
       work(static_cast<std::byte*>(workspace.p), lay.workspace_bytes);
@@ -527,7 +544,7 @@ PrefillResult run_prefill(const Model& m, std::int64_t N, std::int64_t chunk, bo
     using TDev = bench::TimedDevice<GDev, bf>;
     static_assert(Device<TDev, bf>);
     TDev td(dev);
-    using TCache = CompressedCache<bf, TDev, FixedStride, SwiGLUEncoder<bf>, LinearDecoder<bf>, DensePolicy>;
+    using TCache = CompressedCache<bf, TDev, FixedStride, Enc, LinearDecoder<bf>, DensePolicy>;
     TCache tcache(td, cfg, sel, encs, decs, pol, store, work);
     prefill_on(tcache);  // warm-up (the event pool grows here)
     vendor::stream_sync(s);
@@ -550,8 +567,11 @@ PrefillResult run_prefill(const Model& m, std::int64_t N, std::int64_t chunk, bo
   }
   const auto counts = cache.counts();
   r.latents = double(counts.latents);
-  // tensor-core work: per latent token two encodes + its search over the references before it
-  const double enc_flops = 2.0 * (double(kvd) * 2 * hidden + double(hidden) * dc);
+  // tensor-core work per latent token: f_c's first map (w12) on x and on its reference mean, its last
+  // map (w3, linear) once, on their SwiGLU difference (the cache's encode_residual), and the
+  // search over the references before it
+  const double w12_flops = 2.0 * double(kvd) * 2 * hidden, w3_flops = 2.0 * double(hidden) * dc;
+  const double enc_flops = 2 * w12_flops + w3_flops;  // per latent
   double search = 0;
   {
     std::int64_t refs = 0;
@@ -563,19 +583,19 @@ PrefillResult run_prefill(const Model& m, std::int64_t N, std::int64_t chunk, bo
       search += 2.0 * kvd * double(refs);
     }
   }
-  r.flops = r.latents * 2 * enc_flops + search;
-  // the encode alone: 4096 rows, 10 times
+  r.flops = r.latents * enc_flops + search;
+  // the encode alone: 4096 latents (encode_residual over 8192 rows; SwiGLU's leaves them as they are), 10 times
   {
     const std::int64_t n = 4096;
-    Dev xz(std::size_t(n) * dc * 2), scratch(std::size_t(enc.scratch_elems(n)) * 2);
-    enc.encode(dev, MatrixView<const bf>{x.as<bf>(), n, kvd, kvd}, MatrixView<bf>{xz.as<bf>(), n, dc, dc}, scratch.as<bf>());
+    Dev xz(std::size_t(n) * dc * 2), scratch(std::size_t(enc.scratch_elems(2 * n)) * 2);
+    const MatrixView<bf> xr{x.as<bf>(), 2 * n, kvd, kvd}, zv{xz.as<bf>(), n, dc, dc};
+    enc.encode_residual(dev, xr, zv, scratch.as<bf>());
     vendor::event_record(e0, s);
-    for (int i = 0; i < 10; ++i)
-      enc.encode(dev, MatrixView<const bf>{x.as<bf>(), n, kvd, kvd}, MatrixView<bf>{xz.as<bf>(), n, dc, dc}, scratch.as<bf>());
+    for (int i = 0; i < 10; ++i) enc.encode_residual(dev, xr, zv, scratch.as<bf>());
     vendor::event_record(e1, s);
     const double ms = vendor::event_ms(e0, e1) / 10;
     r.encode_tflops = double(n) * enc_flops / (ms * 1e-3) / 1e12;
-    r.encode_share = (r.latents * 2 * enc_flops / (r.encode_tflops * 1e12)) * 1e3 / r.ms;
+    r.encode_share = (r.latents * enc_flops / (r.encode_tflops * 1e12)) * 1e3 / r.ms;
   }
   // the search alone: one block's latents (~920) against N / 10 references, all visible
   {
@@ -633,12 +653,14 @@ int main(int argc, char** argv) {
       const char* only_mode = std::getenv("DELTAKV_PREFILL_MODE");  // 0, 1 or 2: that row only (profiling)
       for (const int mode : {0, 1, 2}) {
         if (only_mode && std::atoi(only_mode) != mode) continue;
-        const PrefillResult r = run_prefill(m, N, 4096, mode > 0, mode == 2, s);
+        const bool twice = std::getenv("DELTAKV_ENCODE_TWICE") != nullptr;  // the generic encode path (comparison)
+        const PrefillResult r = twice ? run_prefill<EncodeTwice>(m, N, 4096, mode > 0, mode == 2, s)
+                                      : run_prefill<deltakv::SwiGLUEncoder<bf>>(m, N, 4096, mode > 0, mode == 2, s);
         const char* gemm = mode == 0 ? "CUDA cores" : (mode == 1 ? "tensor cores, own GEMM" : "tensor cores, cuBLAS GEMM");
         std::printf("{\"prefill\": \"%s\", \"gemm\": \"%s\", \"tokens\": %.0f, \"latents\": %.0f, \"ms\": %.4f, \"flops\": %.6e, "
-                    "\"encode_tflops\": %.2f, \"search_tflops\": %.2f, \"encode_share\": %.3f, \"blocks_per_pass\": %d}\n",
+                    "\"encode_tflops\": %.2f, \"search_tflops\": %.2f, \"encode_share\": %.3f, \"blocks_per_pass\": %d, \"encode_path\": \"%s\"}\n",
                     m.name, gemm, r.tokens, r.latents, r.ms, r.flops, r.encode_tflops, r.search_tflops, r.encode_share,
-                    r.blocks_per_pass);
+                    r.blocks_per_pass, twice ? "twice" : "residual");
         std::fflush(stdout);
       }
     }

@@ -803,14 +803,22 @@ class CompressedCache {
       dev_.ref_search(RefSearchParams<T>{X, D, u, refs_p, D, m, table<std::int32_t>(g_.tab_lat_vis) + lat0, D, k,
                                          cfg_.comp.metric, ids});
       dev_.gather_mean(GatherMeanParams<T>{ids, k, u, nullptr, refs_p, D, D, Rm, D});
-      enc_[l].encode(dev_, MatrixView<const T>{X, 2 * u, D, D}, MatrixView<T>{Zx, 2 * u, dc, dc}, ws<T>(ws_.blk_enc));
-      if (cfg_.comp.latent_bits == 0) {
-        dev_.axpy_rows(AxpyRowsParams<T>{Zr, dc, Zx, dc, u, dc, T(-1)});
-        dev_.copy_rows(CopyRowsParams<T>{Zx, dc, nullptr, region(l, seq, Region::lat) + lat0 * dc, dc, nullptr, u, dc});
-      } else {  // z = Zx - Zr, rounded as axpy_rows would, quantized in the same pass
-        auto* q = reinterpret_cast<std::uint8_t*>(region_bytes(l, seq, Region::lat)) + lat0 * g_.lat_ld;
-        auto* sm = reinterpret_cast<float*>(region_bytes(l, seq, Region::scale)) + lat0 * 2;
-        dev_.quantize(QuantizeParams<T>{Zx, dc, u, dc, cfg_.comp.latent_bits, q, g_.lat_ld, sm, Zr, dc});
+      T* lat = region(l, seq, Region::lat) + lat0 * dc;  // (unquantized latents)
+      auto* q = reinterpret_cast<std::uint8_t*>(region_bytes(l, seq, Region::lat)) + lat0 * g_.lat_ld;
+      auto* sm = reinterpret_cast<float*>(region_bytes(l, seq, Region::scale)) + lat0 * 2;
+      const int bits = cfg_.comp.latent_bits;
+      if constexpr (EncodesResiduals<Enc, T>) {  // z = f_c(x) - f_c(ref) in one call, the last map once
+        enc_[l].encode_residual(dev_, MatrixView<T>{X, 2 * u, D, D}, MatrixView<T>{bits == 0 ? lat : Zx, u, dc, dc},
+                                ws<T>(ws_.blk_enc));
+        if (bits != 0) dev_.quantize(QuantizeParams<T>{Zx, dc, u, dc, bits, q, g_.lat_ld, sm});
+      } else {
+        enc_[l].encode(dev_, MatrixView<const T>{X, 2 * u, D, D}, MatrixView<T>{Zx, 2 * u, dc, dc}, ws<T>(ws_.blk_enc));
+        if (bits == 0) {
+          dev_.axpy_rows(AxpyRowsParams<T>{Zr, dc, Zx, dc, u, dc, T(-1)});
+          dev_.copy_rows(CopyRowsParams<T>{Zx, dc, nullptr, lat, dc, nullptr, u, dc});
+        } else {  // z = Zx - Zr, rounded as axpy_rows would, quantized in the same pass
+          dev_.quantize(QuantizeParams<T>{Zx, dc, u, dc, bits, q, g_.lat_ld, sm, Zr, dc});
+        }
       }
     }
     s.c = e;

@@ -31,6 +31,10 @@ struct LinearParams {  // y[n, out] = x[n, in] · W^T + b
 template <class T>
 struct SwiGLUParams {  // h[:, :hidden] = silu(h[:, :hidden]) * h[:, hidden:2*hidden]
   T* h; std::int64_t ldh; std::int64_t n; int hidden;
+  // optional: h[:, :hidden] = swiglu(h) - swiglu(sub) instead (sub [n, 2*hidden], the same layout),
+  // the difference taken in float and rounded to T once: a residual encoder's hidden rows, whose
+  // linear last map then runs once on the difference (SwiGLUEncoder::encode_residual)
+  const T* sub = nullptr; std::int64_t ld_sub = 0;
 };
 
 template <class T>

@@ -165,6 +165,32 @@ TEST_CASE("cuda swiglu and axpy_rows match the CPU") {
       CHECK(outside == 0);
     }
   }
+  // sub (a residual encoder's hidden rows): swiglu(h) - swiglu(sub), with sub the rows below h's in
+  // the same buffer (the cache's layout) or rows of another (own ld); f32 and bf16, packs and not
+  for (auto [n, hidden, pad, below] : {std::tuple{1, 7, 0, true}, {37, 300, 5, false}, {129, 3072, 8, true}, {40, 24, 3, false}}) {
+    CAPTURE(n);
+    CAPTURE(hidden);
+    const std::int64_t ldh = 2 * hidden + pad, lds = below ? ldh : 2 * hidden + 2 * pad + 1;
+    auto h = round_bf16(randn<float>(std::size_t(2 * n * ldh), ++seed, 2.0));
+    auto other = round_bf16(randn<float>(std::size_t(n * lds), ++seed, 2.0));
+    std::vector<float> want = h;
+    ref.swiglu({want.data(), ldh, n, hidden, below ? want.data() + n * ldh : other.data(), lds});
+    {
+      DBuf<float> dh(h), dother(other);
+      dev.swiglu({dh.p, ldh, n, hidden, below ? dh.p + n * ldh : dother.p, lds});
+      const double e = rel_l2(dh.get(), want);
+      MESSAGE("swiglu - sub f32 n=" << n << " hidden=" << hidden << ": rel L2 " << e);
+      CHECK(e < 1e-6);
+    }
+    cuda::CudaDevice<cuda::bf16> dev16;
+    DBuf<cuda::bf16> dh(to_bf16(h)), dother(to_bf16(other));
+    dev16.swiglu({dh.p, ldh, n, hidden, below ? dh.p + n * ldh : dother.p, lds});
+    const auto got = to_f32(dh.get());
+    std::int64_t outside = 0;  // one bf16 rounding of the f32 result, plus f32 slack for cancellation
+    for (std::size_t i = 0; i < h.size(); ++i) outside += std::fabs(got[i] - want[i]) > std::ldexp(std::fabs(want[i]), -8) * 1.0001 + 1e-5;
+    MESSAGE("swiglu - sub bf16 n=" << n << " hidden=" << hidden << ": " << outside << " elements outside one rounding");
+    CHECK(outside == 0);
+  }
   for (auto [n, dim, alpha] : {std::tuple{1, 3, -1.0f}, {77, 256, 1.0f}, {130, 1000, 0.37f}}) {
     const std::int64_t ldx = dim + 3, ldy = dim + 1;
     auto x = randn<float>(std::size_t(n * ldx), ++seed);

@@ -42,9 +42,15 @@ class CpuDevice {
   void swiglu(const SwiGLUParams<T>& p) {
     for (std::int64_t i = 0; i < p.n; ++i) {
       T* h = p.h + i * p.ldh;
+      const T* r = p.sub ? p.sub + i * p.ld_sub : nullptr;
       for (int j = 0; j < p.hidden; ++j) {
         const A a = h[j];
-        h[j] = static_cast<T>(a / (A(1) + std::exp(-a)) * A(h[p.hidden + j]));
+        A v = a / (A(1) + std::exp(-a)) * A(h[p.hidden + j]);
+        if (r) {
+          const A c = r[j];
+          v -= c / (A(1) + std::exp(-c)) * A(r[p.hidden + j]);
+        }
+        h[j] = static_cast<T>(v);
       }
     }
   }

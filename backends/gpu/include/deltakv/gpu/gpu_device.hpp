@@ -192,10 +192,15 @@ class GpuDevice {
   void swiglu(const SwiGLUParams<T>& p) {
     if (p.n <= 0 || p.hidden <= 0) return;
     constexpr int V = gpu::kPackOf<T>;
-    if (gpu::packs_fit<T>({p.hidden, p.ldh}, {p.h}))
-      gpu::swiglu_kernel<T, V><<<grid_rows(p.n), threads_for(p.hidden / V), 0, stream_>>>(p);
-    else
-      gpu::swiglu_kernel<T, 1><<<grid_rows(p.n), threads_for(p.hidden), 0, stream_>>>(p);
+    const bool packs = p.sub ? gpu::packs_fit<T>({p.hidden, p.ldh, p.ld_sub}, {p.h, p.sub}) : gpu::packs_fit<T>({p.hidden, p.ldh}, {p.h});
+    const auto launch = [&](auto sub) {
+      if (packs)
+        gpu::swiglu_kernel<T, V, sub.value><<<grid_rows(p.n), threads_for(p.hidden / V), 0, stream_>>>(p);
+      else
+        gpu::swiglu_kernel<T, 1, sub.value><<<grid_rows(p.n), threads_for(p.hidden), 0, stream_>>>(p);
+    };
+    if (p.sub) launch(std::true_type{});
+    else launch(std::false_type{});
     launched("swiglu");
   }
 

@@ -359,19 +359,31 @@ DELTAKV_GPU_D void store_pack(T* p, const Pack<T, V>& r) {
   }
 }
 
-// h[:, :hidden] = silu(h[:, :hidden]) * h[:, hidden:]; hidden % V == 0 and ldh % V == 0.
-template <class T, int V>
+// h[:, :hidden] = silu(h[:, :hidden]) * h[:, hidden:], minus the same of sub's rows where Sub;
+// hidden % V == 0, ldh % V == 0 (and ld_sub % V == 0 where Sub).
+template <class T, int V, bool Sub>
 __global__ void swiglu_kernel(SwiGLUParams<T> p) {
   const int packs = p.hidden / V;
   for (std::int64_t i = blockIdx.x; i < p.n; i += gridDim.x) {
     T* h = p.h + i * p.ldh;
+    const T* r = Sub ? p.sub + i * p.ld_sub : nullptr;
     for (int j = threadIdx.x; j < packs; j += blockDim.x) {
       Pack<T, V> a = load_pack<T, V>(h + std::int64_t(j) * V);
       const Pack<T, V> b = load_pack<T, V>(h + p.hidden + std::int64_t(j) * V);
+      Pack<T, V> c, d;
+      if constexpr (Sub) {
+        c = load_pack<T, V>(r + std::int64_t(j) * V);
+        d = load_pack<T, V>(r + p.hidden + std::int64_t(j) * V);
+      }
 #pragma unroll
       for (int e = 0; e < V; ++e) {
         const float x = to_float(a.v[e]);
-        a.v[e] = from_float<T>(x / (1.f + expf(-x)) * to_float(b.v[e]));
+        float v = x / (1.f + expf(-x)) * to_float(b.v[e]);
+        if constexpr (Sub) {
+          const float y = to_float(c.v[e]);
+          v -= y / (1.f + expf(-y)) * to_float(d.v[e]);
+        }
+        a.v[e] = from_float<T>(v);
       }
       store_pack<T, V>(h + std::int64_t(j) * V, a);
     }
