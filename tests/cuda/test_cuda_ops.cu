@@ -436,6 +436,21 @@ TEST_CASE("cuda bf16 quantize of z - sub equals axpy_rows then quantize") {
       dev.quantize({dz.p, dim, n, int(dim), bits, q2.p, ldq, s2.p});
       CHECK(q1.get() == q2.get());
       CHECK(s1.get() == s2.get());
+      // 16-byte code rows (ldq a multiple of 16) take quantize_packs_kernel where dim % 8 == 0; the
+      // odd ldq above took the element kernel: the same codes and scales
+      const std::int64_t ldq16 = (bytes + 15) / 16 * 16;
+      DBuf<std::uint8_t> q3(std::size_t(n * ldq16));
+      DBuf<float> s3(std::size_t(2 * n));
+      q3.poison();
+      s3.poison();
+      dev.quantize({dz.p, dim, n, int(dim), bits, q3.p, ldq16, s3.p});
+      const auto a = q2.get(), c = q3.get();
+      bool same = true;
+      for (int i = 0; i < n; ++i)
+        same = same && std::equal(a.begin() + std::ptrdiff_t(i) * ldq, a.begin() + std::ptrdiff_t(i) * ldq + bytes,
+                                  c.begin() + std::ptrdiff_t(i) * ldq16);
+      CHECK(same);
+      CHECK(s3.get() == s2.get());
     }
 }
 
@@ -444,11 +459,17 @@ TEST_CASE("cuda quantize and dequantize are bit-exact, int8 and int4") {
   cuda::CudaDevice<float> dev;
   cpu::CpuDevice<float> ref;
   std::uint32_t seed = 500;
-  for (int bits : {8, 4}) {
-    for (auto [n, dim] : {std::pair{1, 24}, {7, 255}, {128, 256}, {300, 512}, {33, 64}}) {
-      const std::int64_t ldz = dim + 3;
+  // padded: odd strides, one element at a time (quantize_kernel); aligned: 16-byte rows and whole
+  // code stores, the row in registers (quantize_packs_kernel, 1, 2 or 4 packs per lane; 1024 falls
+  // back to the element kernel)
+  for (int bits : {8, 4})
+  for (const bool aligned : {false, true}) {
+    CAPTURE(aligned);
+    for (auto [n, dim] : {std::pair{1, 24}, {7, 255}, {128, 256}, {300, 512}, {33, 64}, {65, 400}, {9, 1024}}) {
+      if (aligned && dim % 4 != 0) continue;
+      const std::int64_t ldz = aligned ? dim + 4 : dim + 3;
       const std::int64_t bytes = bits == 8 ? dim : (dim + 1) / 2;
-      const std::int64_t ldq = bytes + 5;
+      const std::int64_t ldq = aligned ? (bytes + 15) / 16 * 16 + 16 : bytes + 5;
       auto z = randn<float>(std::size_t(n * ldz), ++seed, 3.0);
       for (int j = 0; j < dim; ++j) z[std::size_t(j)] = 1.25f;  // a constant row: scale 1
       DBuf<float> dz(z);
@@ -470,7 +491,7 @@ TEST_CASE("cuda quantize and dequantize are bit-exact, int8 and int4") {
       CHECK(scales);
       CHECK(padding_untouched(gq, n, bytes, ldq));
       {  // z - sub quantized in one pass: the codes and scales of quantizing axpy_rows(z, sub, -1) (CPU)
-        const std::int64_t lds = dim + 1;
+        const std::int64_t lds = aligned ? dim + 8 : dim + 1;
         auto sub = randn<float>(std::size_t(n * lds), ++seed, 2.0);
         for (int j = 0; j < dim; ++j) sub[std::size_t(j)] = 0.5f;  // row 0 stays constant
         DBuf<float> dsub(sub);

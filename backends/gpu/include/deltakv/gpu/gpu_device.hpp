@@ -268,8 +268,18 @@ class GpuDevice {
   void quantize(const QuantizeParams<T>& p) {
     if (p.n <= 0 || p.dim <= 0) return;
     if (p.bits != 8 && p.bits != 4) throw ConfigError(where("quantize: bits must be 8 or 4"));
-    constexpr int NT = 128;
-    gpu::quantize_kernel<T, kWarp, NT><<<blocks(p.n, NT / kWarp), NT, 0, stream_>>>(p);  // a warp per row
+    constexpr int NT = 128, V = gpu::kPackOf<T>;
+    // rows of at most 4 packs per lane, 16-byte packs and whole aligned code stores: the row in
+    // registers (quantize_packs_kernel); else one element at a time
+    const int code_bytes = p.bits == 8 ? V : V / 2;
+    const bool packs = gpu::packs_fit<T>({p.dim, p.ldz, p.sub ? p.ld_sub : 0}, {p.z, p.sub ? p.sub : p.z}) &&
+                       p.ldq % code_bytes == 0 && reinterpret_cast<std::uintptr_t>(p.q) % code_bytes == 0;
+    const int per_lane = (p.dim / V + kWarp - 1) / kWarp;
+    const unsigned grid = unsigned(blocks(p.n, NT / kWarp));
+    if (packs && per_lane == 1) gpu::quantize_packs_kernel<T, kWarp, NT, 1><<<grid, NT, 0, stream_>>>(p);
+    else if (packs && per_lane == 2) gpu::quantize_packs_kernel<T, kWarp, NT, 2><<<grid, NT, 0, stream_>>>(p);
+    else if (packs && per_lane <= 4) gpu::quantize_packs_kernel<T, kWarp, NT, 4><<<grid, NT, 0, stream_>>>(p);
+    else gpu::quantize_kernel<T, kWarp, NT><<<grid, NT, 0, stream_>>>(p);  // a warp per row
     launched("quantize");
   }
 
