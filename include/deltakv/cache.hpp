@@ -793,7 +793,8 @@ class CompressedCache {
     // 2. the others, in position order: their latent rows are s.n_lat, s.n_lat + 1, ...
     if (u > 0) {
       const std::int64_t lat0 = s.n_lat;
-      // X (u rows) and the reference means below it, encoded in one call; Zx and Zr likewise
+      // X (u rows) and the reference means below it, encoded in one call; the latents into Zx (the
+      // generic path: f_c(x) into Zx, the means' f_c into Zr below it)
       T* X = ws<T>(ws_.blk_x);
       T* Rm = X + u * D;
       T* Zx = ws<T>(ws_.blk_zx);
@@ -803,21 +804,25 @@ class CompressedCache {
       dev_.ref_search(RefSearchParams<T>{X, D, u, refs_p, D, m, table<std::int32_t>(g_.tab_lat_vis) + lat0, D, k,
                                          cfg_.comp.metric, ids});
       dev_.gather_mean(GatherMeanParams<T>{ids, k, u, nullptr, refs_p, D, D, Rm, D});
-      T* lat = region(l, seq, Region::lat) + lat0 * dc;  // (unquantized latents)
-      auto* q = reinterpret_cast<std::uint8_t*>(region_bytes(l, seq, Region::lat)) + lat0 * g_.lat_ld;
-      auto* sm = reinterpret_cast<float*>(region_bytes(l, seq, Region::scale)) + lat0 * 2;
       const int bits = cfg_.comp.latent_bits;
+      // where the u latents go: rows of T (bits 0), or codes and their scale / min
+      auto lat = [&] { return region(l, seq, Region::lat) + lat0 * dc; };
+      auto quantize = [&](const T* sub) {
+        auto* q = reinterpret_cast<std::uint8_t*>(region_bytes(l, seq, Region::lat)) + lat0 * g_.lat_ld;
+        auto* sm = reinterpret_cast<float*>(region_bytes(l, seq, Region::scale)) + lat0 * 2;
+        dev_.quantize(QuantizeParams<T>{Zx, dc, u, dc, bits, q, g_.lat_ld, sm, sub, sub ? dc : 0});
+      };
       if constexpr (EncodesResiduals<Enc, T>) {  // z = f_c(x) - f_c(ref) in one call, the last map once
-        enc_[l].encode_residual(dev_, MatrixView<T>{X, 2 * u, D, D}, MatrixView<T>{bits == 0 ? lat : Zx, u, dc, dc},
+        enc_[l].encode_residual(dev_, MatrixView<T>{X, 2 * u, D, D}, MatrixView<T>{bits == 0 ? lat() : Zx, u, dc, dc},
                                 ws<T>(ws_.blk_enc));
-        if (bits != 0) dev_.quantize(QuantizeParams<T>{Zx, dc, u, dc, bits, q, g_.lat_ld, sm});
+        if (bits != 0) quantize(nullptr);
       } else {
         enc_[l].encode(dev_, MatrixView<const T>{X, 2 * u, D, D}, MatrixView<T>{Zx, 2 * u, dc, dc}, ws<T>(ws_.blk_enc));
         if (bits == 0) {
           dev_.axpy_rows(AxpyRowsParams<T>{Zr, dc, Zx, dc, u, dc, T(-1)});
-          dev_.copy_rows(CopyRowsParams<T>{Zx, dc, nullptr, lat, dc, nullptr, u, dc});
+          dev_.copy_rows(CopyRowsParams<T>{Zx, dc, nullptr, lat(), dc, nullptr, u, dc});
         } else {  // z = Zx - Zr, rounded as axpy_rows would, quantized in the same pass
-          dev_.quantize(QuantizeParams<T>{Zx, dc, u, dc, bits, q, g_.lat_ld, sm, Zr, dc});
+          quantize(Zr);
         }
       }
     }

@@ -32,8 +32,10 @@ template <class T>
 struct SwiGLUParams {  // h[:, :hidden] = silu(h[:, :hidden]) * h[:, hidden:2*hidden]
   T* h; std::int64_t ldh; std::int64_t n; int hidden;
   // optional: h[:, :hidden] = swiglu(h) - swiglu(sub) instead (sub [n, 2*hidden], the same layout),
-  // the difference taken in float and rounded to T once: a residual encoder's hidden rows, whose
-  // linear last map then runs once on the difference (SwiGLUEncoder::encode_residual)
+  // the difference taken in the accumulation type (float on GPUs) and rounded to T once: a residual
+  // encoder's hidden rows, whose linear last map then runs once on the difference
+  // (SwiGLUEncoder::encode_residual). A Device written before this field must honour it (as
+  // QuantizeParams::sub): ignoring it gives wrong latents, not an error.
   const T* sub = nullptr; std::int64_t ld_sub = 0;
 };
 

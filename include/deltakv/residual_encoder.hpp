@@ -23,7 +23,10 @@ concept ResidualEncoder = requires(const E& e, DeviceArchetype<T>& dev, MatrixVi
 };
 
 // Optional: z[n] = f_c(x) - f_c(r) for xr = [x; r] (2n rows, x above r), which encode_residual may
-// overwrite; scratch as for encode() of 2n rows.
+// overwrite; scratch as for encode() of 2n rows. The cache calls it instead of encode() wherever it
+// exists, so it must compute what encode() twice and a subtraction would: a type deriving from
+// LinearEncoder or SwiGLUEncoder that changes encode() must change (or delete) encode_residual too.
+// (A refinement of ResidualEncoder, so it lives beside it.)
 template <class E, class T>
 concept EncodesResiduals = ResidualEncoder<E, T> && requires(const E& e, DeviceArchetype<T>& dev, MatrixView<T> xr,
                                                              MatrixView<T> z, T* scratch) {

@@ -167,10 +167,12 @@ TEST_CASE("cuda swiglu and axpy_rows match the CPU") {
   }
   // sub (a residual encoder's hidden rows): swiglu(h) - swiglu(sub), with sub the rows below h's in
   // the same buffer (the cache's layout) or rows of another (own ld); f32 and bf16, packs and not
-  for (auto [n, hidden, pad, below] : {std::tuple{1, 7, 0, true}, {37, 300, 5, false}, {129, 3072, 8, true}, {40, 24, 3, false}}) {
+  // (the last: a separate sub buffer whose rows are 16-byte packs too)
+  for (auto [n, hidden, pad, below, sub_pad] : {std::tuple{1, 7, 0, true, 0}, {37, 300, 5, false, 11},
+                                                {129, 3072, 8, true, 0}, {40, 24, 3, false, 7}, {33, 256, 8, false, 16}}) {
     CAPTURE(n);
     CAPTURE(hidden);
-    const std::int64_t ldh = 2 * hidden + pad, lds = below ? ldh : 2 * hidden + 2 * pad + 1;
+    const std::int64_t ldh = 2 * hidden + pad, lds = below ? ldh : 2 * hidden + sub_pad;
     auto h = round_bf16(randn<float>(std::size_t(2 * n * ldh), ++seed, 2.0));
     auto other = round_bf16(randn<float>(std::size_t(n * lds), ++seed, 2.0));
     std::vector<float> want = h;
@@ -420,13 +422,13 @@ TEST_CASE("cuda bf16 quantize of z - sub equals axpy_rows then quantize") {
   DKT_REQUIRE_CUDA();
   cuda::CudaDevice<cuda::bf16> dev;
   for (int bits : {8, 4})
-    for (const auto& shape : {std::pair{5, 64}, {3686, 512}, {17, 129}}) {
+    for (const auto& shape : {std::pair{5, 64}, {3686, 512}, {17, 129}, {9, 1024}}) {
       const int n = shape.first, dim = shape.second;  // (doctest's CAPTURE may not name a structured binding under clang)
       CAPTURE(bits);
       CAPTURE(n);
       const std::int64_t bytes = bits == 8 ? dim : (dim + 1) / 2, ldq = bytes + 3;
-      DBuf<cuda::bf16> dz(to_bf16(randn<float>(std::size_t(n * dim), 71, 3.0))),
-          dsub(to_bf16(randn<float>(std::size_t(n * dim), 72, 3.0)));
+      const auto z0 = to_bf16(randn<float>(std::size_t(n * dim), 71, 3.0));
+      DBuf<cuda::bf16> dz(z0), dsub(to_bf16(randn<float>(std::size_t(n * dim), 72, 3.0)));
       DBuf<std::uint8_t> q1(std::size_t(n * ldq)), q2(std::size_t(n * ldq));
       DBuf<float> s1(std::size_t(2 * n)), s2(std::size_t(2 * n));
       q1.poison();
@@ -436,21 +438,31 @@ TEST_CASE("cuda bf16 quantize of z - sub equals axpy_rows then quantize") {
       dev.quantize({dz.p, dim, n, int(dim), bits, q2.p, ldq, s2.p});
       CHECK(q1.get() == q2.get());
       CHECK(s1.get() == s2.get());
-      // 16-byte code rows (ldq a multiple of 16) take quantize_packs_kernel where dim % 8 == 0; the
-      // odd ldq above took the element kernel: the same codes and scales
+      // 16-byte code rows (ldq a multiple of 16) take quantize_packs_kernel where dim % 8 == 0 (1, 2
+      // and 4 packs per lane here); the odd ldq above took the element kernel: the same codes and
+      // scales, of z - sub quantized in one pass (its bf16 rounding of each difference) and of the
+      // axpy_rows result
       const std::int64_t ldq16 = (bytes + 15) / 16 * 16;
-      DBuf<std::uint8_t> q3(std::size_t(n * ldq16));
-      DBuf<float> s3(std::size_t(2 * n));
+      const auto same_rows = [&](const std::vector<std::uint8_t>& a, const std::vector<std::uint8_t>& c) {
+        bool same = true;
+        for (int i = 0; i < n; ++i)
+          same = same && std::equal(a.begin() + std::ptrdiff_t(i) * ldq, a.begin() + std::ptrdiff_t(i) * ldq + bytes,
+                                    c.begin() + std::ptrdiff_t(i) * ldq16);
+        return same;
+      };
+      DBuf<std::uint8_t> q3(std::size_t(n * ldq16)), q4(std::size_t(n * ldq16));
+      DBuf<float> s3(std::size_t(2 * n)), s4(std::size_t(2 * n));
       q3.poison();
       s3.poison();
-      dev.quantize({dz.p, dim, n, int(dim), bits, q3.p, ldq16, s3.p});
-      const auto a = q2.get(), c = q3.get();
-      bool same = true;
-      for (int i = 0; i < n; ++i)
-        same = same && std::equal(a.begin() + std::ptrdiff_t(i) * ldq, a.begin() + std::ptrdiff_t(i) * ldq + bytes,
-                                  c.begin() + std::ptrdiff_t(i) * ldq16);
-      CHECK(same);
+      q4.poison();
+      s4.poison();
+      dev.quantize({dz.p, dim, n, int(dim), bits, q3.p, ldq16, s3.p});  // dz holds z - sub now
+      DBuf<cuda::bf16> dz0(z0);
+      dev.quantize({dz0.p, dim, n, int(dim), bits, q4.p, ldq16, s4.p, dsub.p, dim});
+      CHECK(same_rows(q2.get(), q3.get()));
       CHECK(s3.get() == s2.get());
+      CHECK(same_rows(q1.get(), q4.get()));
+      CHECK(s4.get() == s1.get());
     }
 }
 

@@ -192,12 +192,14 @@ class GpuDevice {
   void swiglu(const SwiGLUParams<T>& p) {
     if (p.n <= 0 || p.hidden <= 0) return;
     constexpr int V = gpu::kPackOf<T>;
-    const bool packs = p.sub ? gpu::packs_fit<T>({p.hidden, p.ldh, p.ld_sub}, {p.h, p.sub}) : gpu::packs_fit<T>({p.hidden, p.ldh}, {p.h});
+    const bool packs = p.sub ? gpu::packs_fit<T>({p.hidden, p.ldh, p.ld_sub}, {p.h, p.sub})
+                             : gpu::packs_fit<T>({p.hidden, p.ldh}, {p.h});
     const auto launch = [&](auto sub) {
+      constexpr bool S = decltype(sub)::value;
       if (packs)
-        gpu::swiglu_kernel<T, V, sub.value><<<grid_rows(p.n), threads_for(p.hidden / V), 0, stream_>>>(p);
+        gpu::swiglu_kernel<T, V, S><<<grid_rows(p.n), threads_for(p.hidden / V), 0, stream_>>>(p);
       else
-        gpu::swiglu_kernel<T, 1, sub.value><<<grid_rows(p.n), threads_for(p.hidden), 0, stream_>>>(p);
+        gpu::swiglu_kernel<T, 1, S><<<grid_rows(p.n), threads_for(p.hidden), 0, stream_>>>(p);
     };
     if (p.sub) launch(std::true_type{});
     else launch(std::false_type{});

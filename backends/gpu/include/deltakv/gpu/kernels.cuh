@@ -1111,7 +1111,7 @@ DELTAKV_GPU_D void store_code_bytes(std::uint8_t* dst, const std::uint8_t (&c)[N
 template <class T, int W, int NT, int P>
 __global__ void DELTAKV_LAUNCH_BOUNDS(NT) quantize_packs_kernel(QuantizeParams<T> p) {
   constexpr int V = kPackOf<T>;
-  static_assert(V % 2 == 0, "whole int4 bytes per pack");
+  static_assert(V >= 4 && V % 2 == 0, "whole int4 bytes per pack, stores of 2 bytes or more");
   const int levels = (1 << p.bits) - 1, packs = p.dim / V;
   const int lane = threadIdx.x % W;
   const std::int64_t warps = std::int64_t(gridDim.x) * (NT / W);
@@ -1132,14 +1132,13 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) quantize_packs_kernel(QuantizeParams<T
       const bool here = lane + u * W < packs;  // (a pack past the row's end was never loaded)
 #pragma unroll
       for (int e = 0; e < V; ++e) {
+        v[u][e] = 0.f;
+        if (!here) continue;
         // y + alpha * x with alpha = -1, two roundings like axpy_rows (as the scalar kernel)
-        v[u][e] = !here ? 0.f
-                  : p.sub ? to_float(from_float<T>(vendor::add_rn(to_float(a[u].v[e]), vendor::mul_rn(-1.f, to_float(b[u].v[e])))))
-                          : to_float(a[u].v[e]);
-        if (here) {
-          lo = fminf(lo, v[u][e]);
-          hi = fmaxf(hi, v[u][e]);
-        }
+        const float z = to_float(a[u].v[e]);
+        v[u][e] = p.sub ? to_float(from_float<T>(vendor::add_rn(z, vendor::mul_rn(-1.f, to_float(b[u].v[e]))))) : z;
+        lo = fminf(lo, v[u][e]);
+        hi = fmaxf(hi, v[u][e]);
       }
     }
     for (int o = W / 2; o > 0; o >>= 1) {
