@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <chrono>
 #include <numeric>
+#include <tuple>
 
 #include "cuda_test_util.cuh"
 
@@ -168,8 +169,11 @@ TEST_CASE("cuda swiglu and axpy_rows match the CPU") {
   // sub (a residual encoder's hidden rows): swiglu(h) - swiglu(sub), with sub the rows below h's in
   // the same buffer (the cache's layout) or rows of another (own ld); f32 and bf16, packs and not
   // (the last: a separate sub buffer whose rows are 16-byte packs too)
-  for (auto [n, hidden, pad, below, sub_pad] : {std::tuple{1, 7, 0, true, 0}, {37, 300, 5, false, 11},
-                                                {129, 3072, 8, true, 0}, {40, 24, 3, false, 7}, {33, 256, 8, false, 16}}) {
+  for (const auto& c : {std::tuple{1, 7, 0, true, 0}, {37, 300, 5, false, 11}, {129, 3072, 8, true, 0},
+                        {40, 24, 3, false, 7}, {33, 256, 8, false, 16}}) {
+    // (no structured bindings: doctest's CAPTURE cannot name one under clang)
+    const int n = std::get<0>(c), hidden = std::get<1>(c), pad = std::get<2>(c), sub_pad = std::get<4>(c);
+    const bool below = std::get<3>(c);
     CAPTURE(n);
     CAPTURE(hidden);
     const std::int64_t ldh = 2 * hidden + pad, lds = below ? ldh : 2 * hidden + sub_pad;
