@@ -1042,6 +1042,34 @@ __global__ void gather_mean_kernel(GatherMeanParams<T> p) {
 // 8.6 + 12.9). Bit-identical to the CPU.
 // dequantize: one block per row, threads over features; c * scale + min in two roundings.
 // =============================================================================================
+// Both quantize kernels' per-element and per-row steps (their bits must agree with each other and the CPU):
+// z - s as axpy_rows(alpha = -1) stores it (two roundings, then T)
+template <class T>
+DELTAKV_GPU_D float residual_value(T z, T s) {
+  return to_float(from_float<T>(vendor::add_rn(to_float(z), vendor::mul_rn(-1.f, to_float(s)))));
+}
+// the warp's min (lo, returned through it) and max of row i, its scale (1 for a constant row: every
+// code 0 decodes to lo exactly), written with lo to scale_min by lane 0
+template <class T, int W>
+DELTAKV_GPU_D float quantize_row_scale(const QuantizeParams<T>& p, std::int64_t i, int lane, int levels, float& lo,
+                                       float hi) {
+  for (int o = W / 2; o > 0; o >>= 1) {
+    lo = fminf(lo, vendor::shfl_xor<W>(lo, o));
+    hi = fmaxf(hi, vendor::shfl_xor<W>(hi, o));
+  }
+  float scale = (hi - lo) / float(levels);
+  if (!(scale > 0.f)) scale = 1.0f;
+  if (lane == 0) {
+    p.scale_min[2 * i] = scale;
+    p.scale_min[2 * i + 1] = lo;
+  }
+  return scale;
+}
+DELTAKV_GPU_D int quantize_code(float v, float lo, float scale, int levels) {
+  const int c = static_cast<int>(lroundf((v - lo) / scale));
+  return c < 0 ? 0 : (c > levels ? levels : c);
+}
+
 template <class T, int W, int NT>
 __global__ void DELTAKV_LAUNCH_BOUNDS(NT) quantize_kernel(QuantizeParams<T> p) {
   const int levels = (1 << p.bits) - 1;
@@ -1050,31 +1078,16 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) quantize_kernel(QuantizeParams<T> p) {
   for (std::int64_t i = (std::int64_t(blockIdx.x) * NT + threadIdx.x) / W; i < p.n; i += warps) {
     const T* z = p.z + i * p.ldz;
     const T* sb = p.sub ? p.sub + i * p.ld_sub : nullptr;
-    auto val = [&](int j) {  // y + alpha * x with alpha = -1, two roundings like axpy_rows
-      return sb ? to_float(from_float<T>(vendor::add_rn(to_float(z[j]), vendor::mul_rn(-1.f, to_float(sb[j])))))
-                : to_float(z[j]);
-    };
+    auto val = [&](int j) { return sb ? residual_value<T>(z[j], sb[j]) : to_float(z[j]); };
     float lo = -kNegInf, hi = kNegInf;
     for (int j = lane; j < p.dim; j += W) {
       const float v = val(j);
       lo = fminf(lo, v);
       hi = fmaxf(hi, v);
     }
-    for (int o = W / 2; o > 0; o >>= 1) {
-      lo = fminf(lo, vendor::shfl_xor<W>(lo, o));
-      hi = fmaxf(hi, vendor::shfl_xor<W>(hi, o));
-    }
-    float scale = (hi - lo) / float(levels);
-    if (!(scale > 0.f)) scale = 1.0f;  // constant row: every code 0 decodes to lo exactly
-    if (lane == 0) {
-      p.scale_min[2 * i] = scale;
-      p.scale_min[2 * i + 1] = lo;
-    }
+    const float scale = quantize_row_scale<T, W>(p, i, lane, levels, lo, hi);
     std::uint8_t* q = p.q + i * p.ldq;
-    auto code = [&](int j) {
-      int c = static_cast<int>(lroundf((val(j) - lo) / scale));
-      return c < 0 ? 0 : (c > levels ? levels : c);
-    };
+    auto code = [&](int j) { return quantize_code(val(j), lo, scale, levels); };
     if (p.bits == 8) {
       for (int j = lane; j < p.dim; j += W) q[j] = static_cast<std::uint8_t>(code(j));
     } else {
@@ -1134,23 +1147,12 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) quantize_packs_kernel(QuantizeParams<T
       for (int e = 0; e < V; ++e) {
         v[u][e] = 0.f;
         if (!here) continue;
-        // y + alpha * x with alpha = -1, two roundings like axpy_rows (as the scalar kernel)
-        const float z = to_float(a[u].v[e]);
-        v[u][e] = p.sub ? to_float(from_float<T>(vendor::add_rn(z, vendor::mul_rn(-1.f, to_float(b[u].v[e]))))) : z;
+        v[u][e] = p.sub ? residual_value<T>(a[u].v[e], b[u].v[e]) : to_float(a[u].v[e]);
         lo = fminf(lo, v[u][e]);
         hi = fmaxf(hi, v[u][e]);
       }
     }
-    for (int o = W / 2; o > 0; o >>= 1) {
-      lo = fminf(lo, vendor::shfl_xor<W>(lo, o));
-      hi = fmaxf(hi, vendor::shfl_xor<W>(hi, o));
-    }
-    float scale = (hi - lo) / float(levels);
-    if (!(scale > 0.f)) scale = 1.0f;  // constant row: every code 0 decodes to lo exactly
-    if (lane == 0) {
-      p.scale_min[2 * i] = scale;
-      p.scale_min[2 * i + 1] = lo;
-    }
+    const float scale = quantize_row_scale<T, W>(p, i, lane, levels, lo, hi);
     std::uint8_t* q = p.q + i * p.ldq;
 #pragma unroll
     for (int u = 0; u < P; ++u) {
@@ -1158,10 +1160,7 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT) quantize_packs_kernel(QuantizeParams<T
       if (pk >= packs) continue;
       std::uint8_t c[V];
 #pragma unroll
-      for (int e = 0; e < V; ++e) {
-        const int k = static_cast<int>(lroundf((v[u][e] - lo) / scale));
-        c[e] = static_cast<std::uint8_t>(k < 0 ? 0 : (k > levels ? levels : k));
-      }
+      for (int e = 0; e < V; ++e) c[e] = static_cast<std::uint8_t>(quantize_code(v[u][e], lo, scale, levels));
       if (p.bits == 8) {
         store_code_bytes<V>(q + std::int64_t(pk) * V, c);
       } else {
