@@ -576,3 +576,44 @@ TEST_CASE("configuration and buffer errors are reported at construction") {
   using CO = CompressedCache<float, cpu::CpuDevice<float>, FixedStride, LinearEncoder<float>, LinearDecoder<float>, OmniKVPolicy>;
   CHECK_THROWS_AS(CO::layout(cfg, FixedStride(10), OmniKVPolicy{{1}, 10, 4, 16}, 0), ConfigError);
 }
+
+// ---- the device interface's contract ---------------------------------------------------------
+namespace {
+// A device written for interface revision 1: its swiglu and quantize would ignore the `sub` fields
+// of revision 2 and give wrong latents, so it must not satisfy Device (it fails to compile instead).
+template <class T>
+struct RevisionOneDevice : DeviceArchetype<T> {
+  static constexpr int device_interface = 1;
+};
+}  // namespace
+static_assert(Device<DeviceArchetype<float>, float>);
+static_assert(Device<cpu::CpuDevice<float>, float> && Device<cpu::CpuDevice<double>, double>);
+static_assert(!Device<RevisionOneDevice<float>, float>);
+static_assert(!CopiesRowBatches<cpu::CpuDevice<float>, float>);  // the CPU copies part by part
+
+TEST_CASE("copy_rows_batch on a device without the op copies part by part, and refuses > kMaxParts") {
+  cpu::CpuDevice<float> dev;
+  const int dim = 5;
+  std::vector<float> src(7 * dim), a(4 * dim, -1.f), b(3 * dim, -2.f);
+  for (std::size_t i = 0; i < src.size(); ++i) src[i] = float(i);
+  const std::int64_t rows_a[2] = {6, 1}, rows_b[3] = {12, 10, 13};  // rows_b read at base 10
+  CopyRowsBatchParams<float> batch{};
+  batch.part[0] = {src.data(), dim, rows_a, a.data() + dim, dim, nullptr, 2, dim};
+  batch.part[1] = {src.data(), dim, rows_a, a.data(), dim, nullptr, 0, dim};  // empty: skipped
+  batch.part[2] = {src.data(), dim, rows_b, b.data(), dim, nullptr, 3, dim, 10};
+  batch.n_parts = 3;
+  copy_rows_batch(dev, batch);
+  for (int c = 0; c < dim; ++c) {
+    CHECK(a[std::size_t(c)] == -1.f);  // row 0 untouched (the empty part)
+    CHECK(a[std::size_t(dim + c)] == src[std::size_t(6 * dim + c)]);
+    CHECK(a[std::size_t(2 * dim + c)] == src[std::size_t(dim + c)]);
+    CHECK(a[std::size_t(3 * dim + c)] == -1.f);
+    CHECK(b[std::size_t(c)] == src[std::size_t(2 * dim + c)]);
+    CHECK(b[std::size_t(dim + c)] == src[std::size_t(c)]);
+    CHECK(b[std::size_t(2 * dim + c)] == src[std::size_t(3 * dim + c)]);
+  }
+  batch.n_parts = CopyRowsBatchParams<float>::kMaxParts + 1;
+  CHECK_THROWS_AS(copy_rows_batch(dev, batch), ShapeError);
+  batch.n_parts = -1;
+  CHECK_THROWS_AS(copy_rows_batch(dev, batch), ShapeError);
+}

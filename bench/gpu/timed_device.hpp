@@ -21,6 +21,7 @@ namespace deltakv::bench {
 template <class D, class T>
 class TimedDevice {
  public:
+  static constexpr int device_interface = D::device_interface;  // a pass-through: D's revision
   struct OpTime {
     std::string op;
     double ms = 0;  // summed GPU time between the op's two events
@@ -49,6 +50,7 @@ class TimedDevice {
   void page_score(const PageScoreParams<T>& p) { timed("page_score", [&] { d_.page_score(p); }); }
   void topk(const TopKParams& p) { timed("topk", [&] { d_.topk(p); }); }
   void copy_rows(const CopyRowsParams<T>& p) { timed("copy_rows", [&] { d_.copy_rows(p); }); }
+  void copy_rows_batch(const CopyRowsBatchParams<T>& p) { timed("copy_rows_batch", [&] { deltakv::copy_rows_batch(d_, p); }); }
   bool all_finite(const FiniteCheckParams<T>& p) {
     bool r = true;
     timed("all_finite", [&] { r = d_.all_finite(p); });

@@ -778,29 +778,33 @@ class CompressedCache {
     auto refs_before = [&](std::int64_t p) -> std::int64_t { return p > 0 ? g_.refs_upto[p - 1] : 0; };
     const std::int64_t nr = refs_before(e) - refs_before(a), nr_ring = refs_before(mid) - refs_before(a);
     const std::int64_t u = (e - a) - nr, u_ring = (mid - a) - nr_ring;
-    // rows [0, n) of the class store from `first` on: the first n_ring from the ring, the rest from the input
+    // rows [0, n) of the class store from `first` on: the first n_ring from the ring, the rest from
+    // the input; the pass's gathers go to the device as one op (one launch on a GPU)
+    CopyRowsBatchParams<T> gathers{};
     auto gather = [&](std::size_t pos_tab, std::size_t slot_tab, std::int64_t first, std::int64_t n_ring, std::int64_t n,
                       T* dst) {
       if (n_ring > 0)
-        dev_.copy_rows(CopyRowsParams<T>{ring_p, D, table<std::int64_t>(slot_tab) + first, dst, D, nullptr, n_ring, D});
+        gathers.part[gathers.n_parts++] =
+            CopyRowsParams<T>{ring_p, D, table<std::int64_t>(slot_tab) + first, dst, D, nullptr, n_ring, D};
       if (n > n_ring)
-        dev_.copy_rows(CopyRowsParams<T>{in, ldi, table<std::int64_t>(pos_tab) + first + n_ring, dst + n_ring * D, D, nullptr,
-                                         n - n_ring, D, n0});
+        gathers.part[gathers.n_parts++] = CopyRowsParams<T>{
+            in, ldi, table<std::int64_t>(pos_tab) + first + n_ring, dst + n_ring * D, D, nullptr, n - n_ring, D, n0};
     };
-    // 1. references (rows s.n_refs, s.n_refs + 1, ...)
+    // 1. references (rows s.n_refs, s.n_refs + 1, ...); 2. the others, in position order, into X
+    // (their latent rows are s.n_lat, s.n_lat + 1, ...)
     gather(g_.tab_ref_pos, g_.tab_ref_slot, s.n_refs, nr_ring, nr, refs_p + s.n_refs * D);
+    T* X = ws<T>(ws_.blk_x);
+    if (u > 0) gather(g_.tab_lat_pos, g_.tab_lat_slot, s.n_lat, u_ring, u, X);
+    copy_rows_batch(dev_, gathers);
     const std::int64_t m = s.n_refs + nr;
-    // 2. the others, in position order: their latent rows are s.n_lat, s.n_lat + 1, ...
     if (u > 0) {
       const std::int64_t lat0 = s.n_lat;
       // X (u rows) and the reference means below it, encoded in one call; the latents into Zx (the
       // generic path: f_c(x) into Zx, the means' f_c into Zr below it)
-      T* X = ws<T>(ws_.blk_x);
       T* Rm = X + u * D;
       T* Zx = ws<T>(ws_.blk_zx);
       T* Zr = Zx + u * dc;
       auto* ids = reinterpret_cast<std::int32_t*>(region_bytes(l, seq, Region::ids)) + lat0 * k;
-      gather(g_.tab_lat_pos, g_.tab_lat_slot, lat0, u_ring, u, X);
       dev_.ref_search(RefSearchParams<T>{X, D, u, refs_p, D, m, table<std::int32_t>(g_.tab_lat_vis) + lat0, D, k,
                                          cfg_.comp.metric, ids});
       dev_.gather_mean(GatherMeanParams<T>{ids, k, u, nullptr, refs_p, D, D, Rm, D});

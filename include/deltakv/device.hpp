@@ -9,9 +9,11 @@
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
 #include "deltakv/config.hpp"
+#include "deltakv/error.hpp"
 
 namespace deltakv {
 
@@ -34,8 +36,7 @@ struct SwiGLUParams {  // h[:, :hidden] = silu(h[:, :hidden]) * h[:, hidden:2*hi
   // optional: h[:, :hidden] = swiglu(h) - swiglu(sub) instead (sub [n, 2*hidden], the same layout),
   // the difference taken in the accumulation type (float on GPUs) and rounded to T once: a residual
   // encoder's hidden rows, whose linear last map then runs once on the difference
-  // (SwiGLUEncoder::encode_residual). A Device written before this field must honour it (as
-  // QuantizeParams::sub): ignoring it gives wrong latents, not an error.
+  // (SwiGLUEncoder::encode_residual). Interface revision 2 (kDeviceInterface).
   const T* sub = nullptr; std::int64_t ld_sub = 0;
 };
 
@@ -67,7 +68,8 @@ struct QuantizeParams {  // token-wise asymmetric: q = round((z - min) / scale),
   std::uint8_t* q; std::int64_t ldq;                                 // [n, ldq bytes]; int4 packs 2/byte, low nibble first
   float* scale_min;                                                  // [n, 2]: scale, min
   // optional: quantize z - sub instead (sub [n, dim]), each difference rounded to T first, exactly
-  // as axpy_rows(alpha = -1) would store it (the latent residual f_c(x) - f_c(ref) in one pass)
+  // as axpy_rows(alpha = -1) would store it (the latent residual f_c(x) - f_c(ref) in one pass).
+  // Interface revision 2 (kDeviceInterface).
   const T* sub = nullptr; std::int64_t ld_sub = 0;
 };
 
@@ -137,12 +139,32 @@ struct CopyRowsParams {  // dst[dst_rows[i]] = src[src_rows[i] - src_row_base] (
   std::int64_t src_row_base = 0;  // subtracted from listed source rows (a table of positions read at an offset)
 };
 
+// Up to kMaxParts independent row copies as one op (a compression pass gathers its references and
+// its other tokens, each from the ring and from the input: four copies a GPU runs in one launch).
+// Parts with n <= 0 are skipped; no part's destination may overlap another part's source or
+// destination. Optional for a device: copy_rows_batch(dev, b) below falls back to copy_rows.
+template <class T>
+struct CopyRowsBatchParams {
+  static constexpr int kMaxParts = 4;
+  CopyRowsParams<T> part[kMaxParts];
+  int n_parts;  // in [0, kMaxParts]
+};
+
 template <class T>
 struct FiniteCheckParams { const T* x; std::int64_t ldx; std::int64_t n; int dim; };
+
+// The interface's revision: it grows when an op's parameters gain a field that every device must
+// honour (a device written before it would compile, ignore the field and compute something else).
+// A device states the revision it implements, as a number (not as kDeviceInterface, which would
+// follow every bump unread), and stops satisfying Device when the interface moves past it.
+//   1: the ops as first written
+//   2: QuantizeParams::sub and SwiGLUParams::sub (a residual computed in the op)
+inline constexpr int kDeviceInterface = 2;
 
 // A backend D for element type T.
 template <class D, class T>
 concept Device = requires(D& d, std::size_t bytes, void* p, const void* cp) {
+  requires D::device_interface == kDeviceInterface;
   { d.linear(LinearParams<T>{}) };
   { d.swiglu(SwiGLUParams<T>{}) };
   { d.axpy_rows(AxpyRowsParams<T>{}) };
@@ -168,9 +190,27 @@ concept Device = requires(D& d, std::size_t bytes, void* p, const void* cp) {
   { d.fill_zero(p, bytes) };
 };
 
+// Optional ops: a device offers them or the cache does the same work with the ops above.
+template <class D, class T>
+concept CopiesRowBatches = requires(D& d) { d.copy_rows_batch(CopyRowsBatchParams<T>{}); };
+
+template <class T, class D>
+void copy_rows_batch(D& dev, const CopyRowsBatchParams<T>& b) {
+  if (b.n_parts < 0 || b.n_parts > CopyRowsBatchParams<T>::kMaxParts)
+    throw ShapeError("copy_rows_batch: n_parts " + std::to_string(b.n_parts) + " not in [0, " +
+                     std::to_string(CopyRowsBatchParams<T>::kMaxParts) + "]");
+  if constexpr (CopiesRowBatches<D, T>) {
+    dev.copy_rows_batch(b);
+  } else {
+    for (int i = 0; i < b.n_parts; ++i)
+      if (b.part[i].n > 0) dev.copy_rows(b.part[i]);
+  }
+}
+
 // A device that only declares the ops: lets component concepts be checked without a backend.
 template <class T>
 struct DeviceArchetype {
+  static constexpr int device_interface = 2;
   void linear(const LinearParams<T>&);
   void swiglu(const SwiGLUParams<T>&);
   void axpy_rows(const AxpyRowsParams<T>&);

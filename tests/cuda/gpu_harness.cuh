@@ -1,6 +1,7 @@
 #pragma once
 // Shared by the GPU cache tests: a grid-valued codec, a CompressedCache on CudaDevice with its
 // storage, workspace and codec weights in device memory, and a single-sequence append.
+#include <algorithm>
 #include <memory>
 #include <random>
 #include <type_traits>
@@ -32,13 +33,15 @@ std::vector<T> convert(const std::vector<float>& v) {
 }
 
 // The GPU twin of dkt::Harness: device buffers for storage, workspace and the codec's weights.
-template <class T, class Pol>
+// Enc: LinearEncoder<T> (a linear codec), SwiGLUEncoder<T> or a type made from one (a SwiGLU
+// codec's w12 and w3).
+template <class T, class Pol, class Enc = LinearEncoder<T>>
 struct GpuHarness {
   using Dev = cuda::CudaDevice<T>;
-  using Cache = CompressedCache<T, Dev, FixedStride, LinearEncoder<T>, LinearDecoder<T>, Pol>;
+  using Cache = CompressedCache<T, Dev, FixedStride, Enc, LinearDecoder<T>, Pol>;
   Dev dev{nullptr, 0, true};  // its own stream: results are read after dev.synchronize()
   std::vector<std::unique_ptr<DBuf<T>>> weights;
-  std::vector<LinearEncoder<T>> enc;
+  std::vector<Enc> enc;
   std::vector<LinearDecoder<T>> dec;
   std::unique_ptr<DBuf<std::byte>> storage, workspace;
   std::unique_ptr<Cache> cache;
@@ -56,15 +59,18 @@ struct GpuHarness {
       return m;
     };
     for (const auto& l : codec.layers) {
-      enc.push_back({up(l.down)});
+      if constexpr (std::is_same_v<Enc, LinearEncoder<T>>) enc.push_back({up(l.down)});
+      else enc.push_back(Enc{SwiGLUEncoder<T>{up(l.down), up(l.w3)}});
       dec.push_back({up(l.up)});
     }
-    auto lay = Cache::layout(cfg, sel, pol, 0);
+    std::int64_t scratch = 0;
+    for (const auto& e : enc) scratch = std::max(scratch, e.scratch_elems(cfg.compress_rows()));
+    auto lay = Cache::layout(cfg, sel, pol, scratch);
     storage = std::make_unique<DBuf<std::byte>>(lay.storage_bytes);
     workspace = std::make_unique<DBuf<std::byte>>(lay.workspace_bytes);
     storage->poison();
     workspace->poison();
-    cache = std::make_unique<Cache>(dev, cfg, sel, std::span<const LinearEncoder<T>>(enc),
+    cache = std::make_unique<Cache>(dev, cfg, sel, std::span<const Enc>(enc),
                                     std::span<const LinearDecoder<T>>(dec), pol,
                                     std::span<std::byte>(storage->p, storage->n), std::span<std::byte>(workspace->p, workspace->n));
   }

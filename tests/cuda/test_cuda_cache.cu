@@ -273,3 +273,108 @@ TEST_CASE("cuda end to end: a bf16 cache tracks the f32 CPU cache (int8 latents)
     }
   }
 }
+
+namespace {
+// An encoder without encode_residual: the cache takes its generic path (f_c of x and of the
+// reference mean as rows of one call, then the difference), the path before encode_residual.
+template <class E>
+struct EncodeOnly {
+  E e;
+  int input_dim() const { return e.input_dim(); }
+  int latent_dim() const { return e.latent_dim(); }
+  std::int64_t scratch_elems(std::int64_t n) const { return e.scratch_elems(n); }
+  template <class D, class T>
+  void encode(D& dev, MatrixView<const T> x, MatrixView<T> z, T* scratch) const {
+    e.encode(dev, x, z, scratch);
+  }
+};
+}  // namespace
+
+// The bench's prefill path: a bf16 cache with the paper's SwiGLU f_c on tensor cores (cuBLAS
+// where the build has it), passes of several blocks gathered from the ring and the input in one
+// launch, against the f32 CPU cache with the same (bf16-exact) weights; both encode paths.
+TEST_CASE_TEMPLATE("cuda end to end: a bf16 SwiGLU cache tracks the f32 CPU cache (both encode paths, int4 and bf16 latents)",
+                   Enc, SwiGLUEncoder<cuda::bf16>, EncodeOnly<SwiGLUEncoder<cuda::bf16>>) {
+  DKT_REQUIRE_CUDA();
+  using B = cuda::bf16;
+  static_assert(EncodesResiduals<Enc, B> == std::is_same_v<Enc, SwiGLUEncoder<B>>);
+  const int n_layers = 2, hidden = 96;
+  for (const int bits : {4, 0}) {
+    CAPTURE(bits);
+    Config cfg;
+    cfg.model = {n_layers, 4, 2, 64};  // kv_dim 256
+    cfg.comp.sinks = 4;
+    cfg.comp.recent = 32;
+    cfg.comp.k_neighbors = 2;
+    cfg.comp.latent_dim = 64;
+    cfg.comp.latent_bits = bits;
+    cfg.cap = {1, 900, 300};
+    const int D = cfg.model.kv_dim(), dc = 64;
+    Compressor<float> codec;
+    codec.kind = CodecKind::swiglu;
+    codec.kv_dim = D;
+    codec.latent_dim = dc;
+    codec.hidden = hidden;
+    codec.layers.resize(std::size_t(n_layers));
+    for (int l = 0; l < n_layers; ++l) {  // grid values: exact in bf16
+      auto& lc = codec.layers[std::size_t(l)];
+      lc.down = {grid_values(std::size_t(2 * hidden) * D, 300 + 3 * l, -8, 8, 256.f), {}, D, 2 * hidden};
+      lc.w3 = {grid_values(std::size_t(dc) * hidden, 301 + 3 * l, -8, 8, 64.f), {}, hidden, dc};
+      lc.up = {grid_values(std::size_t(D) * dc, 302 + 3 * l, -8, 8, 4.f), {}, dc, D};  // f_d(z) ~ x / 2
+    }
+    Harness<float, FixedStride, SwiGLUEncoder<float>, DensePolicy> cpu(cfg, FixedStride(6), codec, DensePolicy{});
+    GpuHarness<B, DensePolicy, Enc> gpu(cfg, FixedStride(6), codec, DensePolicy{});
+    gpu.dev.set_tensor_cores(true);
+    const std::int64_t n = 800;
+    auto x = grid_values(static_cast<std::size_t>(n * D), 9, -8, 8, 4.f);  // exact in bf16
+    DBuf<B> dx(to_bf16(x));
+    for (int l = 0; l < n_layers; ++l)
+      for (std::int64_t done = 0; done < n;) {  // chunks of up to 280 rows: passes of 1 to 4 blocks
+        const std::int64_t c = std::min<std::int64_t>(n - done, 1 + (done * 13 + 7 * l) % 280);
+        cpu.append(l, 0, x, done, c);
+        append_rows(*gpu.cache, l, 0, dx.p + done * D, c, D);
+        done += c;
+      }
+    CHECK(gpu.cache->counts().latents == cpu.cache->counts().latents);
+    CHECK(gpu.cache->counts().latents > 1000);
+    for (int l = 0; l < n_layers; ++l) {
+      std::vector<std::int64_t> pos(static_cast<std::size_t>(n));
+      std::iota(pos.begin(), pos.end(), 0);
+      DBuf<B> dout(static_cast<std::size_t>(n * D));
+      dout.poison();
+      gpu.cache->reconstruct(l, 0, pos, MatrixView<B>{dout.p, n, D, D}, false);
+      gpu.dev.synchronize();
+      const auto got = to_f32(dout.get());
+      const auto want = cpu.reconstruct(l, 0, false);
+      // Error on the decoded residual f_d(z) = x_hat - ref of the latent positions (the CPU's ref:
+      // the mean of its reference rows, stored exactly), not on x_hat, where ref would dwarf it:
+      // a residual that lost f_c(ref) (or took wrong rows) is off by O(1) there. bf16 noise: the
+      // w12 rows and the SwiGLU difference rounded (~2^-9 each, the difference cancelling), x_hat
+      // rounded; int4 adds the codes that fall across a rounding boundary (one step each).
+      double diff = 0, res = 0;
+      int n_lat = 0;
+      for (std::int64_t p = 0; p < n; ++p) {
+        std::int64_t ids[2] = {-1, -1};
+        if (cpu.cache->position_class(p) != 2 || cpu.cache->references_of(l, 0, p, ids) != 2) continue;  // stored latents
+        ++n_lat;
+        for (int d = 0; d < D; ++d) {
+          const double ref = 0.5 * (double(x[std::size_t(ids[0] * D + d)]) + double(x[std::size_t(ids[1] * D + d)]));
+          const double w = want[std::size_t(p * D + d)], g = got[std::size_t(p * D + d)];
+          diff += (g - w) * (g - w);
+          res += (w - ref) * (w - ref);
+        }
+      }
+      const double e = rel_l2(got, want), e_res = std::sqrt(diff / res);
+      MESSAGE("SwiGLU bf16 reconstruct layer " << l << " bits " << bits << ": rel L2 " << e << ", on f_d(z) of " << n_lat
+                                               << " latents " << e_res);
+      CHECK(all_finite_host(got));
+      CHECK(n_lat > 500);
+      CHECK(e_res < (bits == 4 ? 0.1 : 0.02));  // H100: 0.035-0.038 and 0.005
+      for (std::int64_t p : {50, 333, 700}) {
+        std::int64_t a[2] = {-1, -1}, b[2] = {-1, -1};
+        CHECK(cpu.cache->references_of(l, 0, p, a) == gpu.cache->references_of(l, 0, p, b));
+        CHECK((a[0] == b[0] && a[1] == b[1]));
+      }
+    }
+  }
+}

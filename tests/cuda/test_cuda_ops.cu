@@ -821,6 +821,79 @@ TEST_CASE("cuda copy_rows is exact with and without row lists") {
   }
 }
 
+TEST_CASE("cuda copy_rows_batch is exact, in one launch and part by part") {
+  DKT_REQUIRE_CUDA();
+  cuda::CudaDevice<float> dev;
+  cpu::CpuDevice<float> ref;
+  using Dev = cuda::CudaDevice<float>;
+  // A compression pass's four gathers: a store and a workspace, each filled from a ring (slot
+  // lists) and from an input (position lists read at an offset).
+  const int dim = 256;
+  const std::int64_t ring_n = 40, in_n = 700, base = 5000, store_n = 64;
+  std::uint32_t seed = 4000;
+  const auto ring = randn<float>(std::size_t(ring_n * dim), ++seed);
+  struct Shape {
+    std::int64_t ldi;  // the input's row stride (dim + 3: rows not 16-byte aligned, part by part)
+    int last_dim;      // the workspace's input part's row width (not dim: part by part)
+    std::int64_t n2;   // the workspace's ring part's rows (0: an empty part, skipped)
+    bool fused;
+  };
+  for (const Shape sh : {Shape{dim, dim, 17, true}, Shape{dim + 8, dim, 0, true}, Shape{dim + 3, dim, 17, false},
+                         Shape{dim, dim - 4, 17, false}}) {
+    const auto input = randn<float>(std::size_t(in_n * sh.ldi), ++seed);
+    std::mt19937 rng(++seed);
+    auto pick = [&](std::int64_t n, std::int64_t range, std::int64_t off) {
+      std::vector<std::int64_t> v(static_cast<std::size_t>(n));
+      for (auto& x : v) x = off + std::int64_t(rng() % std::uint32_t(range));
+      return v;
+    };
+    const std::int64_t n[4] = {9, 31, sh.n2, 600};
+    const auto l0 = pick(n[0], ring_n, 0), l1 = pick(n[1], in_n, base), l2 = pick(n[2], ring_n, 0), l3 = pick(n[3], in_n, base);
+    const std::int64_t ws_n = n[2] + n[3];
+    // the same batch over device or host buffers (store rows from 3 on, as a pass writes past n_refs)
+    auto batch = [&](const float* rp, const float* ip, const std::int64_t* s0, const std::int64_t* s1, const std::int64_t* s2,
+                     const std::int64_t* s3, float* st, float* ws) {
+      CopyRowsBatchParams<float> b{};
+      b.part[0] = {rp, dim, s0, st + 3 * dim, dim, nullptr, n[0], dim};
+      b.part[1] = {ip, sh.ldi, s1, st + (3 + n[0]) * dim, dim, nullptr, n[1], dim, base};
+      b.part[2] = {rp, dim, s2, ws, dim, nullptr, n[2], dim};
+      b.part[3] = {ip, sh.ldi, s3, ws + n[2] * dim, dim, nullptr, n[3], sh.last_dim, base};
+      b.n_parts = 4;
+      return b;
+    };
+    DBuf<float> dring(ring), din(input), dstore(std::size_t(store_n * dim)), dws(std::size_t(ws_n * dim));
+    DBuf<std::int64_t> d0(l0), d1(l1), d2(l2), d3(l3);
+    dstore.poison();
+    dws.poison();
+    const auto b = batch(dring.p, din.p, d0.p, d1.p, d2.p, d3.p, dstore.p, dws.p);
+    CHECK(Dev::copy_rows_batch_fused(b) == sh.fused);
+    copy_rows_batch(dev, b);
+    auto want_store = poisoned<float>(std::size_t(store_n * dim)), want_ws = poisoned<float>(std::size_t(ws_n * dim));
+    const auto c = batch(ring.data(), input.data(), l0.data(), l1.data(), l2.data(), l3.data(), want_store.data(), want_ws.data());
+    for (int j = 0; j < c.n_parts; ++j) ref.copy_rows(c.part[j]);
+    const bool exact = same_bits(dstore.get(), want_store) && same_bits(dws.get(), want_ws);
+    MESSAGE("copy_rows_batch ldi=" << sh.ldi << " last dim=" << sh.last_dim << " n2=" << sh.n2 << " fused=" << sh.fused
+                                   << ": exact " << exact);
+    CHECK(exact);
+  }
+  {  // no parts, one part (a plain copy_rows), empty parts only, more than kMaxParts (refused)
+    DBuf<float> d(16);
+    d.poison();
+    CopyRowsBatchParams<float> b{};
+    dev.copy_rows_batch(b);
+    b.part[0] = {d.p, 4, nullptr, d.p + 8, 4, nullptr, 0, 4};
+    b.part[1] = b.part[0];
+    b.n_parts = 2;
+    CHECK_FALSE(Dev::copy_rows_batch_fused(b));
+    copy_rows_batch(dev, b);
+    CHECK(same_bits(d.get(), poisoned<float>(16)));
+    b.part[0].n = 2;  // rows 0, 1 -> 2, 3
+    CHECK_FALSE(Dev::copy_rows_batch_fused(b));
+    b.n_parts = 5;
+    CHECK_THROWS_AS(copy_rows_batch(dev, b), ShapeError);
+  }
+}
+
 TEST_CASE("cuda all_finite, to_host, to_device and fill_zero") {
   DKT_REQUIRE_CUDA();
   cuda::CudaDevice<float> dev;

@@ -56,6 +56,7 @@ class GpuDevice {
  public:
   using A = accum_t<T>;
   static constexpr int kWarp = vendor::kWarpSize;
+  static constexpr int device_interface = 2;  // deltakv/device.hpp: kDeviceInterface
 
   // stream: where every op is ordered; nullptr: the default stream (owned by nobody). With
   // own_stream = true the device creates a non-blocking stream and destroys it at the end.
@@ -355,6 +356,43 @@ class GpuDevice {
     const std::size_t smem = in_smem ? std::size_t(P) * sizeof(unsigned long long) : 0;
     gpu::topk_kernel<kWarp, gpu::kTopkThreads><<<1, gpu::kTopkThreads, smem, stream_>>>(p, K, P, gbuf, in_smem ? 1 : 0);
     launched("topk");
+  }
+
+  // Whether copy_rows_batch(b) runs as one launch: two or more non-empty parts, all of one row
+  // width, every row start 16-byte aligned (a compression pass's gathers); else part by part.
+  static bool copy_rows_batch_fused(const CopyRowsBatchParams<T>& b) {
+    int dim = 0, parts = 0;
+    for (int j = 0; j < b.n_parts; ++j) {
+      const CopyRowsParams<T>& p = b.part[j];
+      if (p.n <= 0 || p.dim <= 0) continue;
+      if (dim == 0) dim = p.dim;
+      if (p.dim != dim || !gpu::packs_fit<T>({p.dim, p.lds, p.ldd}, {p.src, p.dst})) return false;
+      ++parts;
+    }
+    return parts >= 2;
+  }
+  void copy_rows_batch(const CopyRowsBatchParams<T>& b) {
+    static_assert(CopyRowsBatchParams<T>::kMaxParts == gpu::kCopyBatchParts);
+    if (!copy_rows_batch_fused(b)) {
+      for (int j = 0; j < b.n_parts; ++j) copy_rows(b.part[j]);  // empty parts return at once
+      return;
+    }
+    gpu::CopyRowsBatchArgs a{};
+    std::int64_t total = 0;
+    int parts = 0;
+    const std::int64_t es = std::int64_t(sizeof(T));
+    for (int j = 0; j < b.n_parts; ++j) {
+      const CopyRowsParams<T>& p = b.part[j];
+      if (p.n <= 0 || p.dim <= 0) continue;
+      a.part[parts] = {reinterpret_cast<const unsigned char*>(p.src), p.lds * es, p.src_rows, p.src_row_base,
+                       reinterpret_cast<unsigned char*>(p.dst), p.ldd * es, p.dst_rows};
+      a.units = static_cast<int>(std::size_t(p.dim) * sizeof(T) / 16);
+      a.end[parts++] = total += p.n;
+    }
+    for (int j = parts; j < gpu::kCopyBatchParts; ++j) a.end[j] = total;
+    a.n_parts = parts;
+    gpu::copy_rows_batch_kernel<vendor::bytes16><<<grid_rows(total), threads_for(a.units), 0, stream_>>>(a);
+    launched("copy_rows_batch");
   }
 
   void copy_rows(const CopyRowsParams<T>& p) {

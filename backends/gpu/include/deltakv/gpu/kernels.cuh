@@ -1570,6 +1570,40 @@ __global__ void copy_rows_kernel(const unsigned char* src, std::int64_t lds_byte
   }
 }
 
+// copy_rows_batch: the parts of CopyRowsBatchParams as one grid over their rows laid end to end
+// (a block per row, as copy_rows_kernel), every part with the same row width and 16-byte row starts
+// (the host checks; otherwise it copies part by part). Part j holds rows [end[j - 1], end[j]).
+inline constexpr int kCopyBatchParts = 4;
+struct CopyRowsPart {  // byte strides; rows: source src_rows[i] - src_base, destination dst_rows[i]
+  const unsigned char* src; std::int64_t lds; const std::int64_t* src_rows; std::int64_t src_base;
+  unsigned char* dst; std::int64_t ldd; const std::int64_t* dst_rows;
+};
+struct CopyRowsBatchArgs {
+  CopyRowsPart part[kCopyBatchParts];
+  std::int64_t end[kCopyBatchParts];  // running row counts; parts past n_parts repeat the total
+  int n_parts; int units;             // units of U per row
+};
+template <class U>
+__global__ void copy_rows_batch_kernel(CopyRowsBatchArgs a) {
+  const std::int64_t total = a.end[kCopyBatchParts - 1];
+  for (std::int64_t i = blockIdx.x; i < total; i += gridDim.x) {
+    // the part by selects over the parameters (an indexed parameter array would go to local memory)
+    CopyRowsPart p = a.part[0];
+    std::int64_t r = i;
+#pragma unroll
+    for (int j = 1; j < kCopyBatchParts; ++j)
+      if (i >= a.end[j - 1]) {
+        p = a.part[j];
+        r = i - a.end[j - 1];
+      }
+    const std::int64_t s = p.src_rows ? p.src_rows[r] - p.src_base : r;
+    const std::int64_t d = p.dst_rows ? p.dst_rows[r] : r;
+    const U* from = reinterpret_cast<const U*>(p.src + s * p.lds);
+    U* to = reinterpret_cast<U*>(p.dst + d * p.ldd);
+    for (int u = threadIdx.x; u < a.units; u += blockDim.x) to[u] = from[u];
+  }
+}
+
 // all_finite: sets *flag = tag when any element is NaN or Inf (a tag per call, so the flag needs no
 // clearing); dim % V == 0 and ldx % V == 0. Each thread issues the loads of R rows before testing
 // any; the host sizes the grid for n / R rows.
