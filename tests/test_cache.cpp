@@ -617,3 +617,16 @@ TEST_CASE("copy_rows_batch on a device without the op copies part by part, and r
   batch.n_parts = -1;
   CHECK_THROWS_AS(copy_rows_batch(dev, batch), ShapeError);
 }
+
+TEST_CASE("ref_search refuses m_readable below m (the CPU reads no row past m either way)") {
+  cpu::CpuDevice<float> dev;
+  const int dim = 4;
+  std::vector<float> x(2 * dim, 0.5f), r(5 * dim);
+  for (std::size_t i = 0; i < r.size(); ++i) r[i] = float(i % 7) * 0.25f;
+  const std::int32_t vis[2] = {3, 3};
+  std::int32_t ids[4] = {-9, -9, -9, -9}, want[4] = {-9, -9, -9, -9};
+  dev.ref_search({x.data(), dim, 2, r.data(), dim, 3, vis, dim, 2, Metric::l2, want});
+  dev.ref_search({x.data(), dim, 2, r.data(), dim, 3, vis, dim, 2, Metric::l2, ids, 5});  // rows 3, 4 readable: same ids
+  for (int i = 0; i < 4; ++i) CHECK(ids[i] == want[i]);
+  CHECK_THROWS_AS(dev.ref_search({x.data(), dim, 2, r.data(), dim, 3, vis, dim, 2, Metric::l2, ids, 2}), ShapeError);
+}

@@ -6,7 +6,8 @@
 // Per layer and sequence, a compressed layer holds:
 //   sinks   [S, kv_dim]          exact, positions 0..S-1
 //   ring    [R + B, kv_dim]      exact, positions not yet compressed (slot = (pos - S) % (R + B))
-//   refs    [max_refs, kv_dim]   exact reference tokens, in position order
+//   refs    [max_refs, kv_dim]   exact reference tokens, in position order (room for max_refs
+//                                rounded up to 8 rows: the search may read whole groups of 8)
 //   latents [max_lat, payload]   z = f_c(x) - f_c(mean of k refs), raw or int8/int4 + scale/min
 //   ids     [max_lat, k]         the k reference indices of each latent (-1 where fewer existed)
 // An exact layer (policy) holds rows [max_tokens, kv_dim]. Everything is pre-RoPE; RoPE is
@@ -400,7 +401,7 @@ class CompressedCache {
     // per-pass uploads): int64 ref_pos, ring slot of each reference, lat_pos, ring slot of each
     // latent, then int32 references visible to each latent. Byte offsets; tables_bytes in all.
     std::size_t tab_ref_pos = 0, tab_ref_slot = 0, tab_lat_pos = 0, tab_lat_slot = 0, tab_lat_vis = 0, tables_bytes = 0;
-    std::int64_t max_refs = 0, max_lat = 0, ring = 0, page = 0, max_pages = 0, max_select = 0;
+    std::int64_t max_refs = 0, refs_rows = 0, max_lat = 0, ring = 0, page = 0, max_pages = 0, max_select = 0;
     std::int64_t lat_ld = 0;                // bytes per stored latent
     std::vector<std::size_t> layer_off;     // [L] byte offset of layer's first sequence
     std::vector<std::size_t> seq_bytes;     // [L] bytes per sequence in that layer
@@ -508,6 +509,7 @@ class CompressedCache {
       g.refs_upto[p] = static_cast<std::int32_t>(refs);
     }
     g.max_refs = refs;
+    g.refs_rows = (refs + 7) / 8 * 8;  // whole groups of 8 rows: a search may score them at once (m_readable)
     g.max_lat = std::max<std::int64_t>(0, N - S - refs);
     const int bits = cfg.comp.latent_bits;
 
@@ -544,7 +546,7 @@ class CompressedCache {
       } else {
         put(Region::sinks, bytes_mul(std::size_t(std::min<std::int64_t>(S, N)), row));
         put(Region::ring, bytes_mul(std::size_t(g.ring), row));
-        put(Region::refs, bytes_mul(std::size_t(g.max_refs), row));
+        put(Region::refs, bytes_mul(std::size_t(g.refs_rows), row));
         put(Region::lat, bytes_mul(std::size_t(g.max_lat), std::size_t(g.lat_ld)));
         put(Region::scale, bits == 0 ? 0 : bytes_mul(std::size_t(g.max_lat), 2 * sizeof(float)));
         put(Region::ids, bytes_mul(std::size_t(g.max_lat), std::size_t(cfg.comp.k_neighbors), sizeof(std::int32_t)));
@@ -724,11 +726,15 @@ class CompressedCache {
         // positions take distinct slots, in at most two contiguous pieces.
         const std::int64_t n0 = std::max<std::int64_t>(it.start_pos, std::min<std::int64_t>(S, n1));  // first non-sink row
         const T* in = src + (n0 - it.start_pos) * x.rows.ld;
+        CopyRowsBatchParams<T> pieces{};  // at most two (above); kMaxParts >= 4 (compress_pass)
         for (std::int64_t q = std::max(s.c, n0); q < n1;) {
           const std::int64_t slot = (q - S) % ring, piece = std::min(n1 - q, ring - slot);
-          copy_contiguous(in + (q - n0) * x.rows.ld, x.rows.ld, region(layer, it.seq, Region::ring) + slot * kv(), piece);
+          pieces.part[pieces.n_parts++] = CopyRowsParams<T>{in + (q - n0) * x.rows.ld, x.rows.ld, nullptr,
+                                                            region(layer, it.seq, Region::ring) + slot * kv(), kv(), nullptr,
+                                                            piece, kv()};
           q += piece;
         }
+        copy_rows_batch(dev_, pieces);
       }
       s.n = n1;
       at(layer, it.seq) = s;
@@ -780,6 +786,7 @@ class CompressedCache {
     const std::int64_t u = (e - a) - nr, u_ring = (mid - a) - nr_ring;
     // rows [0, n) of the class store from `first` on: the first n_ring from the ring, the rest from
     // the input; the pass's gathers go to the device as one op (one launch on a GPU)
+    static_assert(CopyRowsBatchParams<T>::kMaxParts >= 4, "a pass gathers two classes from two sources");
     CopyRowsBatchParams<T> gathers{};
     auto gather = [&](std::size_t pos_tab, std::size_t slot_tab, std::int64_t first, std::int64_t n_ring, std::int64_t n,
                       T* dst) {
@@ -806,7 +813,7 @@ class CompressedCache {
       T* Zr = Zx + u * dc;
       auto* ids = reinterpret_cast<std::int32_t*>(region_bytes(l, seq, Region::ids)) + lat0 * k;
       dev_.ref_search(RefSearchParams<T>{X, D, u, refs_p, D, m, table<std::int32_t>(g_.tab_lat_vis) + lat0, D, k,
-                                         cfg_.comp.metric, ids});
+                                         cfg_.comp.metric, ids, g_.refs_rows});
       dev_.gather_mean(GatherMeanParams<T>{ids, k, u, nullptr, refs_p, D, D, Rm, D});
       const int bits = cfg_.comp.latent_bits;
       // where the u latents go: rows of T (bits 0), or codes and their scale / min

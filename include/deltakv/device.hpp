@@ -52,7 +52,15 @@ struct RefSearchParams {  // ids[i, :k]: the k best of refs[0 .. visible[i]) for
   const std::int32_t* visible;                           // [n], <= m: causal prefix of refs
   int dim; int k; Metric metric;
   std::int32_t* ids;                                     // [n, k], -1 where fewer than k visible
+  // optional: rows of refs that may be read (>= m; 0: m). Rows past m are never chosen; a device
+  // may score them with the rest (a GEMM over whole groups of 8 references) and ignore the result.
+  std::int64_t m_readable = 0;
 };
+template <class T>
+void check_ref_search_readable(const RefSearchParams<T>& p) {
+  if (p.m_readable != 0 && p.m_readable < p.m)
+    throw ShapeError("ref_search: m_readable " + std::to_string(p.m_readable) + " < m " + std::to_string(p.m));
+}
 
 template <class T>
 struct GatherMeanParams {  // out[i] = mean_j refs[ids[r_i, j]] over ids >= 0 (zeros if none)
@@ -146,9 +154,15 @@ struct CopyRowsParams {  // dst[dst_rows[i]] = src[src_rows[i] - src_row_base] (
 template <class T>
 struct CopyRowsBatchParams {
   static constexpr int kMaxParts = 4;
-  CopyRowsParams<T> part[kMaxParts];
-  int n_parts;  // in [0, kMaxParts]
+  CopyRowsParams<T> part[kMaxParts];  // parts [0, n_parts) are copied, each as copy_rows would
+  int n_parts = 0;                    // in [0, kMaxParts] (check_copy_rows_batch)
 };
+template <class T>
+void check_copy_rows_batch(const CopyRowsBatchParams<T>& b) {
+  if (b.n_parts < 0 || b.n_parts > CopyRowsBatchParams<T>::kMaxParts)
+    throw ShapeError("copy_rows_batch: n_parts " + std::to_string(b.n_parts) + " not in [0, " +
+                     std::to_string(CopyRowsBatchParams<T>::kMaxParts) + "]");
+}
 
 template <class T>
 struct FiniteCheckParams { const T* x; std::int64_t ldx; std::int64_t n; int dim; };
@@ -196,9 +210,7 @@ concept CopiesRowBatches = requires(D& d) { d.copy_rows_batch(CopyRowsBatchParam
 
 template <class T, class D>
 void copy_rows_batch(D& dev, const CopyRowsBatchParams<T>& b) {
-  if (b.n_parts < 0 || b.n_parts > CopyRowsBatchParams<T>::kMaxParts)
-    throw ShapeError("copy_rows_batch: n_parts " + std::to_string(b.n_parts) + " not in [0, " +
-                     std::to_string(CopyRowsBatchParams<T>::kMaxParts) + "]");
+  check_copy_rows_batch(b);
   if constexpr (CopiesRowBatches<D, T>) {
     dev.copy_rows_batch(b);
   } else {

@@ -6,7 +6,8 @@
 // block. Exact layers use `rows` only ([max_tokens, kv_dim] of T, row = position). Compressed
 // layers use the others:
 //   sinks [min(S, max_tokens), kv_dim] T      ring [ring_rows, kv_dim] T, slot (p - S) % ring_rows
-//   refs  [max_refs, kv_dim] T                lat  [max_lat, lat_ld bytes] (raw T or int8/int4 codes)
+//   refs  [max_refs, kv_dim] T (room for max_refs rounded up to 8 rows)
+//   lat   [max_lat, lat_ld bytes] (raw T or int8/int4 codes)
 //   scale [max_lat, 2] f32 (scale, min)       ids  [max_lat, k] int32 (-1: fewer references)
 // Positions below the compressed frontier (CompressedCache::frontier) and past the sinks are in refs
 // or lat as CompressedCache::position_codes says; positions at or past it are in the ring.

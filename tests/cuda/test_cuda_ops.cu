@@ -246,17 +246,32 @@ RefProblem gaussian_ref_problem(std::int64_t n, std::int64_t m, int dim, int k, 
 }
 
 // The device's ids (poisoned first) and the CPU oracle's for one problem and metric.
+// Rows past the m references that the device may read (m_readable = m + rows): NaN, or rows that
+// would win for every query row if they were ever considered (zero L2 distance to some x rows, the
+// largest dot products): they must never be chosen, nor spoil a score.
+struct ReadableExtra {
+  std::int64_t rows = 0;
+  bool winning = false;  // false: NaN
+};
 template <class T>
 std::pair<std::vector<std::int32_t>, std::vector<std::int32_t>> ref_search_both(cuda::CudaDevice<T>& dev, const RefProblem& q,
-                                                                                Metric metric, bool* tensor_path = nullptr) {
+                                                                                Metric metric, bool* tensor_path = nullptr,
+                                                                                ReadableExtra extra = {}) {
   auto up = [](const std::vector<float>& v) {
     if constexpr (std::is_same_v<T, float>) return DBuf<float>(v);
     else return DBuf<T>(to_bf16(v));
   };
-  auto dx = up(q.x), dr = up(q.r);
+  auto dx = up(q.x);
+  std::vector<float> r_ext(q.r);
+  r_ext.resize(q.r.size() + std::size_t(extra.rows * q.ldr), std::numeric_limits<float>::quiet_NaN());
+  for (std::int64_t e = 0; extra.winning && e < extra.rows; ++e)  // 4x (dot) or a copy of (l2) x row e % n: exact in bf16
+    for (int d = 0; d < q.dim; ++d)
+      r_ext[std::size_t((q.m + e) * q.ldr + d)] = (metric == Metric::dot ? 4.f : 1.f) * q.x[std::size_t((e % q.n) * q.ldx + d)];
+  auto dr = up(r_ext);
   DBuf<std::int32_t> dvis(q.vis), dids(std::size_t(q.n * q.k));
   dids.poison(0x5A);  // not -1: "no reference" is a valid id, and every one must be written
-  const RefSearchParams<T> rp{dx.p, q.ldx, q.n, dr.p, q.ldr, q.m, dvis.p, q.dim, q.k, metric, dids.p};
+  const RefSearchParams<T> rp{dx.p, q.ldx, q.n, dr.p, q.ldr, q.m, dvis.p, q.dim, q.k, metric, dids.p,
+                              extra.rows > 0 ? q.m + extra.rows : 0};
   if (tensor_path)
     *tensor_path = dev.tensor_cores() && (dev.vendor_gemm() ? gpu::ref_search_gemm_eligible(rp) : gpu::ref_search_mma_eligible(rp));
   dev.ref_search(rp);
@@ -357,6 +372,40 @@ TEST_CASE("cuda bf16 ref_search on tensor cores picks the same references as the
       CHECK(tc);
       CHECK(diff == 0);
     }
+  // m_readable past m (the cache's reference store holds whole groups of 8 rows): the scores of a
+  // reference count off a multiple of 8 come from one GEMM over the rounded-up count; the extra rows
+  // (NaN, or rows that would win) must never be chosen. Counts below 8, off 8 in the second
+  // 4096-reference chunk, and one with too few readable rows to round up (1299 needs 5, has 2).
+  struct ReadableShape {
+    RefShape s;
+    std::int64_t extra;
+    bool rounds;  // the last chunk's scores from one rounded-up GEMM
+  };
+  for (Metric metric : {Metric::l2, Metric::dot})
+    for (const bool winning : {false, true})
+      for (const ReadableShape rs : {ReadableShape{{96, 5, 64, 4}, 3, true}, {{100, 901, 64, 4}, 7, true}, {{150, 4103, 40, 6}, 8, true},
+                                     {{80, 1299, 96, 7}, 2, false}, {{2100, 300, 64, 4}, 4, true}}) {
+        const RefShape s = rs.s;
+        const RefProblem q = grid_ref_problem(s.n, s.m, s.dim, s.k, 8, 16, seed);
+        const RefSearchParams<cuda::bf16> shape{nullptr, q.ldx, q.n, nullptr, q.ldr, q.m, nullptr, q.dim, q.k, metric, nullptr,
+                                                q.m + rs.extra};
+        CHECK(cuda::CudaDevice<cuda::bf16>::ref_scores_rounded_up(shape, (q.m - 1) / gpu::kRsChunkRefs * gpu::kRsChunkRefs) ==
+              rs.rounds);
+        bool tc = false;
+        const std::int64_t diff = ids_differing(ref_search_both(dev, q, metric, &tc, ReadableExtra{rs.extra, winning}));
+        MESSAGE("bf16 ref_search (cuBLAS scores, m_readable m + " << rs.extra << (winning ? ", winning rows" : ", NaN rows")
+                                                                  << ") metric=" << int(metric) << " n=" << s.n << " m=" << s.m
+                                                                  << " k=" << s.k << ": " << diff << " differing ids");
+        CHECK(tc);
+        CHECK(diff == 0);
+      }
+  {
+    const RefProblem q = grid_ref_problem(70, 20, 64, 4, 8, 16, seed);
+    DBuf<cuda::bf16> dx(to_bf16(q.x)), dr(to_bf16(q.r));
+    DBuf<std::int32_t> dvis(q.vis), dids(std::size_t(q.n * q.k));
+    CHECK_THROWS_AS(dev.ref_search({dx.p, q.ldx, q.n, dr.p, q.ldr, q.m, dvis.p, q.dim, q.k, Metric::l2, dids.p, q.m - 1}),
+                    ShapeError);
+  }
   // Gaussian bf16 data: the f32 sums round in a different order than the CPU's, so a near-tie
   // may swap; expect at most one row of 128 to differ, as for the f32 kernel.
   for (const bool vendor : {true, false})
@@ -887,10 +936,18 @@ TEST_CASE("cuda copy_rows_batch is exact, in one launch and part by part") {
     CHECK_FALSE(Dev::copy_rows_batch_fused(b));
     copy_rows_batch(dev, b);
     CHECK(same_bits(d.get(), poisoned<float>(16)));
-    b.part[0].n = 2;  // rows 0, 1 -> 2, 3
+    b.part[0].n = 2;  // rows 0, 1 -> 2, 3: one non-empty part, a plain copy_rows
     CHECK_FALSE(Dev::copy_rows_batch_fused(b));
+    std::vector<float> src16(16);
+    for (int i = 0; i < 16; ++i) src16[std::size_t(i)] = float(i);
+    d.set(src16);
+    copy_rows_batch(dev, b);
+    auto want = src16;
+    for (int i = 0; i < 8; ++i) want[std::size_t(8 + i)] = src16[std::size_t(i)];
+    CHECK(same_bits(d.get(), want));
     b.n_parts = 5;
     CHECK_THROWS_AS(copy_rows_batch(dev, b), ShapeError);
+    CHECK_THROWS_AS(dev.copy_rows_batch(b), ShapeError);  // the member checks too
   }
 }
 

@@ -63,6 +63,7 @@ class CpuDevice {
 
   // Scores in chunks of references through one GEMM each; a per-row insertion list keeps the k best.
   void ref_search(const RefSearchParams<T>& p) {
+    check_ref_search_readable(p);  // rows past m are never read here
     if (p.n == 0) return;
     constexpr std::int64_t kChunk = 256;
     grow(scratch_, std::size_t(p.n) * kChunk + kChunk);

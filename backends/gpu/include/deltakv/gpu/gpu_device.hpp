@@ -218,6 +218,7 @@ class GpuDevice {
   // (partial lists merged by a second kernel). Rows per block: 128 on tensor cores
   // (ref_search_mma_kernel, where eligible and enabled), else up to 8.
   void ref_search(const RefSearchParams<T>& p) {
+    check_ref_search_readable(p);
     if (p.n <= 0 || p.k <= 0) return;
     if constexpr (vendor::kHasBlas && !std::is_same_v<T, float>) {
       if (tensor_cores_ && vendor_gemm() && gpu::ref_search_gemm_eligible(p)) {
@@ -358,9 +359,18 @@ class GpuDevice {
     launched("topk");
   }
 
+  // Whether ref_search scores the reference chunk that starts at j0 (a multiple of the chunk size)
+  // with one GEMM over its count rounded up to 8 (enough rows past m readable: m_readable), rather
+  // than a GEMM over the multiple of 8 below it and a tail. cuBLAS search path only (16-bit T).
+  static bool ref_scores_rounded_up(const RefSearchParams<T>& p, std::int64_t j0) {
+    const std::int64_t mc = std::min<std::int64_t>(gpu::kRsChunkRefs, p.m - j0);
+    return std::max(p.m, p.m_readable) - j0 >= std::max<std::int64_t>(8, (mc + 7) / 8 * 8);
+  }
+
   // Whether copy_rows_batch(b) runs as one launch: two or more non-empty parts, all of one row
   // width, every row start 16-byte aligned (a compression pass's gathers); else part by part.
   static bool copy_rows_batch_fused(const CopyRowsBatchParams<T>& b) {
+    check_copy_rows_batch(b);
     int dim = 0, parts = 0;
     for (int j = 0; j < b.n_parts; ++j) {
       const CopyRowsParams<T>& p = b.part[j];
@@ -390,7 +400,6 @@ class GpuDevice {
       a.end[parts++] = total += p.n;
     }
     for (int j = parts; j < gpu::kCopyBatchParts; ++j) a.end[j] = total;
-    a.n_parts = parts;
     gpu::copy_rows_batch_kernel<vendor::bytes16><<<grid_rows(total), threads_for(a.units), 0, stream_>>>(a);
     launched("copy_rows_batch");
   }
@@ -486,8 +495,10 @@ class GpuDevice {
             // the first mc / 8 * 8 references on cuBLAS (a multiple of 8 outputs keeps it on its fast
             // kernels); a rest of < 8 as a second GEMM over the last 8 references (it rewrites a few
             // columns of the first with scores of the same precision), or, with fewer than 8 in all,
-            // by ref_tail_scores_kernel (a warp per row: ~25 us per 2048 rows, the GEMM ~5)
-            const int head = mc / 8 * 8;
+            // by ref_tail_scores_kernel (a warp per row: ~25 us per 2048 rows, the GEMM ~5). Where the
+            // caller lets rows past m be read (m_readable), one GEMM over mc rounded up to 8 instead:
+            // the extra columns are never considered (the top-k stops at mc).
+            const int head = ref_scores_rounded_up(p, j0) ? ld : mc / 8 * 8;
             if (head > 0) vendor::gemm_x_wt<T, float>(blas_, nr, head, p.dim, x, p.ldx, r, p.ldr, scores, ld);
             if (mc > head && head > 0) {
               vendor::gemm_x_wt<T, float>(blas_, nr, 8, p.dim, x, p.ldx, r + std::int64_t(mc - 8) * p.ldr, p.ldr, scores + (mc - 8), ld);

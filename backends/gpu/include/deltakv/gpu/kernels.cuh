@@ -1557,37 +1557,41 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT)
 // copy_rows: a block per row (source row src_rows[i] - src_base), threads over its units (U: 16
 // bytes where every row start is 16-byte aligned, else T; the host picks). Source and destination
 // must not overlap.
+struct CopyRowsPart {  // byte strides; row i: source src_rows[i] - src_base, destination dst_rows[i]
+  const unsigned char* src; std::int64_t lds; const std::int64_t* src_rows; std::int64_t src_base;
+  unsigned char* dst; std::int64_t ldd; const std::int64_t* dst_rows;
+};
+template <class U>
+DELTAKV_GPU_D void copy_one_row(const CopyRowsPart& p, std::int64_t i, int units) {  // the calling block's threads
+  const std::int64_t s = p.src_rows ? p.src_rows[i] - p.src_base : i;
+  const std::int64_t d = p.dst_rows ? p.dst_rows[i] : i;
+  const U* from = reinterpret_cast<const U*>(p.src + s * p.lds);
+  U* to = reinterpret_cast<U*>(p.dst + d * p.ldd);
+  for (int u = threadIdx.x; u < units; u += blockDim.x) to[u] = from[u];
+}
 template <class U>
 __global__ void copy_rows_kernel(const unsigned char* src, std::int64_t lds_bytes, const std::int64_t* src_rows,
                                  std::int64_t src_base, unsigned char* dst, std::int64_t ldd_bytes, const std::int64_t* dst_rows,
                                  std::int64_t n, int units) {
-  for (std::int64_t i = blockIdx.x; i < n; i += gridDim.x) {
-    const std::int64_t s = src_rows ? src_rows[i] - src_base : i;
-    const std::int64_t d = dst_rows ? dst_rows[i] : i;
-    const U* from = reinterpret_cast<const U*>(src + s * lds_bytes);
-    U* to = reinterpret_cast<U*>(dst + d * ldd_bytes);
-    for (int u = threadIdx.x; u < units; u += blockDim.x) to[u] = from[u];
-  }
+  const CopyRowsPart p{src, lds_bytes, src_rows, src_base, dst, ldd_bytes, dst_rows};
+  for (std::int64_t i = blockIdx.x; i < n; i += gridDim.x) copy_one_row<U>(p, i, units);
 }
 
 // copy_rows_batch: the parts of CopyRowsBatchParams as one grid over their rows laid end to end
 // (a block per row, as copy_rows_kernel), every part with the same row width and 16-byte row starts
 // (the host checks; otherwise it copies part by part). Part j holds rows [end[j - 1], end[j]).
 inline constexpr int kCopyBatchParts = 4;
-struct CopyRowsPart {  // byte strides; rows: source src_rows[i] - src_base, destination dst_rows[i]
-  const unsigned char* src; std::int64_t lds; const std::int64_t* src_rows; std::int64_t src_base;
-  unsigned char* dst; std::int64_t ldd; const std::int64_t* dst_rows;
-};
 struct CopyRowsBatchArgs {
   CopyRowsPart part[kCopyBatchParts];
-  std::int64_t end[kCopyBatchParts];  // running row counts; parts past n_parts repeat the total
-  int n_parts; int units;             // units of U per row
+  std::int64_t end[kCopyBatchParts];  // running row counts; unused parts repeat the total
+  int units;                          // units of U per row
 };
 template <class U>
 __global__ void copy_rows_batch_kernel(CopyRowsBatchArgs a) {
   const std::int64_t total = a.end[kCopyBatchParts - 1];
   for (std::int64_t i = blockIdx.x; i < total; i += gridDim.x) {
-    // the part by selects over the parameters (an indexed parameter array would go to local memory)
+    // the row's part, chosen by selects over the parameters (indexing the parameter array with a
+    // variable would copy it to local memory)
     CopyRowsPart p = a.part[0];
     std::int64_t r = i;
 #pragma unroll
@@ -1596,11 +1600,7 @@ __global__ void copy_rows_batch_kernel(CopyRowsBatchArgs a) {
         p = a.part[j];
         r = i - a.end[j - 1];
       }
-    const std::int64_t s = p.src_rows ? p.src_rows[r] - p.src_base : r;
-    const std::int64_t d = p.dst_rows ? p.dst_rows[r] : r;
-    const U* from = reinterpret_cast<const U*>(p.src + s * p.lds);
-    U* to = reinterpret_cast<U*>(p.dst + d * p.ldd);
-    for (int u = threadIdx.x; u < a.units; u += blockDim.x) to[u] = from[u];
+    copy_one_row<U>(p, r, a.units);
   }
 }
 
