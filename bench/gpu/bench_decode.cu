@@ -665,13 +665,19 @@ int main(int argc, char** argv) {
       for (const int mode : {0, 1, 2}) {
         if (only_mode && std::atoi(only_mode) != mode) continue;
         const bool twice = std::getenv("DELTAKV_ENCODE_TWICE") != nullptr;  // the generic encode path (comparison)
-        const PrefillResult r = twice ? run_prefill<EncodeTwice>(m, N, 4096, mode > 0, mode == 2, s)
-                                      : run_prefill<deltakv::SwiGLUEncoder<bf>>(m, N, 4096, mode > 0, mode == 2, s);
+        // tokens per append (a prefill chunk; engines' defaults range from 2K to 16K): 4096 unless
+        // DELTAKV_PREFILL_CHUNK says otherwise (with DELTAKV_BLOCKS_PER_PASS = chunk / 1024, one pass
+        // per append)
+        const char* chunk_env = std::getenv("DELTAKV_PREFILL_CHUNK");
+        const std::int64_t chunk = chunk_env ? std::clamp<std::int64_t>(std::atoll(chunk_env), 1, N) : 4096;
+        const PrefillResult r = twice ? run_prefill<EncodeTwice>(m, N, chunk, mode > 0, mode == 2, s)
+                                      : run_prefill<deltakv::SwiGLUEncoder<bf>>(m, N, chunk, mode > 0, mode == 2, s);
         const char* gemm = mode == 0 ? "CUDA cores" : (mode == 1 ? "tensor cores, own GEMM" : "tensor cores, cuBLAS GEMM");
         std::printf("{\"prefill\": \"%s\", \"gemm\": \"%s\", \"tokens\": %.0f, \"latents\": %.0f, \"ms\": %.4f, \"flops\": %.6e, "
-                    "\"encode_tflops\": %.2f, \"search_tflops\": %.2f, \"encode_share\": %.3f, \"blocks_per_pass\": %d, \"encode_path\": \"%s\"}\n",
+                    "\"encode_tflops\": %.2f, \"search_tflops\": %.2f, \"encode_share\": %.3f, \"blocks_per_pass\": %d, \"encode_path\": \"%s\", "
+                    "\"chunk\": %lld}\n",
                     m.name, gemm, r.tokens, r.latents, r.ms, r.flops, r.encode_tflops, r.search_tflops, r.encode_share,
-                    r.blocks_per_pass, twice ? "twice" : "residual");
+                    r.blocks_per_pass, twice ? "twice" : "residual", static_cast<long long>(chunk));
         std::fflush(stdout);
       }
     }
