@@ -393,7 +393,7 @@ TEST_CASE("cuda bf16 ref_search on tensor cores picks the same references as the
               rs.rounds);
         bool tc = false;
         const std::int64_t diff = ids_differing(ref_search_both(dev, q, metric, &tc, ReadableExtra{rs.extra, winning}));
-        MESSAGE("bf16 ref_search (cuBLAS scores, m_readable m + " << rs.extra << (winning ? ", winning rows" : ", NaN rows")
+        MESSAGE("bf16 ref_search (cuBLAS scores, m_readable m + " << rs.extra << std::string(winning ? ", winning rows" : ", NaN rows")
                                                                   << ") metric=" << int(metric) << " n=" << s.n << " m=" << s.m
                                                                   << " k=" << s.k << ": " << diff << " differing ids");
         CHECK(tc);
