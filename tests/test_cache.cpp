@@ -630,3 +630,17 @@ TEST_CASE("ref_search refuses m_readable below m (the CPU reads no row past m ei
   for (int i = 0; i < 4; ++i) CHECK(ids[i] == want[i]);
   CHECK_THROWS_AS(dev.ref_search({x.data(), dim, 2, r.data(), dim, 3, vis, dim, 2, Metric::l2, ids, 2}), ShapeError);
 }
+
+TEST_CASE("copy_rows_batch on a device without the op refuses to give norms") {
+  cpu::CpuDevice<float> dev;
+  std::vector<float> src(8, 1.f), dst(8, 0.f), norms(2, -1.f);
+  CopyRowsBatchParams<float> b{};
+  b.part[0] = {src.data(), 4, nullptr, dst.data(), 4, nullptr, 2, 4};
+  b.n_parts = 1;
+  b.sq_norms[0] = norms.data();
+  CHECK_THROWS_AS(copy_rows_batch(dev, b), ConfigError);
+  CHECK(dst[0] == 0.f);  // nothing copied
+  b.sq_norms[0] = nullptr;
+  copy_rows_batch(dev, b);
+  CHECK(dst[7] == 1.f);
+}

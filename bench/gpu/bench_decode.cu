@@ -459,9 +459,12 @@ struct PrefillResult {
 };
 
 // SwiGLUEncoder without encode_residual: the cache encodes x and its reference mean as rows of one
-// call (both maps on both) and subtracts, the path before encode_residual
-struct EncodeTwice {
-  deltakv::SwiGLUEncoder<bf> e;
+// call (both maps on both) and subtracts, the path before encode_residual. (A template: nvcc warns
+// (#177) about the member a concept check instantiates for DeviceArchetype in a plain class of this
+// unnamed namespace, never about a class template's.)
+template <class E = deltakv::SwiGLUEncoder<bf>>
+struct EncodeTwiceOf {
+  E e;
   int input_dim() const { return e.input_dim(); }
   int latent_dim() const { return e.latent_dim(); }
   std::int64_t scratch_elems(std::int64_t n) const { return e.scratch_elems(n); }
@@ -470,6 +473,7 @@ struct EncodeTwice {
     e.encode(dev, x, z, scratch);
   }
 };
+using EncodeTwice = EncodeTwiceOf<>;
 
 template <class Enc>
 PrefillResult run_prefill(const Model& m, std::int64_t N, std::int64_t chunk, bool tensor_cores, bool vendor_gemm,

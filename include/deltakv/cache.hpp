@@ -381,7 +381,11 @@ class CompressedCache {
   MemoryReport memory(int value_bytes = sizeof(T)) const { return price(counts(), byte_model(value_bytes)); }
 
  private:
-  enum class Region { rows, sinks, ring, refs, lat, scale, ids, pmin, pmax, count_ };
+  enum class Region { rows, sinks, ring, refs, lat, scale, ids, pmin, pmax, norms, count_ };
+  // Whether compressed layers keep each reference's |r|^2 (Region::norms, float per reference row)
+  // for the l2 search: a device whose copy_rows_batch computes them while storing the references
+  // (no pass over the store for each search).
+  static constexpr bool kDeviceKeepsNorms = CopiesRowBatches<Dev, T>;
 
   struct LayerSeq {
     std::int64_t n = 0;      // tokens appended
@@ -401,6 +405,7 @@ class CompressedCache {
     // per-pass uploads): int64 ref_pos, ring slot of each reference, lat_pos, ring slot of each
     // latent, then int32 references visible to each latent. Byte offsets; tables_bytes in all.
     std::size_t tab_ref_pos = 0, tab_ref_slot = 0, tab_lat_pos = 0, tab_lat_slot = 0, tab_lat_vis = 0, tables_bytes = 0;
+    bool ref_norms = false;                 // Region::norms in compressed layers (kDeviceKeepsNorms, l2)
     std::int64_t max_refs = 0, refs_rows = 0, max_lat = 0, ring = 0, page = 0, max_pages = 0, max_select = 0;
     std::int64_t lat_ld = 0;                // bytes per stored latent
     std::vector<std::size_t> layer_off;     // [L] byte offset of layer's first sequence
@@ -510,6 +515,7 @@ class CompressedCache {
     }
     g.max_refs = refs;
     g.refs_rows = (refs + 7) / 8 * 8;  // whole groups of 8 rows: a search may score them at once (m_readable)
+    g.ref_norms = kDeviceKeepsNorms && cfg.comp.metric == Metric::l2;
     g.max_lat = std::max<std::int64_t>(0, N - S - refs);
     const int bits = cfg.comp.latent_bits;
 
@@ -550,6 +556,7 @@ class CompressedCache {
         put(Region::lat, bytes_mul(std::size_t(g.max_lat), std::size_t(g.lat_ld)));
         put(Region::scale, bits == 0 ? 0 : bytes_mul(std::size_t(g.max_lat), 2 * sizeof(float)));
         put(Region::ids, bytes_mul(std::size_t(g.max_lat), std::size_t(cfg.comp.k_neighbors), sizeof(std::int32_t)));
+        put(Region::norms, g.ref_norms ? bytes_mul(std::size_t(g.refs_rows), sizeof(float)) : 0);
       }
       if (g.plans[l].attend == Attend::pages) {
         put(Region::pmin, bytes_mul(std::size_t(g.max_pages), std::size_t(cfg.model.k_dim()), sizeof(T)));
@@ -788,20 +795,26 @@ class CompressedCache {
     // the input; the pass's gathers go to the device as one op (one launch on a GPU)
     static_assert(CopyRowsBatchParams<T>::kMaxParts >= 4, "a pass gathers two classes from two sources");
     CopyRowsBatchParams<T> gathers{};
+    // (norms: where the rows' |x|^2 go, nullptr for none)
     auto gather = [&](std::size_t pos_tab, std::size_t slot_tab, std::int64_t first, std::int64_t n_ring, std::int64_t n,
-                      T* dst) {
-      if (n_ring > 0)
+                      T* dst, float* norms) {
+      if (n_ring > 0) {
+        gathers.sq_norms[gathers.n_parts] = norms;
         gathers.part[gathers.n_parts++] =
             CopyRowsParams<T>{ring_p, D, table<std::int64_t>(slot_tab) + first, dst, D, nullptr, n_ring, D};
-      if (n > n_ring)
+      }
+      if (n > n_ring) {
+        gathers.sq_norms[gathers.n_parts] = norms ? norms + n_ring : nullptr;
         gathers.part[gathers.n_parts++] = CopyRowsParams<T>{
             in, ldi, table<std::int64_t>(pos_tab) + first + n_ring, dst + n_ring * D, D, nullptr, n - n_ring, D, n0};
+      }
     };
-    // 1. references (rows s.n_refs, s.n_refs + 1, ...); 2. the others, in position order, into X
-    // (their latent rows are s.n_lat, s.n_lat + 1, ...)
-    gather(g_.tab_ref_pos, g_.tab_ref_slot, s.n_refs, nr_ring, nr, refs_p + s.n_refs * D);
+    // 1. references (rows s.n_refs, s.n_refs + 1, ...; their norms kept where the device gives
+    // them); 2. the others, in position order, into X (their latent rows are s.n_lat, ...)
+    float* norms_p = g_.ref_norms ? reinterpret_cast<float*>(region_bytes(l, seq, Region::norms)) : nullptr;
+    gather(g_.tab_ref_pos, g_.tab_ref_slot, s.n_refs, nr_ring, nr, refs_p + s.n_refs * D, norms_p ? norms_p + s.n_refs : nullptr);
     T* X = ws<T>(ws_.blk_x);
-    if (u > 0) gather(g_.tab_lat_pos, g_.tab_lat_slot, s.n_lat, u_ring, u, X);
+    if (u > 0) gather(g_.tab_lat_pos, g_.tab_lat_slot, s.n_lat, u_ring, u, X, nullptr);
     copy_rows_batch(dev_, gathers);
     const std::int64_t m = s.n_refs + nr;
     if (u > 0) {
@@ -813,7 +826,7 @@ class CompressedCache {
       T* Zr = Zx + u * dc;
       auto* ids = reinterpret_cast<std::int32_t*>(region_bytes(l, seq, Region::ids)) + lat0 * k;
       dev_.ref_search(RefSearchParams<T>{X, D, u, refs_p, D, m, table<std::int32_t>(g_.tab_lat_vis) + lat0, D, k,
-                                         cfg_.comp.metric, ids, g_.refs_rows});
+                                         cfg_.comp.metric, ids, g_.refs_rows, norms_p});
       dev_.gather_mean(GatherMeanParams<T>{ids, k, u, nullptr, refs_p, D, D, Rm, D});
       const int bits = cfg_.comp.latent_bits;
       // where the u latents go: rows of T (bits 0), or codes and their scale / min

@@ -55,6 +55,11 @@ struct RefSearchParams {  // ids[i, :k]: the k best of refs[0 .. visible[i]) for
   // optional: rows of refs that may be read (>= m; 0: m). Rows past m are never chosen; a device
   // may score them with the rest (a GEMM over whole groups of 8 references) and ignore the result.
   std::int64_t m_readable = 0;
+  // optional (l2): |refs[j]|^2 for j < m as float sums of squares (CopyRowsBatchParams::sq_norms
+  // kept them when the references were stored), max(m, m_readable) entries readable (those past m
+  // ignored); a device may use them instead of computing them (the GPU: where they are 16-byte
+  // aligned and reach m rounded up to 4, as its top-k reads them four at a time)
+  const float* ref_sq_norms = nullptr;
 };
 template <class T>
 void check_ref_search_readable(const RefSearchParams<T>& p) {
@@ -156,12 +161,20 @@ struct CopyRowsBatchParams {
   static constexpr int kMaxParts = 4;
   CopyRowsParams<T> part[kMaxParts];  // parts [0, n_parts) are copied, each as copy_rows would
   int n_parts = 0;                    // in [0, kMaxParts] (check_copy_rows_batch)
+  // optional, per part: sq_norms[j][i] = |row i of part j|^2, the sum of its squares in float (the
+  // norms an l2 search needs: RefSearchParams::ref_sq_norms). Only a device with copy_rows_batch
+  // computes them (the part-by-part fallback refuses them); the part's rows must be contiguous
+  // (dst_rows nullptr).
+  float* sq_norms[kMaxParts] = {};
 };
 template <class T>
 void check_copy_rows_batch(const CopyRowsBatchParams<T>& b) {
   if (b.n_parts < 0 || b.n_parts > CopyRowsBatchParams<T>::kMaxParts)
     throw ShapeError("copy_rows_batch: n_parts " + std::to_string(b.n_parts) + " not in [0, " +
                      std::to_string(CopyRowsBatchParams<T>::kMaxParts) + "]");
+  for (int j = 0; j < b.n_parts; ++j)
+    if (b.sq_norms[j] && b.part[j].dst_rows)
+      throw ShapeError("copy_rows_batch: part " + std::to_string(j) + " asks for norms with a destination row list");
 }
 
 template <class T>
@@ -214,6 +227,9 @@ void copy_rows_batch(D& dev, const CopyRowsBatchParams<T>& b) {
   if constexpr (CopiesRowBatches<D, T>) {
     dev.copy_rows_batch(b);
   } else {
+    for (int i = 0; i < b.n_parts; ++i)
+      if (b.sq_norms[i] && b.part[i].n > 0)
+        throw ConfigError("copy_rows_batch: this device has no copy_rows_batch, so it cannot give the rows' norms");
     for (int i = 0; i < b.n_parts; ++i)
       if (b.part[i].n > 0) dev.copy_rows(b.part[i]);
   }

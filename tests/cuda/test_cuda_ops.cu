@@ -399,6 +399,33 @@ TEST_CASE("cuda bf16 ref_search on tensor cores picks the same references as the
         CHECK(tc);
         CHECK(diff == 0);
       }
+  // ref_sq_norms: the cache's kept norms (m_readable = m rounded up to 8 entries, as the cache
+  // gives them). Right ones give the CPU's l2 ids; zeros turn the l2 scores into -2 x.r, so the ids
+  // become the dot metric's: the kernel reads them, not its own. Zeros the top-k could not read
+  // whole (no readable rows past m = 1001) are ignored: the l2 ids again.
+  for (const int variant : {0, 1, 2}) {
+    const bool zeros = variant > 0, readable = variant < 2;
+    const RefProblem q = grid_ref_problem(300, 1001, 64, 4, 8, 16, seed);
+    const std::int64_t rows = readable ? 1008 : q.m;
+    std::vector<float> norms(std::size_t(rows), 0.f), r_ext(q.r);
+    r_ext.resize(std::size_t(rows * q.ldr), 0.f);
+    for (std::int64_t j = 0; !zeros && j < q.m; ++j)
+      for (int d = 0; d < q.dim; ++d) norms[std::size_t(j)] += q.r[std::size_t(j * q.ldr + d)] * q.r[std::size_t(j * q.ldr + d)];
+    DBuf<cuda::bf16> dx(to_bf16(q.x)), dr(to_bf16(r_ext));
+    DBuf<std::int32_t> dvis(q.vis), dids(std::size_t(q.n * q.k));
+    DBuf<float> dn(norms);
+    dids.poison(0x5A);
+    dev.ref_search({dx.p, q.ldx, q.n, dr.p, q.ldr, q.m, dvis.p, q.dim, q.k, Metric::l2, dids.p, readable ? rows : 0, dn.p});
+    std::vector<std::int32_t> want(std::size_t(q.n * q.k), -7);
+    cpu::CpuDevice<float> cpu_ref;
+    const Metric as = variant == 1 ? Metric::dot : Metric::l2;
+    cpu_ref.ref_search({q.x.data(), q.ldx, q.n, q.r.data(), q.ldr, q.m, q.vis.data(), q.dim, q.k, as, want.data()});
+    const std::int64_t diff = ids_differing({dids.get(), want});
+    MESSAGE("bf16 ref_search with given norms ("
+            << std::string(variant == 0 ? "right ones" : (variant == 1 ? "zeros: the dot metric's ids" : "zeros, not readable whole: ignored"))
+            << "): " << diff << " differing ids");
+    CHECK(diff == 0);
+  }
   {
     const RefProblem q = grid_ref_problem(70, 20, 64, 4, 8, 16, seed);
     DBuf<cuda::bf16> dx(to_bf16(q.x)), dr(to_bf16(q.r));
@@ -914,16 +941,30 @@ TEST_CASE("cuda copy_rows_batch is exact, in one launch and part by part") {
     DBuf<std::int64_t> d0(l0), d1(l1), d2(l2), d3(l3);
     dstore.poison();
     dws.poison();
-    const auto b = batch(dring.p, din.p, d0.p, d1.p, d2.p, d3.p, dstore.p, dws.p);
+    auto b = batch(dring.p, din.p, d0.p, d1.p, d2.p, d3.p, dstore.p, dws.p);
+    // the store parts' norms (the cache's reference norms), poisoned first: both launch paths
+    DBuf<float> dnorms(std::size_t(n[0] + n[1]));
+    dnorms.poison();
+    b.sq_norms[0] = dnorms.p;
+    b.sq_norms[1] = dnorms.p + n[0];
     CHECK(Dev::copy_rows_batch_fused(b) == sh.fused);
     copy_rows_batch(dev, b);
     auto want_store = poisoned<float>(std::size_t(store_n * dim)), want_ws = poisoned<float>(std::size_t(ws_n * dim));
     const auto c = batch(ring.data(), input.data(), l0.data(), l1.data(), l2.data(), l3.data(), want_store.data(), want_ws.data());
     for (int j = 0; j < c.n_parts; ++j) ref.copy_rows(c.part[j]);
     const bool exact = same_bits(dstore.get(), want_store) && same_bits(dws.get(), want_ws);
+    double worst = 0;  // the norms against float64 sums of the copied rows
+    const auto got_norms = dnorms.get();
+    for (std::int64_t i = 0; i < n[0] + n[1]; ++i) {
+      double sq = 0;
+      for (int d = 0; d < dim; ++d) sq += double(want_store[std::size_t((3 + i) * dim + d)]) * want_store[std::size_t((3 + i) * dim + d)];
+      worst = std::max(worst, std::abs(got_norms[std::size_t(i)] - sq) / sq);
+      if (!std::isfinite(got_norms[std::size_t(i)])) worst = 1e30;
+    }
     MESSAGE("copy_rows_batch ldi=" << sh.ldi << " last dim=" << sh.last_dim << " n2=" << sh.n2 << " fused=" << sh.fused
-                                   << ": exact " << exact);
+                                   << ": exact " << exact << ", norms' worst relative error " << worst);
     CHECK(exact);
+    CHECK(worst < 1e-5);  // float sums of 256 squares
   }
   {  // no parts, one part (a plain copy_rows), empty parts only, more than kMaxParts (refused)
     DBuf<float> d(16);
@@ -945,6 +986,19 @@ TEST_CASE("cuda copy_rows_batch is exact, in one launch and part by part") {
     auto want = src16;
     for (int i = 0; i < 8; ++i) want[std::size_t(8 + i)] = src16[std::size_t(i)];
     CHECK(same_bits(d.get(), want));
+    {  // one part asking for norms: one launch
+      DBuf<float> nrm(2);
+      nrm.poison();
+      CopyRowsBatchParams<float> one = b;
+      one.sq_norms[0] = nrm.p;
+      CHECK(Dev::copy_rows_batch_fused(one));
+      copy_rows_batch(dev, one);
+      const auto g = nrm.get();
+      CHECK(g[0] == 0.f + 1.f + 4.f + 9.f);  // row 0: 0, 1, 2, 3 (exact in float)
+      CHECK(g[1] == 16.f + 25.f + 36.f + 49.f);
+      one.part[0].dst_rows = reinterpret_cast<const std::int64_t*>(d.p);  // norms need contiguous rows (refused before any copy)
+      CHECK_THROWS_AS(copy_rows_batch(dev, one), ShapeError);
+    }
     b.n_parts = 5;
     CHECK_THROWS_AS(copy_rows_batch(dev, b), ShapeError);
     CHECK_THROWS_AS(dev.copy_rows_batch(b), ShapeError);  // the member checks too

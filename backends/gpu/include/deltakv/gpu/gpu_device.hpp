@@ -367,24 +367,38 @@ class GpuDevice {
     return std::max(p.m, p.m_readable) - j0 >= std::max<std::int64_t>(8, (mc + 7) / 8 * 8);
   }
 
-  // Whether copy_rows_batch(b) runs as one launch: two or more non-empty parts, all of one row
-  // width, every row start 16-byte aligned (a compression pass's gathers); else part by part.
+  // Whether copy_rows_batch(b) runs as one launch: two or more non-empty parts, or one that asks
+  // for norms, all of one row width, every row start 16-byte aligned (a compression pass's
+  // gathers); else part by part (the norms then by ref_norms_kernel over the copied rows).
   static bool copy_rows_batch_fused(const CopyRowsBatchParams<T>& b) {
     check_copy_rows_batch(b);
     int dim = 0, parts = 0;
+    bool norms = false;
     for (int j = 0; j < b.n_parts; ++j) {
       const CopyRowsParams<T>& p = b.part[j];
       if (p.n <= 0 || p.dim <= 0) continue;
       if (dim == 0) dim = p.dim;
       if (p.dim != dim || !gpu::packs_fit<T>({p.dim, p.lds, p.ldd}, {p.src, p.dst})) return false;
       ++parts;
+      norms = norms || b.sq_norms[j];
     }
-    return parts >= 2;
+    return parts >= 2 || (parts == 1 && norms);
   }
   void copy_rows_batch(const CopyRowsBatchParams<T>& b) {
     static_assert(CopyRowsBatchParams<T>::kMaxParts == gpu::kCopyBatchParts);
     if (!copy_rows_batch_fused(b)) {
-      for (int j = 0; j < b.n_parts; ++j) copy_rows(b.part[j]);  // empty parts return at once
+      for (int j = 0; j < b.n_parts; ++j) {
+        const CopyRowsParams<T>& p = b.part[j];
+        copy_rows(p);  // empty parts return at once
+        if (b.sq_norms[j] && p.n > 0 && p.dim > 0) {
+          if (p.n > std::numeric_limits<int>::max())
+            throw ShapeError(where("copy_rows_batch: more than 2^31 - 1 rows with norms"));
+          constexpr int NT = 256, RPB = NT / kWarp;  // a warp per row
+          gpu::ref_norms_kernel<T, kWarp><<<unsigned((p.n + RPB - 1) / RPB), NT, 0, stream_>>>(p.dst, p.ldd, int(p.n), p.dim,
+                                                                                              b.sq_norms[j]);
+          launched("copy_rows_batch (norms)");
+        }
+      }
       return;
     }
     gpu::CopyRowsBatchArgs a{};
@@ -395,12 +409,12 @@ class GpuDevice {
       const CopyRowsParams<T>& p = b.part[j];
       if (p.n <= 0 || p.dim <= 0) continue;
       a.part[parts] = {reinterpret_cast<const unsigned char*>(p.src), p.lds * es, p.src_rows, p.src_row_base,
-                       reinterpret_cast<unsigned char*>(p.dst), p.ldd * es, p.dst_rows};
+                       reinterpret_cast<unsigned char*>(p.dst), p.ldd * es, p.dst_rows, b.sq_norms[j]};
       a.units = static_cast<int>(std::size_t(p.dim) * sizeof(T) / 16);
       a.end[parts++] = total += p.n;
     }
     for (int j = parts; j < gpu::kCopyBatchParts; ++j) a.end[j] = total;
-    gpu::copy_rows_batch_kernel<vendor::bytes16><<<grid_rows(total), threads_for(a.units), 0, stream_>>>(a);
+    gpu::copy_rows_batch_kernel<vendor::bytes16, T, kWarp><<<grid_rows(total), gpu::kCopyBatchThreads, 0, stream_>>>(a);
     launched("copy_rows_batch");
   }
 
@@ -481,7 +495,10 @@ class GpuDevice {
         launched("ref_search (norms)");
       };
       const bool one_ref_chunk = p.m <= gpu::kRsChunkRefs;
-      if (one_ref_chunk && p.m > 0 && p.metric == Metric::l2) norms_of(p.refs, int(p.m));
+      // norms kept since the references were stored, where the top-k's 16-byte reads may use them
+      const bool norms_given = p.ref_sq_norms != nullptr && gpu::aligned16(p.ref_sq_norms) &&
+                               std::max(p.m, p.m_readable) >= (p.m + 3) / 4 * 4;
+      if (one_ref_chunk && p.m > 0 && p.metric == Metric::l2 && !norms_given) norms_of(p.refs, int(p.m));
       for (std::int64_t r0 = 0; r0 < p.n; r0 += gpu::kRsChunkRows) {
         const std::int64_t nr = std::min<std::int64_t>(gpu::kRsChunkRows, p.n - r0);
         const T* x = p.x + r0 * p.ldx;
@@ -514,9 +531,10 @@ class GpuDevice {
                                                                                   head);
               launched("ref_search (tail scores)");
             }
-            if (p.metric == Metric::l2 && !one_ref_chunk) norms_of(r, mc);
+            if (p.metric == Metric::l2 && !one_ref_chunk && !norms_given) norms_of(r, mc);
           }
-          ref_topk_launch<NT>(p.k, nr, nr, p.metric, scores, ld, norms, j0, std::max(mc, 0), p.visible + r0, j0 == 0,
+          ref_topk_launch<NT>(p.k, nr, nr, p.metric, scores, ld, norms_given ? p.ref_sq_norms + j0 : norms, j0, std::max(mc, 0),
+                              p.visible + r0, j0 == 0,
                               list_s, list_i, last ? p.ids + r0 * p.k : nullptr);
           launched("ref_search (top-k)");
         }

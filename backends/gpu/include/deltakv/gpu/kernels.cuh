@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
+#include <type_traits>
 
 #include "deltakv/device.hpp"
 #include "vendor.hpp"
@@ -1560,34 +1561,54 @@ __global__ void DELTAKV_LAUNCH_BOUNDS(NT)
 struct CopyRowsPart {  // byte strides; row i: source src_rows[i] - src_base, destination dst_rows[i]
   const unsigned char* src; std::int64_t lds; const std::int64_t* src_rows; std::int64_t src_base;
   unsigned char* dst; std::int64_t ldd; const std::int64_t* dst_rows;
+  float* sq_norms;  // copy_rows_batch only: |row i|^2 into sq_norms[i] (nullptr: none)
 };
-template <class U>
-DELTAKV_GPU_D void copy_one_row(const CopyRowsPart& p, std::int64_t i, int units) {  // the calling block's threads
+// Row i of the part by the calling block's threads; returns this thread's share of the row's sum of
+// squares as T elements (T void: none, 0).
+template <class U, class T = void>
+DELTAKV_GPU_D float copy_one_row(const CopyRowsPart& p, std::int64_t i, int units) {
   const std::int64_t s = p.src_rows ? p.src_rows[i] - p.src_base : i;
   const std::int64_t d = p.dst_rows ? p.dst_rows[i] : i;
   const U* from = reinterpret_cast<const U*>(p.src + s * p.lds);
   U* to = reinterpret_cast<U*>(p.dst + d * p.ldd);
-  for (int u = threadIdx.x; u < units; u += blockDim.x) to[u] = from[u];
+  float sq = 0.f;
+  for (int u = threadIdx.x; u < units; u += blockDim.x) {
+    const U v = from[u];
+    to[u] = v;
+    if constexpr (!std::is_void_v<T>) {
+      const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+      for (int k = 0; k < int(sizeof(U) / sizeof(T)); ++k) {
+        const float f = to_float(e[k]);
+        sq += f * f;
+      }
+    }
+  }
+  return sq;
 }
 template <class U>
 __global__ void copy_rows_kernel(const unsigned char* src, std::int64_t lds_bytes, const std::int64_t* src_rows,
                                  std::int64_t src_base, unsigned char* dst, std::int64_t ldd_bytes, const std::int64_t* dst_rows,
                                  std::int64_t n, int units) {
-  const CopyRowsPart p{src, lds_bytes, src_rows, src_base, dst, ldd_bytes, dst_rows};
+  const CopyRowsPart p{src, lds_bytes, src_rows, src_base, dst, ldd_bytes, dst_rows, nullptr};
   for (std::int64_t i = blockIdx.x; i < n; i += gridDim.x) copy_one_row<U>(p, i, units);
 }
 
 // copy_rows_batch: the parts of CopyRowsBatchParams as one grid over their rows laid end to end
 // (a block per row, as copy_rows_kernel), every part with the same row width and 16-byte row starts
 // (the host checks; otherwise it copies part by part). Part j holds rows [end[j - 1], end[j]).
-inline constexpr int kCopyBatchParts = 4;
+// A part with sq_norms also gets its rows' sums of squares of T values (each thread's units in
+// order, then a block sum): the references' norms for the search, with no launch of their own.
+inline constexpr int kCopyBatchParts = 4, kCopyBatchThreads = 256;
 struct CopyRowsBatchArgs {
   CopyRowsPart part[kCopyBatchParts];
   std::int64_t end[kCopyBatchParts];  // running row counts; unused parts repeat the total
   int units;                          // units of U per row
 };
-template <class U>
+template <class U, class T, int W>
 __global__ void copy_rows_batch_kernel(CopyRowsBatchArgs a) {
+  constexpr int NT = kCopyBatchThreads;
+  __shared__ float red[NT / W];
   const std::int64_t total = a.end[kCopyBatchParts - 1];
   for (std::int64_t i = blockIdx.x; i < total; i += gridDim.x) {
     // the row's part, chosen by selects over the parameters (indexing the parameter array with a
@@ -1600,7 +1621,12 @@ __global__ void copy_rows_batch_kernel(CopyRowsBatchArgs a) {
         p = a.part[j];
         r = i - a.end[j - 1];
       }
-    copy_one_row<U>(p, r, a.units);
+    if (p.sq_norms == nullptr) {
+      copy_one_row<U>(p, r, a.units);
+    } else {  // the row's part is the whole block's: every thread reaches the block sum
+      const float sq = block_sum<W, NT>(copy_one_row<U, T>(p, r, a.units), red);
+      if (threadIdx.x == 0) p.sq_norms[r] = sq;
+    }
   }
 }
 
