@@ -579,16 +579,23 @@ TEST_CASE("configuration and buffer errors are reported at construction") {
 
 // ---- the device interface's contract ---------------------------------------------------------
 namespace {
-// A device written for interface revision 1: its swiglu and quantize would ignore the `sub` fields
-// of revision 2 and give wrong latents, so it must not satisfy Device (it fails to compile instead).
+// Devices written for earlier interface revisions: one of revision 1 would ignore the `sub` fields
+// of revision 2 (wrong latents), one of revision 2 with a copy_rows_batch would ignore the norms of
+// revision 3 (a search reading norms never written); neither may satisfy Device.
 template <class T>
 struct RevisionOneDevice : DeviceArchetype<T> {
   static constexpr int device_interface = 1;
+};
+template <class T>
+struct RevisionTwoDevice : DeviceArchetype<T> {
+  static constexpr int device_interface = 2;
+  void copy_rows_batch(const CopyRowsBatchParams<T>&);
 };
 }  // namespace
 static_assert(Device<DeviceArchetype<float>, float>);
 static_assert(Device<cpu::CpuDevice<float>, float> && Device<cpu::CpuDevice<double>, double>);
 static_assert(!Device<RevisionOneDevice<float>, float>);
+static_assert(!Device<RevisionTwoDevice<float>, float>);
 static_assert(!CopiesRowBatches<cpu::CpuDevice<float>, float>);  // the CPU copies part by part
 
 TEST_CASE("copy_rows_batch on a device without the op copies part by part, and refuses > kMaxParts") {

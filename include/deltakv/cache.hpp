@@ -375,6 +375,7 @@ class CompressedCache {
     m.id_bytes = sizeof(std::int32_t);
     m.scale_bytes = 2 * sizeof(float);
     m.index_bytes = 0;  // the position table is shared by all layers and sequences
+    m.ref_norm_bytes = g_.ref_norms ? int(sizeof(float)) : 0;
     return m;
   }
   // value_bytes: price exact rows (and raw latents) at this element size (2 projects to bf16).
@@ -384,7 +385,8 @@ class CompressedCache {
   enum class Region { rows, sinks, ring, refs, lat, scale, ids, pmin, pmax, norms, count_ };
   // Whether compressed layers keep each reference's |r|^2 (Region::norms, float per reference row)
   // for the l2 search: a device whose copy_rows_batch computes them while storing the references
-  // (no pass over the store for each search).
+  // (no pass over the store for each search; a search path that does not read them, e.g. the
+  // GPU's without tensor cores, leaves them unused).
   static constexpr bool kDeviceKeepsNorms = CopiesRowBatches<Dev, T>;
 
   struct LayerSeq {
@@ -811,6 +813,8 @@ class CompressedCache {
     };
     // 1. references (rows s.n_refs, s.n_refs + 1, ...; their norms kept where the device gives
     // them); 2. the others, in position order, into X (their latent rows are s.n_lat, ...)
+    // (kept whatever path the device's search takes now: it may switch paths between passes, e.g.
+    // set_tensor_cores, and a path that reads them must find every reference's)
     float* norms_p = g_.ref_norms ? reinterpret_cast<float*>(region_bytes(l, seq, Region::norms)) : nullptr;
     gather(g_.tab_ref_pos, g_.tab_ref_slot, s.n_refs, nr_ring, nr, refs_p + s.n_refs * D, norms_p ? norms_p + s.n_refs : nullptr);
     T* X = ws<T>(ws_.blk_x);

@@ -186,7 +186,8 @@ struct FiniteCheckParams { const T* x; std::int64_t ldx; std::int64_t n; int dim
 // follow every bump unread), and stops satisfying Device when the interface moves past it.
 //   1: the ops as first written
 //   2: QuantizeParams::sub and SwiGLUParams::sub (a residual computed in the op)
-inline constexpr int kDeviceInterface = 2;
+//   3: CopyRowsBatchParams::sq_norms (a device's copy_rows_batch computes the rows' norms)
+inline constexpr int kDeviceInterface = 3;
 
 // A backend D for element type T.
 template <class D, class T>
@@ -238,7 +239,7 @@ void copy_rows_batch(D& dev, const CopyRowsBatchParams<T>& b) {
 // A device that only declares the ops: lets component concepts be checked without a backend.
 template <class T>
 struct DeviceArchetype {
-  static constexpr int device_interface = 2;
+  static constexpr int device_interface = 3;
   void linear(const LinearParams<T>&);
   void swiglu(const SwiGLUParams<T>&);
   void axpy_rows(const AxpyRowsParams<T>&);

@@ -26,6 +26,7 @@ struct ByteModel {
   int id_bytes = 4;          // one reference id
   int scale_bytes = 8;       // per quantized latent: scale + min (2 x f32)
   int index_bytes = 4;       // per token: where its row lives
+  int ref_norm_bytes = 0;    // per reference: its |r|^2, where the cache keeps it (GPU caches, l2 search)
 
   std::int64_t latent_payload() const {
     return latent_bits == 0 ? std::int64_t{latent_dim} * value_bytes
@@ -37,6 +38,7 @@ struct MemoryReport {
   std::int64_t tokens = 0;
   std::int64_t sinks = 0, recent = 0, references = 0, exact_layers = 0;  // bytes of exact rows
   std::int64_t latents = 0, reference_ids = 0, scales = 0;               // bytes of compressed tokens
+  std::int64_t reference_norms = 0;                                      // bytes of the references' norms
   std::int64_t page_metadata = 0, index = 0;
   std::int64_t total = 0;
   std::int64_t dense = 0;  // the same tokens stored uncompressed at value_bytes
@@ -56,8 +58,9 @@ inline MemoryReport price(const TokenCounts& c, const ByteModel& m) {
   r.scales = m.latent_bits == 0 ? 0 : c.latents * m.scale_bytes;
   r.page_metadata = c.pages * 2 * std::int64_t{m.k_dim} * m.value_bytes;
   r.index = c.tokens * m.index_bytes;
+  r.reference_norms = c.references * m.ref_norm_bytes;
   r.total = r.sinks + r.recent + r.references + r.exact_layers + r.latents + r.reference_ids +
-            r.scales + r.page_metadata + r.index;
+            r.scales + r.page_metadata + r.index + r.reference_norms;
   r.dense = c.tokens * row;
   return r;
 }

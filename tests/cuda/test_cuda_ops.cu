@@ -401,31 +401,37 @@ TEST_CASE("cuda bf16 ref_search on tensor cores picks the same references as the
       }
   // ref_sq_norms: the cache's kept norms (m_readable = m rounded up to 8 entries, as the cache
   // gives them). Right ones give the CPU's l2 ids; zeros turn the l2 scores into -2 x.r, so the ids
-  // become the dot metric's: the kernel reads them, not its own. Zeros the top-k could not read
-  // whole (no readable rows past m = 1001) are ignored: the l2 ids again.
-  for (const int variant : {0, 1, 2}) {
-    const bool zeros = variant > 0, readable = variant < 2;
-    const RefProblem q = grid_ref_problem(300, 1001, 64, 4, 8, 16, seed);
-    const std::int64_t rows = readable ? 1008 : q.m;
-    std::vector<float> norms(std::size_t(rows), 0.f), r_ext(q.r);
-    r_ext.resize(std::size_t(rows * q.ldr), 0.f);
-    for (std::int64_t j = 0; !zeros && j < q.m; ++j)
-      for (int d = 0; d < q.dim; ++d) norms[std::size_t(j)] += q.r[std::size_t(j * q.ldr + d)] * q.r[std::size_t(j * q.ldr + d)];
-    DBuf<cuda::bf16> dx(to_bf16(q.x)), dr(to_bf16(r_ext));
-    DBuf<std::int32_t> dvis(q.vis), dids(std::size_t(q.n * q.k));
-    DBuf<float> dn(norms);
-    dids.poison(0x5A);
-    dev.ref_search({dx.p, q.ldx, q.n, dr.p, q.ldr, q.m, dvis.p, q.dim, q.k, Metric::l2, dids.p, readable ? rows : 0, dn.p});
-    std::vector<std::int32_t> want(std::size_t(q.n * q.k), -7);
-    cpu::CpuDevice<float> cpu_ref;
-    const Metric as = variant == 1 ? Metric::dot : Metric::l2;
-    cpu_ref.ref_search({q.x.data(), q.ldx, q.n, q.r.data(), q.ldr, q.m, q.vis.data(), q.dim, q.k, as, want.data()});
-    const std::int64_t diff = ids_differing({dids.get(), want});
-    MESSAGE("bf16 ref_search with given norms ("
-            << std::string(variant == 0 ? "right ones" : (variant == 1 ? "zeros: the dot metric's ids" : "zeros, not readable whole: ignored"))
-            << "): " << diff << " differing ids");
-    CHECK(diff == 0);
-  }
+  // become the dot metric's: the kernel reads them, not its own (4103 references: two chunks, the
+  // second read at offset 4096). Zeros the top-k could not read whole (no readable rows past
+  // m = 1001) or not 16-byte aligned are ignored: the l2 ids again.
+  enum class Given { right, zeros, zeros_short, zeros_misaligned };
+  for (const std::int64_t m : {std::int64_t{1001}, std::int64_t{4103}})
+    for (const Given given : {Given::right, Given::zeros, Given::zeros_short, Given::zeros_misaligned}) {
+      const bool zeros = given != Given::right, readable = given != Given::zeros_short;
+      const RefProblem q = grid_ref_problem(300, m, 64, 4, 8, 16, seed);
+      const std::int64_t rows = readable ? (q.m + 7) / 8 * 8 : q.m, off = given == Given::zeros_misaligned ? 1 : 0;
+      std::vector<float> norms(std::size_t(rows + off), 0.f), r_ext(q.r);
+      r_ext.resize(std::size_t(rows * q.ldr), 0.f);
+      for (std::int64_t j = 0; !zeros && j < q.m; ++j)
+        for (int d = 0; d < q.dim; ++d) norms[std::size_t(j)] += q.r[std::size_t(j * q.ldr + d)] * q.r[std::size_t(j * q.ldr + d)];
+      DBuf<cuda::bf16> dx(to_bf16(q.x)), dr(to_bf16(r_ext));
+      DBuf<std::int32_t> dvis(q.vis), dids(std::size_t(q.n * q.k));
+      DBuf<float> dn(norms);
+      dids.poison(0x5A);
+      dev.ref_search({dx.p, q.ldx, q.n, dr.p, q.ldr, q.m, dvis.p, q.dim, q.k, Metric::l2, dids.p, readable ? rows : 0, dn.p + off});
+      std::vector<std::int32_t> want(std::size_t(q.n * q.k), -7);
+      cpu::CpuDevice<float> cpu_ref;
+      const Metric as = given == Given::zeros ? Metric::dot : Metric::l2;
+      cpu_ref.ref_search({q.x.data(), q.ldx, q.n, q.r.data(), q.ldr, q.m, q.vis.data(), q.dim, q.k, as, want.data()});
+      const std::int64_t diff = ids_differing({dids.get(), want});
+      MESSAGE("bf16 ref_search with given norms, m " << q.m << " ("
+              << std::string(given == Given::right ? "right ones"
+                             : given == Given::zeros ? "zeros: the dot metric's ids"
+                             : given == Given::zeros_short ? "zeros, not readable whole: ignored"
+                                                           : "zeros, misaligned: ignored")
+              << "): " << diff << " differing ids");
+      CHECK(diff == 0);
+    }
   {
     const RefProblem q = grid_ref_problem(70, 20, 64, 4, 8, 16, seed);
     DBuf<cuda::bf16> dx(to_bf16(q.x)), dr(to_bf16(q.r));
@@ -965,6 +971,33 @@ TEST_CASE("cuda copy_rows_batch is exact, in one launch and part by part") {
                                    << ": exact " << exact << ", norms' worst relative error " << worst);
     CHECK(exact);
     CHECK(worst < 1e-5);  // float sums of 256 squares
+  }
+  {  // bf16 rows (the cache's type): 8 values per 16-byte unit summed into the norms
+    cuda::CudaDevice<cuda::bf16> dev16;
+    const int d16 = 2048;
+    const std::int64_t na = 5, nb = 40;
+    const auto src = round_bf16(randn<float>(std::size_t((na + nb) * d16), 4321));
+    DBuf<cuda::bf16> dsrc(to_bf16(src)), ddst(std::size_t((na + nb) * d16));
+    DBuf<float> dn(std::size_t(na + nb));
+    dn.poison();
+    CopyRowsBatchParams<cuda::bf16> b16{};
+    b16.part[0] = {dsrc.p, d16, nullptr, ddst.p, d16, nullptr, na, d16};
+    b16.part[1] = {dsrc.p + na * d16, d16, nullptr, ddst.p + na * d16, d16, nullptr, nb, d16};
+    b16.n_parts = 2;
+    b16.sq_norms[0] = dn.p;
+    b16.sq_norms[1] = dn.p + na;
+    CHECK(cuda::CudaDevice<cuda::bf16>::copy_rows_batch_fused(b16));
+    copy_rows_batch(dev16, b16);
+    const auto got = dn.get();
+    double worst = 0;
+    for (std::int64_t i = 0; i < na + nb; ++i) {
+      double sq = 0;
+      for (int d = 0; d < d16; ++d) sq += double(src[std::size_t(i * d16 + d)]) * src[std::size_t(i * d16 + d)];
+      worst = std::isfinite(got[std::size_t(i)]) ? std::max(worst, std::abs(got[std::size_t(i)] - sq) / sq) : 1e30;
+    }
+    MESSAGE("copy_rows_batch bf16 norms: worst relative error " << worst);
+    CHECK(worst < 1e-5);
+    CHECK(same_bits(to_f32(ddst.get()), src));
   }
   {  // no parts, one part (a plain copy_rows), empty parts only, more than kMaxParts (refused)
     DBuf<float> d(16);

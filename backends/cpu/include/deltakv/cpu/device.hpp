@@ -22,7 +22,7 @@ namespace deltakv::cpu {
 template <class T>
 class CpuDevice {
  public:
-  static constexpr int device_interface = 2;  // deltakv/device.hpp: kDeviceInterface
+  static constexpr int device_interface = 3;  // deltakv/device.hpp: kDeviceInterface
   using A = accum_t<T>;
   using RowMat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using CMap = Eigen::Map<const RowMat, 0, Eigen::OuterStride<>>;

@@ -56,7 +56,7 @@ class GpuDevice {
  public:
   using A = accum_t<T>;
   static constexpr int kWarp = vendor::kWarpSize;
-  static constexpr int device_interface = 2;  // deltakv/device.hpp: kDeviceInterface
+  static constexpr int device_interface = 3;  // deltakv/device.hpp: kDeviceInterface
 
   // stream: where every op is ordered; nullptr: the default stream (owned by nobody). With
   // own_stream = true the device creates a non-blocking stream and destroys it at the end.
@@ -387,12 +387,13 @@ class GpuDevice {
   void copy_rows_batch(const CopyRowsBatchParams<T>& b) {
     static_assert(CopyRowsBatchParams<T>::kMaxParts == gpu::kCopyBatchParts);
     if (!copy_rows_batch_fused(b)) {
+      for (int j = 0; j < b.n_parts; ++j)  // before any launch: ref_norms_kernel's thread index is 32-bit
+        if (b.sq_norms[j] && b.part[j].n > (std::int64_t{1} << 26))
+          throw ShapeError(where("copy_rows_batch: more than 2^26 rows with norms in one part"));
       for (int j = 0; j < b.n_parts; ++j) {
         const CopyRowsParams<T>& p = b.part[j];
         copy_rows(p);  // empty parts return at once
         if (b.sq_norms[j] && p.n > 0 && p.dim > 0) {
-          if (p.n > std::numeric_limits<int>::max())
-            throw ShapeError(where("copy_rows_batch: more than 2^31 - 1 rows with norms"));
           constexpr int NT = 256, RPB = NT / kWarp;  // a warp per row
           gpu::ref_norms_kernel<T, kWarp><<<unsigned((p.n + RPB - 1) / RPB), NT, 0, stream_>>>(p.dst, p.ldd, int(p.n), p.dim,
                                                                                               b.sq_norms[j]);

@@ -758,7 +758,8 @@ __global__ void DELTAKV_LAUNCH_BOUNDS_MIN(kRsThreads, 2)
 // =============================================================================================
 // The search with its scores from the vendor's GEMM (GpuDevice::ref_search with tensor cores on,
 // where the build has one): per chunk of at most kRsChunkRows rows x kRsChunkRefs references,
-// S = X R^T in f32 (scratch), |r|^2 of the chunk's references (ref_norms_kernel), then
+// S = X R^T in f32 (scratch), |r|^2 of the chunk's references (RefSearchParams::ref_sq_norms where
+// given and readable, else ref_norms_kernel), then
 // ref_topk_rows_kernel folds the chunk into each row's k best (list_s / list_i, carried from chunk
 // to chunk in reference order, so that ties keep going to the lower id) and writes the ids after
 // the last chunk. Scores as in ref_search_mma_kernel: 2 s - |r|^2 (l2) or s (dot). The chunk sizes
