@@ -125,6 +125,20 @@ std::vector<T> naive_attention(const std::vector<T>& q, const std::vector<std::i
   return out;
 }
 
+// An encoder offering encode() only, not encode_residual: a CompressedCache takes its generic path
+// with it (x and its reference mean encoded as rows, the latent their difference).
+template <class E>
+struct EncodeOnly {
+  E e;
+  int input_dim() const { return e.input_dim(); }
+  int latent_dim() const { return e.latent_dim(); }
+  std::int64_t scratch_elems(std::int64_t n) const { return e.scratch_elems(n); }
+  template <class D, class T>
+  void encode(D& dev, MatrixView<const T> x, MatrixView<T> z, T* scratch) const {
+    e.encode(dev, x, z, scratch);
+  }
+};
+
 // Owns the buffers of one cache (the engine's job in real use).
 template <class T, class Sel, class Enc, class Pol>
 struct Harness {

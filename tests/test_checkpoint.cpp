@@ -23,6 +23,7 @@
 #include "deltakv/cpu/device.hpp"
 #include "deltakv/io/checkpoint.hpp"
 #include "deltakv/io/safetensors.hpp"
+#include "support.hpp"
 #include "support_io.hpp"
 
 #ifndef DELTAKV_TEST_DATA_DIR
@@ -267,26 +268,12 @@ struct MiddleExactPolicy {
   int page_size() const { return 0; }
 };
 
-// An encoder offering encode() only, not encode_residual: a CompressedCache takes its generic path
-// with it (x and its reference mean encoded as rows, the latent their difference).
-template <class E>
-struct EncodeOnly {
-  E e;
-  int input_dim() const { return e.input_dim(); }
-  int latent_dim() const { return e.latent_dim(); }
-  std::int64_t scratch_elems(std::int64_t n) const { return e.scratch_elems(n); }
-  template <class D, class T>
-  void encode(D& dev, MatrixView<const T> x, MatrixView<T> z, T* scratch) const {
-    e.encode(dev, x, z, scratch);
-  }
-};
-
 }  // namespace
 
 // Both of the cache's encode paths: encode_residual (SwiGLUEncoder's own) and encode + subtraction
 // (an encoder without encode_residual).
 TEST_CASE_TEMPLATE("paper SwiGLU checkpoint in a CompressedCache: latents decode to f_d(f_c(x) - f_c(ref)) + ref", Enc,
-                   SwiGLUEncoder<double>, EncodeOnly<SwiGLUEncoder<double>>) {
+                   SwiGLUEncoder<double>, dkt::EncodeOnly<SwiGLUEncoder<double>>) {
   using T = double;
   static_assert(EncodesResiduals<Enc, T> == std::is_same_v<Enc, SwiGLUEncoder<T>>);
   const Compressor<T> comp = load_paper_checkpoint<T>(data_path("paper_swiglu.safetensors"), 3, 16);

@@ -3,6 +3,7 @@
 // storage, workspace and codec weights in device memory, and a single-sequence append.
 #include <algorithm>
 #include <memory>
+#include <numeric>
 #include <random>
 #include <type_traits>
 #include <vector>
@@ -73,6 +74,19 @@ struct GpuHarness {
     cache = std::make_unique<Cache>(dev, cfg, sel, std::span<const Enc>(enc),
                                     std::span<const LinearDecoder<T>>(dec), pol,
                                     std::span<std::byte>(storage->p, storage->n), std::span<std::byte>(workspace->p, workspace->n));
+  }
+
+  // x̂ of positions [0, n) of (layer, seq), with or without RoPE, on the host (the device output
+  // poisoned first), as dkt::Harness::reconstruct gives the CPU's
+  std::vector<T> reconstruct(int layer, int seq, std::int64_t n, bool rope) {
+    const int D = cache->config().model.kv_dim();
+    std::vector<std::int64_t> pos(static_cast<std::size_t>(n));
+    std::iota(pos.begin(), pos.end(), 0);
+    DBuf<T> dout(static_cast<std::size_t>(n * D));
+    dout.poison();
+    cache->reconstruct(layer, seq, pos, MatrixView<T>{dout.p, n, D, D}, rope);
+    dev.synchronize();
+    return dout.get();
   }
 };
 

@@ -65,15 +65,8 @@ void run_end_to_end(const Shape& sh, Pol pol, int n_layers, bool check_selection
   for (int l = 0; l < n_layers; ++l)
     for (int seq : {0, 1})
       for (bool rope : {false, true}) {
-        const std::int64_t n = cpu.cache->length(l, seq);
-        std::vector<std::int64_t> pos(static_cast<std::size_t>(n));
-        std::iota(pos.begin(), pos.end(), 0);
-        DBuf<float> dout(std::size_t(n * D));
-        dout.poison();
-        gpu.cache->reconstruct(l, seq, pos, MatrixView<float>{dout.p, n, D, D}, rope);
-        gpu.dev.synchronize();
         const auto want = cpu.reconstruct(l, seq, rope);
-        const auto got = dout.get();
+        const auto got = gpu.reconstruct(l, seq, cpu.cache->length(l, seq), rope);
         const double e = rel_l2(got, want);
         MESSAGE("reconstruct layer " << l << " seq " << seq << " rope " << rope << ": rel L2 " << e);
         CHECK(all_finite_host(got));
@@ -155,15 +148,8 @@ TEST_CASE("cuda cache: a non-finite append that completes blocks changes nothing
   const std::int64_t n = 600;
   auto x = grid_values(std::size_t(n * D), 9, -8, 8, 4.f);
   DBuf<float> dx(x);
-  auto rows_of = [&](GpuHarness<float, DensePolicy>& g, int seq) {
-    const std::int64_t len = g.cache->length(0, seq);
-    std::vector<std::int64_t> pos(static_cast<std::size_t>(len));
-    std::iota(pos.begin(), pos.end(), 0);
-    DBuf<float> out(std::size_t(len * D));
-    out.poison();
-    g.cache->reconstruct(0, seq, pos, MatrixView<float>{out.p, len, D, D}, true);
-    g.dev.synchronize();
-    return out.get();
+  auto rows_of = [](GpuHarness<float, DensePolicy>& g, int seq) {
+    return g.reconstruct(0, seq, g.cache->length(0, seq), true);
   };
   for (auto* g : {&h, &ref}) {
     append_rows(*g->cache, 0, 0, dx.p, 50, D);
@@ -238,13 +224,7 @@ TEST_CASE("cuda end to end: a bf16 cache tracks the f32 CPU cache (int8 latents)
         done += c;
       }
     for (int l = 0; l < 2; ++l) {
-      std::vector<std::int64_t> pos(static_cast<std::size_t>(n));
-      std::iota(pos.begin(), pos.end(), 0);
-      DBuf<B> dout(static_cast<std::size_t>(n * D));
-      dout.poison();
-      gpu.cache->reconstruct(l, 0, pos, MatrixView<B>{dout.p, n, D, D}, true);
-      gpu.dev.synchronize();
-      const auto recon = dout.get();
+      const auto recon = gpu.reconstruct(l, 0, n, true);
       if (!tensor_cores) recon_cc[std::size_t(l)] = recon;
       else CHECK(same_bits(recon, recon_cc[std::size_t(l)]));
       const double e = rel_l2(to_f32(recon), cpu.reconstruct(l, 0, true));
@@ -273,22 +253,6 @@ TEST_CASE("cuda end to end: a bf16 cache tracks the f32 CPU cache (int8 latents)
     }
   }
 }
-
-namespace {
-// An encoder without encode_residual: the cache takes its generic path (f_c of x and of the
-// reference mean as rows of one call, then the difference), the path before encode_residual.
-template <class E>
-struct EncodeOnly {
-  E e;
-  int input_dim() const { return e.input_dim(); }
-  int latent_dim() const { return e.latent_dim(); }
-  std::int64_t scratch_elems(std::int64_t n) const { return e.scratch_elems(n); }
-  template <class D, class T>
-  void encode(D& dev, MatrixView<const T> x, MatrixView<T> z, T* scratch) const {
-    e.encode(dev, x, z, scratch);
-  }
-};
-}  // namespace
 
 // The bench's prefill path: a bf16 cache with the paper's SwiGLU f_c on tensor cores (cuBLAS
 // where the build has it), passes of several blocks gathered from the ring and the input in one
@@ -338,13 +302,7 @@ TEST_CASE_TEMPLATE("cuda end to end: a bf16 SwiGLU cache tracks the f32 CPU cach
     CHECK(gpu.cache->counts().latents == cpu.cache->counts().latents);
     CHECK(gpu.cache->counts().latents > 1000);
     for (int l = 0; l < n_layers; ++l) {
-      std::vector<std::int64_t> pos(static_cast<std::size_t>(n));
-      std::iota(pos.begin(), pos.end(), 0);
-      DBuf<B> dout(static_cast<std::size_t>(n * D));
-      dout.poison();
-      gpu.cache->reconstruct(l, 0, pos, MatrixView<B>{dout.p, n, D, D}, false);
-      gpu.dev.synchronize();
-      const auto got = to_f32(dout.get());
+      const auto got = to_f32(gpu.reconstruct(l, 0, n, false));
       const auto want = cpu.reconstruct(l, 0, false);
       // Error on the decoded residual f_d(z) = x_hat - ref of the latent positions (the CPU's ref:
       // the mean of its reference rows, stored exactly), not on x_hat, where ref would dwarf it:

@@ -44,13 +44,10 @@ class CpuDevice {
     for (std::int64_t i = 0; i < p.n; ++i) {
       T* h = p.h + i * p.ldh;
       const T* r = p.sub ? p.sub + i * p.ld_sub : nullptr;
+      auto swiglu_value = [](A g, A u) { return g / (A(1) + std::exp(-g)) * u; };
       for (int j = 0; j < p.hidden; ++j) {
-        const A a = h[j];
-        A v = a / (A(1) + std::exp(-a)) * A(h[p.hidden + j]);
-        if (r) {
-          const A c = r[j];
-          v -= c / (A(1) + std::exp(-c)) * A(r[p.hidden + j]);
-        }
+        A v = swiglu_value(A(h[j]), A(h[p.hidden + j]));
+        if (r) v -= swiglu_value(A(r[j]), A(r[p.hidden + j]));
         h[j] = static_cast<T>(v);
       }
     }

@@ -394,9 +394,7 @@ class GpuDevice {
         const CopyRowsParams<T>& p = b.part[j];
         copy_rows(p);  // empty parts return at once
         if (b.sq_norms[j] && p.n > 0 && p.dim > 0) {
-          constexpr int NT = 256, RPB = NT / kWarp;  // a warp per row
-          gpu::ref_norms_kernel<T, kWarp><<<unsigned((p.n + RPB - 1) / RPB), NT, 0, stream_>>>(p.dst, p.ldd, int(p.n), p.dim,
-                                                                                              b.sq_norms[j]);
+          launch_ref_norms(p.dst, p.ldd, int(p.n), p.dim, b.sq_norms[j]);
           launched("copy_rows_batch (norms)");
         }
       }
@@ -481,6 +479,11 @@ class GpuDevice {
   void fill_zero(void* p, std::size_t bytes) { vendor::memset_async(p, 0, bytes, stream_); }
 
  private:
+  // |r|^2 of `rows` rows (ld apart) into norms: ref_norms_kernel, a warp per row
+  void launch_ref_norms(const T* r, std::int64_t ld, int rows, int dim, float* norms) {
+    constexpr int NT = 256, RPB = NT / kWarp;
+    gpu::ref_norms_kernel<T, kWarp><<<unsigned((rows + RPB - 1) / RPB), NT, 0, stream_>>>(r, ld, rows, dim, norms);
+  }
   // The search's scores as GEMMs on cuBLAS, chunk by chunk (kernels.cuh, ref_topk_rows_kernel).
   void ref_search_gemm(const RefSearchParams<T>& p) {
     if constexpr (!std::is_same_v<T, float>) {  // 16-bit only (the vendor GEMM's inputs); the float device never calls it
@@ -489,10 +492,10 @@ class GpuDevice {
       float* norms = scores + std::size_t(gpu::kRsChunkRows) * gpu::kRsChunkRefs;
       float* list_s = norms + gpu::kRsChunkRefs;
       std::int32_t* list_i = reinterpret_cast<std::int32_t*>(list_s + std::size_t(gpu::kRsChunkRows) * gpu::kRsMaxK);
-      constexpr int NT = 256, RPB = NT / kWarp;  // top-k: a block per row; norms: a warp per reference
+      constexpr int NT = 256, RPB = NT / kWarp;  // top-k: a block per row; tail scores: a warp per row
       // One chunk of references (a prefill pass's search): their norms once for every row chunk.
       auto norms_of = [&](const T* r, int rows) {  // |r|^2 of `rows` references into norms (l2 only)
-        gpu::ref_norms_kernel<T, kWarp><<<unsigned((rows + RPB - 1) / RPB), NT, 0, stream_>>>(r, p.ldr, rows, p.dim, norms);
+        launch_ref_norms(r, p.ldr, rows, p.dim, norms);
         launched("ref_search (norms)");
       };
       const bool one_ref_chunk = p.m <= gpu::kRsChunkRefs;

@@ -360,6 +360,9 @@ DELTAKV_GPU_D void store_pack(T* p, const Pack<T, V>& r) {
   }
 }
 
+// silu(g) * u, one element of a SwiGLU row (g and u in float)
+DELTAKV_GPU_D float swiglu_value(float g, float u) { return g / (1.f + expf(-g)) * u; }
+
 // h[:, :hidden] = silu(h[:, :hidden]) * h[:, hidden:], minus the same of sub's rows where Sub;
 // hidden % V == 0, ldh % V == 0 (and ld_sub % V == 0 where Sub).
 template <class T, int V, bool Sub>
@@ -378,12 +381,8 @@ __global__ void swiglu_kernel(SwiGLUParams<T> p) {
       }
 #pragma unroll
       for (int e = 0; e < V; ++e) {
-        const float x = to_float(a.v[e]);
-        float v = x / (1.f + expf(-x)) * to_float(b.v[e]);
-        if constexpr (Sub) {
-          const float y = to_float(c.v[e]);
-          v -= y / (1.f + expf(-y)) * to_float(d.v[e]);
-        }
+        float v = swiglu_value(to_float(a.v[e]), to_float(b.v[e]));
+        if constexpr (Sub) v -= swiglu_value(to_float(c.v[e]), to_float(d.v[e]));
         a.v[e] = from_float<T>(v);
       }
       store_pack<T, V>(h + std::int64_t(j) * V, a);
